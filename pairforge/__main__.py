@@ -1,0 +1,3 @@
+from pairforge.cli import main
+
+main()

@@ -1,0 +1,38 @@
+"""Errors a user can cause, each rendered as one line naming the input and the fix."""
+
+from __future__ import annotations
+
+
+class PairforgeError(Exception):
+    """Base class: an error whose message is meant for the user, printed without a traceback."""
+
+
+class BadInput(PairforgeError):
+    """A record that cannot become a canonical pair.
+
+    ``where`` names the file (or set), ``row`` the 0-based row index, ``field`` the offending
+    field; ``reason`` says what is wrong and, where there is one, the fix.
+    """
+
+    def __init__(self, reason: str, *, where: str | None = None, row: int | str | None = None,
+                 field: str | None = None):
+        self.reason = reason
+        self.where = where
+        self.row = row
+        self.field = field
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        loc = []
+        if self.where is not None:
+            loc.append(str(self.where))
+        if self.row is not None:
+            loc.append(f"row {self.row}")
+        if self.field is not None:
+            loc.append(f"field '{self.field}'")
+        prefix = ", ".join(loc)
+        return f"{prefix}: {self.reason}" if prefix else self.reason
+
+    def to_record(self) -> dict:
+        """The JSON-able record written to ``skipped.jsonl`` / ``rejects.jsonl``."""
+        return {"where": self.where, "row": self.row, "field": self.field, "reason": self.reason}
