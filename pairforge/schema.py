@@ -312,11 +312,11 @@ def _validate_messages(value: Any, key: str, bad) -> None:
 def to_dataset(rows: Iterable[Mapping], *groups: str, validate: bool = True) -> Dataset:
     """Canonical rows → ``datasets.Dataset`` with the canonical features.
 
-    Groups default to those whose columns appear in the first row; missing optional columns
-    are filled with ``None``."""
+    Groups default to those whose columns appear in any row; a row missing an optional column
+    gets ``None`` there."""
     rows = list(rows)
     if not groups:
-        groups = tuple(groups_of(rows[0])) if rows else ()
+        groups = tuple(groups_of(set().union(*rows))) if rows else ()
     feats = features(*groups)
     if validate:
         for i, r in enumerate(rows):
