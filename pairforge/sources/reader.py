@@ -1,0 +1,168 @@
+"""``read_pairs``: any supported preference set → a lazy stream of canonical rows.
+
+Flow per record: container (``containers``) → format converter (``formats``) → image
+resolution (``images``) → ``make_pair`` → ``validate_row``. A bad record becomes a
+:class:`BadInput` naming file, 0-based row and field; it is recorded in ``stream.skipped``
+(``on_error="skip"``) or raised (``on_error="fail"``). Every record read is either yielded
+or skipped: ``n_read == kept + len(skipped)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pairforge.errors import BadInput, PairforgeError
+from pairforge.schema import make_pair, stable_id, validate_row
+from pairforge.sources.containers import Container, Records, open_container
+from pairforge.sources.formats import CONVERTERS, check_format, detect_format
+from pairforge.sources.images import ImageResolver
+
+ON_ERROR = ("skip", "fail")
+PEEK_LIMIT = 1000  # records looked at to find one to detect the format from
+
+
+class PairStream:
+    """Canonical rows of one preference set, read lazily (see :func:`read_pairs`).
+
+    ``name``, ``format`` and ``total`` (row count when the container knows it, else
+    ``None``) are set on construction; ``skipped`` and ``n_read`` grow while iterating.
+    Iterating again starts a fresh pass and resets both."""
+
+    def __init__(self, spec: str | os.PathLike, *, format: str | None = None,
+                 image_root: str | os.PathLike | None = None, on_error: str = "skip",
+                 split: str | None = None, load_images: bool = True):
+        check_format(format)
+        if on_error not in ON_ERROR:
+            raise PairforgeError(f"on_error={on_error!r}; use one of {ON_ERROR}")
+        self._container: Container = open_container(spec, split=split, load_images=load_images)
+        self.name: str = self._container.name
+        self.where: str = self._container.where
+        self.total: int | None = self._container.total
+        self.on_error = on_error
+        self.load_images = load_images
+        self.skipped: list[BadInput] = []
+        self.n_read = 0
+        self._images = ImageResolver(_image_root(image_root, self._container), load=load_images,
+                                     structs_unread=self._container.arrow)
+        self._first_pass: Records | None = self._peek()
+        if format is None:
+            format = self._detect()
+        self.format: str = format
+
+    # -- construction helpers
+
+    def _peek(self) -> Records:
+        """Start the first pass, buffering records up to the first readable one."""
+        records = self._container.records()
+        self._head = list(itertools.islice(_until_mapping(records), PEEK_LIMIT))
+        if not self._head:
+            raise PairforgeError(f"{self.where}: the set is empty (no rows); check the file "
+                                 f"(or pick another --split)")
+        return itertools.chain(self._head, records)
+
+    def _detect(self) -> str:
+        first = self._head[-1][1]
+        if not isinstance(first, Mapping):
+            raise PairforgeError(f"{self.where}: none of the first {len(self._head)} records "
+                                 f"can be read, so the format cannot be detected; fix the file "
+                                 f"or pass --format")
+        return detect_format(first, where=self.where)
+
+    # -- iteration
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._first_pass is not None:
+            records, self._first_pass = self._first_pass, None
+        else:
+            records = self._container.records()
+            self.skipped, self.n_read = [], 0
+        for index, record in records:
+            self.n_read += 1
+            try:
+                row = self._row(index, record)
+            except BadInput as e:
+                bad = e if e.where is not None else BadInput(e.reason, where=self.where,
+                                                             row=index, field=e.field)
+                if self.on_error == "fail":
+                    raise bad from None
+                self.skipped.append(bad)
+                continue
+            yield row
+
+    def _row(self, index: int, record: Any) -> dict:
+        if isinstance(record, BadInput):
+            raise record
+        if not isinstance(record, Mapping):
+            raise BadInput(f"record is {type(record).__name__}, expected an object with the "
+                           f"{self.format} fields")
+        if self.format == "canonical":
+            row = dict(record)
+            if isinstance(row.get("images"), list):
+                row["images"] = self._images(row["images"])
+        else:
+            d = CONVERTERS[self.format](record)
+            row = make_pair(
+                prompt=d.prompt, chosen=d.chosen, rejected=d.rejected,
+                images=self._images(d.images),
+                id=None if d.record_id is None else stable_id(self.name, d.record_id),
+                source_dataset=self.name,
+                source_id=index if d.source_id is None else d.source_id,
+                source_meta=d.source_meta,
+            )
+        validate_row(row, where=self.where, row_index=index)
+        return row
+
+    # -- reporting
+
+    @property
+    def n_kept(self) -> int:
+        return self.n_read - len(self.skipped)
+
+    def summary(self) -> str:
+        """One line: rows read, kept and skipped (by field)."""
+        line = (f"{self.name} ({self.format}): read {self.n_read} rows, kept {self.n_kept}, "
+                f"skipped {len(self.skipped)}")
+        if self.skipped:
+            by_field = Counter(b.field or "record" for b in self.skipped)
+            line += " (" + ", ".join(f"{f}: {n}" for f, n in by_field.most_common()) + ")"
+        return line
+
+
+def read_pairs(spec: str | os.PathLike, *, format: str | None = None,
+               image_root: str | os.PathLike | None = None, on_error: str = "skip",
+               split: str | None = None, load_images: bool = True) -> PairStream:
+    """Read a preference set into canonical rows, lazily.
+
+    ``spec``: a ``.jsonl`` / ``.json`` / ``.parquet`` file, a ``save_to_disk`` folder, a
+    folder laid out like a Hub dataset repo, or a Hub id ``org/name``. ``format``: one of
+    :data:`FORMATS`, detected from the first record when ``None``. ``image_root``: the folder
+    image paths are resolved against (default: the data file's folder). ``on_error``:
+    ``"skip"`` records bad rows in ``stream.skipped``, ``"fail"`` raises the first.
+    ``split``: for dataset folders and Hub ids (default ``train``, else the only split).
+    ``load_images=False``: images become ``{"bytes": None, "path": name}`` placeholders and no
+    image file is opened. File-level problems raise :class:`PairforgeError`."""
+    return PairStream(spec, format=format, image_root=image_root, on_error=on_error,
+                      split=split, load_images=load_images)
+
+
+def _until_mapping(records: Records) -> Records:
+    """Records up to and including the first that is a dict."""
+    for item in records:
+        yield item
+        if isinstance(item[1], Mapping):
+            return
+
+
+def _image_root(image_root: str | os.PathLike | None, container: Container) -> Path | None:
+    if image_root is None:
+        return container.root
+    root = Path(image_root)
+    if not root.is_dir():
+        raise PairforgeError(f"--image-root {os.fspath(image_root)}: not a folder; pass the "
+                             f"folder the image paths are relative to")
+    return root
