@@ -1,0 +1,198 @@
+"""``pairforge audit``: read preference sets, compute text metrics per pair and per set, write
+``summary.json``, ``pairs.parquet``, ``skipped.jsonl``, plots and ``report.html``.
+
+:class:`SetAudit` is the pure, streaming part (texts in chunks → metrics, example pairs,
+summary); :func:`run_audit` adds reading (``pairforge.sources``), files and the terminal.
+Memory stays flat: texts live one chunk at a time, only numeric metrics and ids are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import Features
+
+from pairforge.diagnostics.lengths import LengthUnit, length_unit
+from pairforge.diagnostics.stats import repeated, set_summary
+from pairforge.diagnostics.text import pair_metrics
+from pairforge.schema import COLUMN_GROUPS, prompt_text, response_text
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+#: Pairs read before their metrics are computed in one vectorised call.
+CHUNK_PAIRS = 32768
+#: Most-different and most-similar example pairs kept per set for the report.
+N_EXAMPLES = 3
+
+
+@dataclass
+class Example:
+    """One pair shown in the report."""
+
+    id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    lev_words: int
+    lev_norm: float
+    len_chosen: int
+    len_rejected: int
+
+
+@dataclass
+class SetResult:
+    """One audited set: its summary, per-pair metrics (with ``prompt_repeated``), ids and
+    example pairs."""
+
+    name: str
+    summary: dict
+    metrics: dict[str, np.ndarray]
+    ids: pa.Array
+    most_different: list[Example]
+    most_similar: list[Example]
+
+
+class SetAudit:
+    """Accumulates one set chunk by chunk: ``add`` texts, then ``finish``."""
+
+    def __init__(self, name: str, unit: LengthUnit, n_examples: int = N_EXAMPLES):
+        self.name, self.unit, self.n_examples = name, unit, n_examples
+        self._metrics: list[dict[str, np.ndarray]] = []
+        self._ids: list[pa.Array] = []
+        self._prompt_keys: list[np.ndarray] = []
+        self._different: list[Example] = []
+        self._similar: list[Example] = []
+
+    def add(self, ids: Sequence[str], prompt_keys: Sequence[int], prompts: Sequence[str],
+            chosen: Sequence[str], rejected: Sequence[str]) -> None:
+        """One chunk of pairs. ``prompt_keys``: equal for pairs with the same prompt."""
+        m = pair_metrics(chosen, rejected, self.unit)
+        self._metrics.append(m)
+        self._ids.append(pa.array(ids, type=pa.string()))
+        self._prompt_keys.append(np.asarray(prompt_keys, dtype=np.int64))
+        # most different first: larger lev_norm, then larger lev_words
+        order = np.lexsort((m["lev_words"], m["lev_norm"]))
+        k = min(self.n_examples, len(order))
+
+        def examples(idx: np.ndarray) -> list[Example]:
+            return [Example(ids[i], prompts[i], chosen[i], rejected[i], int(m["lev_words"][i]),
+                            float(m["lev_norm"][i]), int(m["len_chosen"][i]),
+                            int(m["len_rejected"][i])) for i in idx.tolist()]
+
+        key = lambda e: (e.lev_norm, e.lev_words)  # noqa: E731
+        self._different = sorted(self._different + examples(order[::-1][:k]), key=key,
+                                 reverse=True)[:self.n_examples]
+        self._similar = sorted(self._similar + examples(order[:k]), key=key)[:self.n_examples]
+
+    def finish(self, n_skipped: int) -> SetResult:
+        chunks = self._metrics or [pair_metrics([], [], self.unit)]
+        metrics = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        keys = self._prompt_keys or [np.zeros(0, dtype=np.int64)]
+        metrics["prompt_repeated"] = repeated(np.concatenate(keys))
+        summary = set_summary(metrics, n_skipped=n_skipped, length_unit=self.unit.name)
+        ids = pa.concat_arrays(self._ids) if self._ids else pa.array([], type=pa.string())
+        return SetResult(self.name, summary, metrics, ids, self._different, self._similar)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def pairs_schema() -> pa.Schema:
+    """``pairs.parquet``: set, id, the schema's ``diagnostics`` columns, prompt_repeated."""
+    diagnostics = Features(COLUMN_GROUPS["diagnostics"]).arrow_schema
+    return pa.schema([pa.field("set", pa.string()), pa.field("id", pa.string()),
+                      *diagnostics, pa.field("prompt_repeated", pa.bool_())])
+
+
+def pairs_table(result: SetResult, schema: pa.Schema) -> pa.Table:
+    m, n = result.metrics, len(result.ids)
+    columns = {"set": pa.array([result.name] * n, type=pa.string()), "id": result.ids,
+               "length_unit": pa.array([result.summary["length_unit"]] * n, type=pa.string())}
+    for f in schema:
+        if f.name not in columns:
+            columns[f.name] = pa.array(m[f.name]).cast(f.type)
+    return pa.table([columns[f.name] for f in schema], schema=schema)
+
+
+def unique_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name#2``, ``name#3``, ... when already taken."""
+    out, k = name, 1
+    while out in taken:
+        k += 1
+        out = f"{name}#{k}"
+    return out
+
+
+def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str | None = None,
+              image_root: str | os.PathLike | None = None, tokenizer: str = "gpt2",
+              on_error: str = "skip", console: Console | None = None) -> list[SetResult]:
+    """Audit each set in ``specs`` and write all outputs into ``out_dir``; prints the summary
+    table and flags. Returns the per-set results."""
+    from rich.console import Console
+    from tqdm import tqdm
+
+    from pairforge.diagnostics import report
+    from pairforge.sources import read_pairs
+
+    console = console or Console()
+    t0 = time.perf_counter()
+    unit = length_unit(tokenizer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    schema = pairs_schema()
+    results: list[SetResult] = []
+    with pq.ParquetWriter(out / "pairs.parquet", schema) as writer, \
+            open(out / "skipped.jsonl", "w", encoding="utf-8") as skipped_file:
+        for spec in specs:
+            stream = read_pairs(spec, format=format, image_root=image_root, on_error=on_error,
+                                load_images=False)
+            name = unique_name(stream.name, {r.name for r in results})
+            audit = SetAudit(name, unit)
+            chunk: list[tuple[str, int, str, str, str]] = []
+            n_pairs = 0
+            with tqdm(total=stream.total, desc=f"audit {name}", unit=" rows", mininterval=0.5,
+                      disable=None) as bar:
+                for row in stream:
+                    prompt = prompt_text(row["prompt"])
+                    chunk.append((row["id"], hash((prompt, len(row["images"] or ()))), prompt,
+                                  response_text(row["chosen"]), response_text(row["rejected"])))
+                    if len(chunk) % 1024 == 0:
+                        bar.update(n_pairs + len(chunk) + len(stream.skipped) - bar.n)
+                    if len(chunk) == CHUNK_PAIRS:
+                        audit.add(*zip(*chunk))
+                        n_pairs, chunk = n_pairs + len(chunk), []
+                if chunk:
+                    audit.add(*zip(*chunk))
+                    n_pairs += len(chunk)
+                bar.update(stream.n_read - bar.n)
+            if stream.n_read != n_pairs + len(stream.skipped):
+                raise RuntimeError(f"{name}: read {stream.n_read} rows but got {n_pairs} pairs "
+                                   f"and {len(stream.skipped)} skipped; this is a pairforge bug")
+            for bad in stream.skipped:
+                skipped_file.write(json.dumps({"set": name, **bad.to_record()},
+                                              ensure_ascii=False, default=str) + "\n")
+            result = audit.finish(len(stream.skipped))
+            result.summary.update(source=os.fspath(spec), format=stream.format)
+            writer.write_table(pairs_table(result, schema))
+            results.append(result)
+    summary = {r.name: r.summary for r in results}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
+                                      encoding="utf-8")
+    plots = report.write_plots(out, results)
+    report.write_html(out, results, plots)
+    report.print_summary(results, console)
+    n = sum(r.summary["n_pairs"] for r in results)
+    skipped = sum(r.summary["n_skipped"] for r in results)
+    console.print(f"audited {len(results)} set(s): {n:,} pairs, {skipped:,} skipped, "
+                  f"in {time.perf_counter() - t0:.1f} s → {out}/report.html")
+    return results

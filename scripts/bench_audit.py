@@ -1,0 +1,206 @@
+"""Benchmark of the audit's text metrics against a plain pure-Python implementation.
+
+    python scripts/bench_audit.py                      # 200k pairs + a 1M-pair memory run
+    python scripts/bench_audit.py --pairs 20000 --memory-pairs 0   # quick
+
+Measures, in one run on the same synthetic pairs (30–120 words per answer, minimal edits and
+style-different pairs mixed):
+
+- fast path, word lengths: word Levenshtein + whitespace lengths (``pair_metrics`` with
+  ``--tokenizer words``), on one thread and on two (the default on 2 cores);
+- fast path, GPT-2 BPE lengths (the audit's default ``--tokenizer gpt2``; 2 threads; its
+  per-word cache starts cold);
+- baseline: pure-Python DP word Levenshtein + ``len(text.split())`` (``reference_pair_metrics``)
+  on a subsample, extrapolated per pair, and checked equal to the fast path on that subsample;
+- naive BPE: the same GPT-2 tokenizer encoding whole texts (``encode_batch_fast``) on a
+  subsample, for the BPE speed-up;
+- peak memory: a subprocess streams ``--memory-pairs`` pairs through the audit's per-set
+  accumulator (``SetAudit``, GPT-2 lengths) and writes pairs.parquet; it reports ru_maxrss.
+
+Prints a table and one line of JSON. Timings depend on the machine and its load (the load
+average is printed with them); nothing here is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pairforge.diagnostics.lengths import GPT2Lengths, WordLengths, gpt2_files, gpt2_tokenizer
+from pairforge.diagnostics.text import pair_metrics, reference_pair_metrics
+
+# ----------------------------------------------------------------------------- synthetic pairs
+
+
+class Synthetic:
+    """Answers made of sentences drawn from a pool of English words (GPT-2's vocabulary).
+
+    Minimal-edit pairs: the rejected answer is the chosen one with one sentence replaced by its
+    edited variant (one word swapped). Style-different pairs: two independent answers of
+    independent lengths."""
+
+    def __init__(self, seed: int = 0, n_sentences: int = 20_000):
+        rng = np.random.default_rng(seed)
+        with open(gpt2_files()[0], encoding="utf-8") as f:
+            vocab = [t[1:] for t in json.load(f) if t.startswith("Ġ") and t[1:].isalpha()]
+        vocab = np.array(vocab, dtype=object)
+        self.sentences, self.edited = [], []
+        for _ in range(n_sentences):
+            words = vocab[rng.integers(0, len(vocab), rng.integers(8, 17))].tolist()
+            if rng.random() < 0.3:
+                words[rng.integers(1, len(words) - 1)] += ","
+            edit = list(words)
+            edit[rng.integers(0, len(edit))] = str(vocab[rng.integers(0, len(vocab))])
+            self.sentences.append(_sentence(words))
+            self.edited.append(_sentence(edit))
+        self.rng = rng
+
+    def pairs(self, n: int) -> tuple[list[str], list[str]]:
+        """``n`` pairs (chosen, rejected); about half minimal edits, half style-different."""
+        rng, pool = self.rng, len(self.sentences)
+        k_chosen = rng.integers(3, 10, n)  # 3..9 sentences of 8..16 words: ~30..120 words
+        k_rejected = rng.integers(3, 10, n)
+        minimal = rng.random(n) < 0.5
+        chosen, rejected = [], []
+        for i in range(n):
+            ids = rng.integers(0, pool, k_chosen[i]).tolist()
+            chosen.append(" ".join(self.sentences[j] for j in ids))
+            if minimal[i]:
+                e = rng.integers(0, len(ids))
+                rejected.append(" ".join(self.edited[j] if t == e else self.sentences[j]
+                                         for t, j in enumerate(ids)))
+            else:
+                rejected.append(" ".join(self.sentences[j]
+                                         for j in rng.integers(0, pool, k_rejected[i]).tolist()))
+        return chosen, rejected
+
+
+def _sentence(words: list[str]) -> str:
+    return " ".join([words[0].capitalize(), *words[1:]]).rstrip(",") + "."
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
+
+
+def memory_child(n: int, chunk: int) -> None:
+    """Stream ``n`` synthetic pairs through ``SetAudit`` (GPT-2 lengths); print JSON."""
+    from pairforge.diagnostics.audit import SetAudit, pairs_schema, pairs_table
+
+    gen = Synthetic(seed=1)
+    audit = SetAudit("synthetic", GPT2Lengths())  # pair_metrics' default threads
+    t_metrics = 0.0
+    t0 = time.perf_counter()
+    for start in range(0, n, chunk):
+        c, r = gen.pairs(min(chunk, n - start))
+        ids = [f"p{start + i}" for i in range(len(c))]
+        keys = [hash(("Describe the image.", i % 1000)) for i in range(len(c))]
+        t = time.perf_counter()
+        audit.add(ids, keys, ["Describe the image."] * len(c), c, r)
+        t_metrics += time.perf_counter() - t
+    result = audit.finish(0)
+    with tempfile.TemporaryDirectory() as d:
+        import pyarrow.parquet as pq
+
+        schema = pairs_schema()
+        pq.write_table(pairs_table(result, schema), Path(d) / "pairs.parquet")
+    print(json.dumps({"pairs": n, "seconds_total": round(time.perf_counter() - t0, 2),
+                      "seconds_metrics": round(t_metrics, 2),
+                      "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                            / 1024, 1),
+                      "n_flags": len(result.summary["flags"])}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=int, default=200_000)
+    ap.add_argument("--baseline-pairs", type=int, default=2_000,
+                    help="subsample timed with the pure-Python baseline (then extrapolated)")
+    ap.add_argument("--naive-bpe-pairs", type=int, default=20_000)
+    ap.add_argument("--memory-pairs", type=int, default=1_000_000, help="0 skips the memory run")
+    ap.add_argument("--chunk", type=int, default=32_768)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        memory_child(args.pairs, args.chunk)
+        return
+
+    load = os.getloadavg()[0]
+    print(f"generating {args.pairs:,} synthetic pairs ...", file=sys.stderr)
+    chosen, rejected = Synthetic(args.seed).pairs(args.pairs)
+    words = np.mean([len(t.split()) for t in chosen[:10_000] + rejected[:10_000]])
+
+    pair_metrics(chosen[:2000], rejected[:2000], WordLengths())  # warm-up (imports, caches)
+    fast_words, t_words = timed(lambda: pair_metrics(chosen, rejected, WordLengths(), threads=1))
+    _, t_words2 = timed(lambda: pair_metrics(chosen, rejected, WordLengths(), threads=2))
+    _, t_gpt2 = timed(lambda: pair_metrics(chosen, rejected, GPT2Lengths(), threads=2))
+
+    nb = min(args.baseline_pairs, args.pairs)
+    ref, t_ref = timed(reference_pair_metrics, chosen[:nb], rejected[:nb])
+    same = all(np.array_equal(ref[k], fast_words[k][:nb]) for k in ref)
+
+    nn = min(args.naive_bpe_pairs, args.pairs)
+    tok = gpt2_tokenizer()
+    _, t_naive = timed(lambda: [len(e) for e in tok.encode_batch_fast(
+        chosen[:nn] + rejected[:nn], add_special_tokens=False)])
+
+    rate = {"words": args.pairs / t_words, "words_2_threads": args.pairs / t_words2,
+            "gpt2": args.pairs / t_gpt2,
+            "baseline": nb / t_ref, "naive_bpe": nn / t_naive}
+    rows = [
+        ("fast: word Levenshtein + word lengths, 1 thread", rate["words"]),
+        ("fast: word Levenshtein + word lengths, 2 threads", rate["words_2_threads"]),
+        ("fast: word Levenshtein + GPT-2 BPE lengths, 2 threads", rate["gpt2"]),
+        (f"baseline: pure-Python DP + split (on {nb:,}, extrapolated)", rate["baseline"]),
+        (f"naive BPE: whole-text encode_batch_fast (on {nn:,}, lengths only)",
+         rate["naive_bpe"]),
+    ]
+    print(f"\n{args.pairs:,} pairs, {words:.0f} words per answer on average, "
+          f"{os.cpu_count()} CPU(s), load average {load:.2f} at start")
+    print(f"{'':68} {'pairs/s':>10} {'vs baseline':>12}")
+    for label, r in rows:
+        print(f"{label:68} {r:>10,.0f} {r / rate['baseline']:>11.1f}x")
+    print(f"fast path equals the baseline on {nb:,} pairs: {'yes' if same else 'NO'}")
+
+    memory = None
+    if args.memory_pairs:
+        print(f"memory run: {args.memory_pairs:,} pairs in a subprocess ...", file=sys.stderr)
+        proc = subprocess.run([sys.executable, __file__, "--memory-child", "--pairs",
+                               str(args.memory_pairs), "--chunk", str(args.chunk)],
+                              capture_output=True, text=True, check=True)
+        memory = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"memory run: {memory['pairs']:,} pairs, peak RSS {memory['ru_maxrss_mb']:,.0f} MB, "
+              f"metrics {memory['pairs'] / memory['seconds_metrics']:,.0f} pairs/s "
+              f"({memory['seconds_total']:.0f} s with generation)")
+
+    print(json.dumps({
+        "pairs": args.pairs, "cpus": os.cpu_count(), "load_avg_start": round(load, 2),
+        "words_pairs_per_s": round(rate["words"]),
+        "words_2_threads_pairs_per_s": round(rate["words_2_threads"]),
+        "gpt2_pairs_per_s": round(rate["gpt2"]),
+        "baseline_pairs_per_s": round(rate["baseline"], 1),
+        "naive_bpe_pairs_per_s": round(rate["naive_bpe"]),
+        "speedup_words_vs_baseline": round(rate["words"] / rate["baseline"], 1),
+        "speedup_gpt2_vs_naive_bpe": round(rate["gpt2"] / rate["naive_bpe"], 1),
+        "baseline_equal": same,
+        "memory_run": memory,
+    }))
+
+
+if __name__ == "__main__":
+    main()
