@@ -185,6 +185,12 @@ def stable_id(*parts: object) -> str:
     return h.hexdigest()[:16]
 
 
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from the parts, stable across runs and machines: per-example randomness
+    is seeded from (seed, example id) so results never depend on batching or resume."""
+    return int(stable_id(*parts), 16) & (2**63 - 1)
+
+
 def template_hash(template: str) -> str:
     """sha256 of a prompt template's text, recorded in ``prompt_templates``."""
     return hashlib.sha256(template.encode("utf-8")).hexdigest()

@@ -146,3 +146,11 @@ def test_to_dataset_validates():
     with pytest.raises(BadInput, match="row 0"):
         to_dataset([bad])
     assert isinstance(to_dataset([_row()]), Dataset)
+
+
+def test_derive_seed_is_stable_and_63_bit():
+    from pairforge.schema import derive_seed
+    assert derive_seed(0, "ex-1") == derive_seed(0, "ex-1")
+    assert derive_seed(0, "ex-1") != derive_seed(1, "ex-1")
+    assert derive_seed(0, "ex-1") == int(stable_id(0, "ex-1"), 16) & (2**63 - 1)
+    assert 0 <= derive_seed("x") < 2**63

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 
 import torch
 
-from pairforge.schema import stable_id
+from pairforge.schema import derive_seed
 
 
 def request_seed(seed: int, request_id: str, sample: int) -> int:
     """The seed of sample ``sample`` of request ``request_id`` under the global ``seed``:
     a 63-bit hash of the three, so that a sample never depends on batch size, batch
     composition, order or device (DESIGN.md, "Per-example randomness")."""
-    return int(stable_id("sample", seed, request_id, sample), 16) & (2**63 - 1)
+    return derive_seed("sample", seed, request_id, sample)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor,

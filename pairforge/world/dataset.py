@@ -31,7 +31,7 @@ import sys
 from collections import Counter
 
 from pairforge.errors import PairforgeError
-from pairforge.schema import MESSAGES, stable_id
+from pairforge.schema import MESSAGES, derive_seed
 from pairforge.world.scenes import WORLD_NAME, render_scene, sample_scene
 from pairforge.world.tasks import FILTER_REASONS, TASKS, make_example
 
@@ -77,11 +77,6 @@ def png_bytes(image) -> dict:
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)
     return {"bytes": buf.getvalue(), "path": None}
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from the parts (stable across runs and machines)."""
-    return int(stable_id(*parts), 16) & (2**63 - 1)
 
 
 def example_at(split: str, index: int, seed: int = 0, *, filter_share: float = FILTER_SHARE,
