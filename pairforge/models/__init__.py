@@ -6,10 +6,13 @@ from pairforge.models.base import (
     Completion,
     Request,
     SamplingParams,
+    ImageTextScorer,
     ScoredResponse,
+    clip_score,
     require,
 )
+from pairforge.models.factory import DEFAULTS, load_model
 from pairforge.models.spec import ModelSpec, parse_model_spec
 
-__all__ = ["VLM", "Capability", "Completion", "ModelSpec", "Request", "SamplingParams",
-           "ScoredResponse", "parse_model_spec", "require"]
+__all__ = ["DEFAULTS", "VLM", "Capability", "Completion", "ImageTextScorer", "ModelSpec", "Request", "SamplingParams",
+           "ScoredResponse", "clip_score", "load_model", "parse_model_spec", "require"]

@@ -139,3 +139,24 @@ def require(model: VLM, *needed: Capability, purpose: str) -> None:
         raise PairforgeError(
             f"{purpose} needs '{c.value}', which backend {model.name} does not provide; "
             f"use {_PROVIDED_BY[c]}")
+
+
+@runtime_checkable
+class ImageTextScorer(Protocol):
+    """A CLIP-style scorer: cosine similarity of image and text embeddings.
+
+    ``cosine(images, texts)`` pairs them by index (``len(images) == len(texts)``) and returns one
+    cosine per pair; ``cosine_matrix(images, texts)`` returns the ``len(images) × len(texts)``
+    matrix. Implementations batch internally."""
+
+    name: str
+    revision: str
+
+    def cosine(self, images: Sequence[Any], texts: Sequence[str]) -> list[float]: ...
+
+    def cosine_matrix(self, images: Sequence[Any], texts: Sequence[str]) -> list[list[float]]: ...
+
+
+def clip_score(cosine: float, w: float = 2.5) -> float:
+    """CLIPScore(I, c) = w · max(cos(E_I, E_c), 0), w = 2.5 (Hessel et al., 2021, eq. 1)."""
+    return w * max(cosine, 0.0)
