@@ -1,6 +1,9 @@
 """``pairforge audit``: read preference sets, compute text metrics per pair and per set, write
 ``summary.json``, ``pairs.parquet``, ``skipped.jsonl``, plots and ``report.html``.
 
+With a scoring model (``scorer`` / ``policy``), :class:`~pairforge.diagnostics.model_based.ModelAuditor`
+adds log π(y|x), Δ_ref and IPS per pair (on a seeded sample when asked), read in a second pass.
+
 :class:`SetAudit` is the pure, streaming part (texts in chunks → metrics, example pairs,
 summary); :func:`run_audit` adds reading (``pairforge.sources``), files and the terminal.
 Memory stays flat: texts live one chunk at a time, only numeric metrics and ids are kept.
@@ -22,8 +25,10 @@ import pyarrow.parquet as pq
 from datasets import Features
 
 from pairforge.diagnostics.lengths import LengthUnit, length_unit
+from pairforge.diagnostics.model_based import ModelAuditor, ModelResult, model_table_columns
 from pairforge.diagnostics.stats import repeated, set_summary
 from pairforge.diagnostics.text import pair_metrics
+from pairforge.errors import PairforgeError
 from pairforge.schema import COLUMN_GROUPS, prompt_text, response_text
 
 if TYPE_CHECKING:
@@ -60,6 +65,8 @@ class SetResult:
     ids: pa.Array
     most_different: list[Example]
     most_similar: list[Example]
+    model: ModelResult | None = None  # model-based metrics, when a scorer was given
+    n_with_images: int = 0  # pairs whose prompt has at least one image
 
 
 class SetAudit:
@@ -107,17 +114,19 @@ class SetAudit:
 # ----------------------------------------------------------------------------- files
 
 
-def pairs_schema() -> pa.Schema:
-    """``pairs.parquet``: set, id, the schema's ``diagnostics`` columns, prompt_repeated."""
+def pairs_schema(model_fields: Sequence[pa.Field] = ()) -> pa.Schema:
+    """``pairs.parquet``: set, id, the schema's ``diagnostics`` columns, prompt_repeated, and
+    the model-based columns when a scorer was given."""
     diagnostics = Features(COLUMN_GROUPS["diagnostics"]).arrow_schema
     return pa.schema([pa.field("set", pa.string()), pa.field("id", pa.string()),
-                      *diagnostics, pa.field("prompt_repeated", pa.bool_())])
+                      *diagnostics, pa.field("prompt_repeated", pa.bool_()), *model_fields])
 
 
-def pairs_table(result: SetResult, schema: pa.Schema) -> pa.Table:
+def pairs_table(result: SetResult, schema: pa.Schema, model_fields: Sequence[pa.Field] = ()) -> pa.Table:
     m, n = result.metrics, len(result.ids)
     columns = {"set": pa.array([result.name] * n, type=pa.string()), "id": result.ids,
-               "length_unit": pa.array([result.summary["length_unit"]] * n, type=pa.string())}
+               "length_unit": pa.array([result.summary["length_unit"]] * n, type=pa.string()),
+               **model_table_columns(result.model, model_fields, n)}
     for f in schema:
         if f.name not in columns:
             columns[f.name] = pa.array(m[f.name]).cast(f.type)
@@ -135,9 +144,18 @@ def unique_name(name: str, taken: set[str]) -> str:
 
 def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str | None = None,
               image_root: str | os.PathLike | None = None, tokenizer: str = "gpt2",
-              on_error: str = "skip", console: Console | None = None) -> list[SetResult]:
+              on_error: str = "skip", console: Console | None = None,
+              scorer: str | None = None, policy: str | None = None, text_only: bool = False,
+              sample: int | None = None, seed: int = 0, batch_size: int = 8,
+              device: str | None = None) -> list[SetResult]:
     """Audit each set in ``specs`` and write all outputs into ``out_dir``; prints the summary
-    table and flags. Returns the per-set results."""
+    table and flags. Returns the per-set results.
+
+    ``scorer`` / ``policy`` (model specs; ``default`` = tiny-vlm for image sets, smollm2 for
+    text-only sets) add the model-based metrics (see
+    :class:`~pairforge.diagnostics.model_based.ModelAuditor`): ``text_only`` also scores
+    without the image, ``sample`` scores a ``seed``-ed random sample of that many pairs per
+    set, ``batch_size`` / ``device`` go to the models."""
     from rich.console import Console
     from tqdm import tqdm
 
@@ -149,7 +167,16 @@ def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str |
     unit = length_unit(tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    schema = pairs_schema()
+    if text_only and scorer is None and policy is None:
+        raise PairforgeError("--text-only scores the pairs without their images; it needs a "
+                             "model: add --scorer default (or --scorer MODEL)")
+    auditor = None
+    if scorer is not None or policy is not None:
+        auditor = ModelAuditor(scorer, policy, text_only=text_only, sample=sample, seed=seed,
+                               batch_size=batch_size, device=device, console=console)
+        auditor.preload()
+    model_fields = auditor.fields() if auditor else []
+    schema = pairs_schema(model_fields)
     results: list[SetResult] = []
     with pq.ParquetWriter(out / "pairs.parquet", schema) as writer, \
             open(out / "skipped.jsonl", "w", encoding="utf-8") as skipped_file:
@@ -159,11 +186,12 @@ def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str |
             name = unique_name(stream.name, {r.name for r in results})
             audit = SetAudit(name, unit)
             chunk: list[tuple[str, int, str, str, str]] = []
-            n_pairs = 0
+            n_pairs = n_with_images = 0
             with tqdm(total=stream.total, desc=f"audit {name}", unit=" rows", mininterval=0.5,
                       disable=None) as bar:
                 for row in stream:
                     prompt = prompt_text(row["prompt"])
+                    n_with_images += bool(row["images"])
                     chunk.append((row["id"], hash((prompt, len(row["images"] or ()))), prompt,
                                   response_text(row["chosen"]), response_text(row["rejected"])))
                     if len(chunk) % 1024 == 0:
@@ -183,7 +211,13 @@ def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str |
                                               ensure_ascii=False, default=str) + "\n")
             result = audit.finish(len(stream.skipped))
             result.summary.update(source=os.fspath(spec), format=stream.format)
-            writer.write_table(pairs_table(result, schema))
+            result.n_with_images = n_with_images
+            if auditor is not None and n_pairs:
+                result.model = auditor.audit_set(name, spec, result.ids, has_images=n_with_images > 0,
+                                                 format=stream.format, image_root=image_root)
+                result.summary.update(result.model.summary)
+                result.summary["flags"] = result.summary["flags"] + result.model.flags
+            writer.write_table(pairs_table(result, schema, model_fields))
             results.append(result)
     summary = {r.name: r.summary for r in results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",

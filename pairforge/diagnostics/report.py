@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pairforge import __version__
+from pairforge.diagnostics.model_based import CI_METHOD
 from pairforge.diagnostics.thresholds import THRESHOLDS
 
 #: Points per set drawn in a violin (a seeded sample; the histograms use every pair).
@@ -49,8 +50,42 @@ ROWS = [
 ]
 
 
+#: Rows of the model-based metrics (shown when a set was scored; keys absent elsewhere).
+MODEL_ROWS = [
+    ("model_n_scored", "pairs scored by the model", "all pairs, or a seeded random sample", "{:,}"),
+    ("delta_ref_mean", "Δ_ref (mean)", "log π_ref(chosen|x) − log π_ref(rejected|x), in nats",
+     "{:+.2f}"),
+    ("delta_ref_median", "Δ_ref (median)", "", "{:+.2f}"),
+    ("delta_ref_positive_rate", "'Δ_ref > 0' accuracy",
+     "share of pairs whose chosen answer the scorer already finds more likely", "{:.1%}"),
+    ("delta_ref_near_zero_rate", "near-zero Δ_ref",
+     f"|Δ_ref| <= {THRESHOLDS.delta_ref_near_zero} nats: equally likely to the scorer", "{:.1%}"),
+    ("ips_mean", "IPS (mean)", "the same gap under the policy to be trained", "{:+.2f}"),
+    ("ips_negative_rate", "IPS < 0", "share of pairs the policy prefers the rejected answer",
+     "{:.1%}"),
+    ("text_only_delta_ref_mean", "text-only Δ_ref (mean)", "Δ_ref scored without the image",
+     "{:+.2f}"),
+    ("text_only_delta_ref_positive_rate", "text-only 'Δ_ref > 0' accuracy",
+     "near 0.5: the text alone does not tell chosen from rejected", "{:.1%}"),
+    ("text_only_ips_mean", "text-only IPS (mean)", "IPS scored without the image", "{:+.2f}"),
+    ("text_only_ips_negative_rate", "text-only IPS < 0", "", "{:.1%}"),
+]
+
+
 def fmt(value, pattern: str) -> str:
     return "–" if value is None else pattern.format(value)
+
+
+def fmt_ci(summary, key: str, pattern: str) -> str:
+    """A value with its 95 % CI ``[lo, hi]`` when the summary has one (sampled sets)."""
+    text = fmt(summary.get(key), pattern)
+    ci = summary.get(f"{key}_ci95")
+    return f"{text} [{pattern.format(ci[0])}, {pattern.format(ci[1])}]" if ci else text
+
+
+def model_rows(results: Sequence) -> list[tuple[str, str, str, str]]:
+    """The :data:`MODEL_ROWS` some set has a value for."""
+    return [row for row in MODEL_ROWS if any(r.summary.get(row[0]) is not None for r in results)]
 
 
 # ----------------------------------------------------------------------------- plots
@@ -118,6 +153,47 @@ def write_plots(out: Path, results: Sequence) -> list[tuple[str, str]]:
         plots.append(_save(plt, fig, out, "compare.png",
                            "The sets side by side on shared axes: how many words separate "
                            "chosen from rejected, and how much longer the chosen answer is."))
+    plots += _model_plots(plt, out, [r for r in sets if r.model is not None and r.model.gaps])
+    return plots
+
+
+def _model_plots(plt, out: Path, sets: Sequence) -> list[tuple[str, str]]:
+    """Δ_ref (and, with a separate policy, IPS) histograms per set on shared axes; the
+    text-only gap overlaid when it was computed."""
+    if not sets:
+        return []
+    plots = []
+    kinds = [("delta_ref", "Δ_ref = log π_ref(chosen|x) − log π_ref(rejected|x)", "delta_ref.png",
+              "Δ_ref per scored pair: right of 0 the scorer already prefers the chosen answer; "
+              "mass at 0 means pairs it cannot tell apart.")]
+    if any(r.summary.get("model_policy") != r.summary.get("model_scorer") for r in sets):
+        kinds.append(("ips", "IPS = log π(chosen|x) − log π(rejected|x) under the policy",
+                      "ips.png", "Implicit preference strength under the policy to be trained: "
+                      "left of 0 the policy prefers the rejected answer."))
+    for key, xlabel, name, caption in kinds:
+        series = [[r.model.gaps[k] for k in (key, f"text_only_{key}") if k in r.model.gaps] for r in sets]
+        values = np.concatenate([v for ser in series for v in ser])
+        edge = max(float(np.percentile(np.abs(values), 99)) if len(values) else 1.0, 0.5)
+        bins = np.linspace(-edge, edge, 41)
+        fig, axes = _grid(plt, len(sets))
+        for ax, r, ser in zip(axes, sets, series):
+            for v, label, color in zip(ser, ("with image", "text only"), ("#4c72b0", "#dd8452")):
+                v = np.clip(v, -edge, edge)
+                lab = label if len(ser) > 1 else None
+                ax.hist(v, bins=bins, weights=np.full(len(v), 1 / max(len(v), 1)), color=color,
+                        alpha=0.6 if len(ser) > 1 else 1.0, label=lab)
+            ax.axvline(0, color="k", lw=1)
+            rate = r.summary.get(f"{key}_positive_rate")
+            n = r.summary.get("model_n_scored", 0)
+            title = f"{r.name} (n={n:,})" + (f": > 0 in {rate:.0%}" if rate is not None else "")
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel(xlabel, fontsize=8)
+            if len(ser) > 1:
+                ax.legend(fontsize=8)
+        axes[0].set_ylabel("share of scored pairs")
+        if any(len(ser) > 1 for ser in series):
+            caption += " Orange: scored without the image (text only)."
+        plots.append(_save(plt, fig, out, name, caption))
     return plots
 
 
@@ -174,10 +250,23 @@ def write_html(out: Path, results: Sequence, plots: Sequence[tuple[str, str]]) -
                      + "".join(f"<td class='num'>{e(fmt(r.summary.get(key), pattern))}</td>"
                                for r in results)
                      + f"<td class='meaning'>{e(meaning)}</td></tr>")
+    for key, label, meaning, pattern in model_rows(results):
+        parts.append(f"<tr><td>{e(label)}</td>"
+                     + "".join(f"<td class='num'>{e(fmt_ci(r.summary, key, pattern))}</td>"
+                               for r in results)
+                     + f"<td class='meaning'>{e(meaning)}</td></tr>")
     parts.append("<tr><td>source</td>" + "".join(
         f"<td>{e(str(r.summary.get('source', '')))} ({e(str(r.summary.get('format', '')))})</td>"
         for r in results) + "<td></td></tr></table>")
 
+    scored = [r for r in results if r.model is not None]
+    if scored:
+        parts.append("<h2>Model-based metrics</h2>")
+        if any(r.summary.get("model_sampled") for r in scored):
+            parts.append(f"<p class='meta'>{e(CI_METHOD)}.</p>")
+        for r in scored:
+            parts.append(f"<h3>{e(r.name)}</h3><ul class='notes'>"
+                         + "".join(f"<li>{e(note)}</li>" for note in r.model.notes) + "</ul>")
     parts.append("<h2>Plots</h2>")
     for name, caption in plots:
         parts.append(f"<figure><img src='{e(name)}' alt='{e(caption)}'>"
@@ -276,8 +365,14 @@ def print_summary(results: Sequence, console) -> None:
     for key in TERMINAL_ROWS:
         label, pattern = rows[key]
         table.add_row(label, *(fmt(r.summary[key], pattern) for r in results))
+    for key, label, _, pattern in model_rows(results):
+        table.add_row(label, *(fmt_ci(r.summary, key, pattern) for r in results))
     table.add_row("flags", *(str(len(r.summary["flags"])) for r in results))
     console.print(table)
+    for r in results:
+        if r.model is not None:
+            for note in r.model.notes:
+                console.print(f"[bold]{escape(r.name)}[/bold] {escape(note)}", highlight=False)
     for r in results:
         for f in r.summary["flags"]:
             console.print(f"[yellow]⚑[/yellow] [bold]{escape(r.name)}[/bold] {f['id']}: "

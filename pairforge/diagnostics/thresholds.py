@@ -36,6 +36,20 @@ class Thresholds:
         0.10, "repeated prompts: more than this share of pairs shares its prompt text and image "
               "count with another pair of the set")
 
+    # model-based metrics (pairforge audit --scorer / --policy / --text-only)
+    delta_ref_near_zero: float = _t(
+        0.1, "a pair's Δ_ref is near zero when |log π_ref(y_w|x) − log π_ref(y_l|x)| <= this "
+             "(nats): the scorer finds chosen and rejected equally likely (self-preference "
+             "duplicates)")
+    near_zero_delta_rate: float = _t(
+        0.10, "many near-zero Δ_ref: more than this share of scored pairs has |Δ_ref| near zero")
+    text_only_separable_high: float = _t(
+        0.75, "vision-agnostic set: scored without the image, the chosen answer is the more "
+              "likely one (Δ_ref > 0) in at least this share of pairs")
+    text_only_separable_low: float = _t(
+        0.25, "vision-agnostic set: ... or in at most this share ('pick the less likely "
+              "answer' separates the pairs without the image)")
+
     def documented(self) -> list[tuple[str, float, str]]:
         """``(name, value, doc)`` for every threshold, in declaration order."""
         return [(f.name, getattr(self, f.name), f.metadata["doc"]) for f in fields(self)]

@@ -1,0 +1,323 @@
+"""The dataset card (``README.md``) of a published pair set.
+
+YAML metadata goes through ``huggingface_hub.DatasetCardData``; ``configs`` and
+``dataset_info`` are written by ``datasets``' own ``MetadataConfigs`` / ``DatasetInfosDict``, so
+they are exactly what ``load_dataset`` and the Hub read. The body comes from the Jinja
+templates in ``dataset_cards/`` (one per recipe, ``audit.md`` for sets made elsewhere, all
+extending ``_base.md``): what the recipe does and its paper, provenance, the audit's
+diagnostics table and plots (``pairforge.diagnostics``, run on the rows), the rejected
+examples by stage and reason, and load snippets for ``datasets`` and TRL's ``DPOTrainer``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+from datasets import Dataset, DatasetInfo, Features, SplitDict, SplitInfo
+from datasets.info import DatasetInfosDict
+from datasets.utils.metadata import MetadataConfigs
+from huggingface_hub import DatasetCard, DatasetCardData
+
+from pairforge import __version__
+from pairforge.diagnostics.audit import SetAudit, SetResult
+from pairforge.diagnostics.lengths import length_unit
+from pairforge.diagnostics.report import ROWS, fmt, write_plots
+from pairforge.errors import PairforgeError
+from pairforge.publish.layout import ConfigFiles
+from pairforge.publish.pairset import SPLIT, PairSet
+from pairforge.schema import COLUMN_GROUPS, CORE_FEATURES, prompt_text, response_text
+from pairforge.world.scenes import WORLD_NAME
+
+#: The templates' folder (top level of the repository).
+TEMPLATES = Path(__file__).resolve().parents[2] / "dataset_cards"
+#: Pairs per batch while auditing a config (bounds memory: image bytes are read along).
+AUDIT_BATCH = 4096
+#: Rejection reasons listed in the card; the rest are summed in one line.
+MAX_REJECT_ROWS = 25
+#: The Hub's size categories: (upper bound, label).
+SIZE_CATEGORIES = [(10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K"),
+                   (10**6, "100K<n<1M"), (10**7, "1M<n<10M"), (10**8, "10M<n<100M"),
+                   (10**9, "100M<n<1B"), (10**10, "1B<n<10B"), (10**11, "10B<n<100B"),
+                   (10**12, "100B<n<1T")]
+#: Secrets that must never reach a card, whatever a manifest holds (HF and OpenAI-style keys).
+SECRET = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,})\b")
+
+
+def size_category(n: int) -> str:
+    """The Hub's ``size_categories`` label for ``n`` rows (``n<1K`` … ``n>1T``)."""
+    for bound, label in SIZE_CATEGORIES:
+        if n < bound:
+            return label
+    return "n>1T"
+
+
+def is_synthetic(pset: PairSet) -> bool:
+    """Built from the offline shapes world (the source is procedurally generated)."""
+    spec = pset.manifest.get("source")
+    names = sources(pset) + ([spec] if isinstance(spec, str) else [])
+    return bool(names) and all(re.match(rf"{WORLD_NAME}(\b|$)", s) for s in names)
+
+
+def sources(pset: PairSet) -> list[str]:
+    """The source datasets named by the rows' ``source_dataset`` column."""
+    return sorted(v for v in pset.dataset.unique("source_dataset") if v)
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+
+def audit_configs(configs: Mapping[str, Dataset], names: Mapping[str, str],
+                  tokenizer: str = "gpt2") -> list[SetResult]:
+    """The audit's text diagnostics of every config (one :class:`SetResult` each, named by
+    ``names[config]``), computed as ``pairforge audit`` does."""
+    unit = length_unit(tokenizer)
+    results = []
+    for config, ds in configs.items():
+        audit = SetAudit(names[config], unit)
+        cols = ds.select_columns(["id", "prompt", "chosen", "rejected", "images"])
+        for batch in cols.with_format("arrow").iter(batch_size=AUDIT_BATCH):
+            prompts = [prompt_text(m) for m in batch["prompt"].to_pylist()]
+            n_images = pc.list_value_length(batch["images"]).fill_null(0).to_pylist()
+            audit.add(batch["id"].to_pylist(), [hash(k) for k in zip(prompts, n_images)],
+                      prompts, [response_text(m) for m in batch["chosen"].to_pylist()],
+                      [response_text(m) for m in batch["rejected"].to_pylist()])
+        results.append(audit.finish(n_skipped=0))
+    return results
+
+
+def diagnostics_table(results: Sequence[SetResult]) -> list[tuple[str, list[str], str]]:
+    """(label, value per set, meaning) rows of the audit's summary table (less the count of
+    unreadable rows: published rows are all read)."""
+    return [(label, [fmt(r.summary.get(key), pattern) for r in results], meaning)
+            for key, label, meaning, pattern in ROWS if key != "n_skipped"]
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def provenance(pset: PairSet) -> dict[str, Any]:
+    """Models, editor, prompt templates, parameters, seed, version, source, command and run
+    id: from the manifest where it says, else from the rows' provenance columns."""
+    m = pset.manifest
+    models = _records(m.get("models"), ("role", "name", "revision")) or _distinct(
+        pset.dataset, "models", ("role", "name", "revision"))
+    templates = _records(m.get("prompt_templates", m.get("templates")), ("name", "sha256")) \
+        or _distinct(pset.dataset, "prompt_templates", ("name", "sha256"))
+    params = m.get("params")
+    if params is None and isinstance(m.get("recipe"), dict):
+        params = m["recipe"].get("params")
+    editors = sorted({r["name"] for r in models if r.get("role") == "editor"})
+    if not editors and "editor" in pset.dataset.column_names:
+        editors = sorted(v for v in pset.dataset.unique("editor") if v)
+    seeds = [m["seed"]] if m.get("seed") is not None else \
+        sorted(v for v in pset.dataset.unique("seed") if v is not None)
+    versions = [m["pairforge_version"]] if m.get("pairforge_version") else \
+        sorted(v for v in pset.dataset.unique("pairforge_version") if v)
+    command = m.get("command")
+    if isinstance(command, list):
+        command = shlex.join(str(c) for c in command)
+    source = m.get("source")
+    return {
+        "models": models,
+        "editors": editors,
+        "templates": templates,
+        "params": sorted((str(k), _value(v)) for k, v in (params or {}).items()),
+        "seeds": seeds,
+        "versions": versions,
+        "source": None if source is None else _value(source),
+        "command": command,
+        "run_id": m.get("run_id") or m.get("run_identity") or m.get("identity"),
+    }
+
+
+def _records(value: Any, keys: tuple[str, ...]) -> list[dict]:
+    """A manifest list of dicts, or a dict ``first key → rest`` (e.g. role → name or
+    role → {name, revision}), as records with ``keys``."""
+    if isinstance(value, list):
+        return [{k: str(v.get(k) or "") for k in keys} for v in value if isinstance(v, Mapping)]
+    if isinstance(value, Mapping):
+        out = []
+        for first, rest in value.items():
+            if isinstance(rest, Mapping):
+                out.append({keys[0]: str(first), **{k: str(rest.get(k) or "") for k in keys[1:]}})
+            else:
+                out.append({keys[0]: str(first), keys[1]: str(rest or ""),
+                            **{k: "" for k in keys[2:]}})
+        return out
+    return []
+
+
+def _distinct(ds: Dataset, column: str, keys: tuple[str, ...]) -> list[dict]:
+    """The distinct records of a list-of-structs column over all rows, in first-seen order."""
+    seen: dict[tuple, None] = {}
+    for batch in ds.select_columns([column]).with_format("arrow").iter(batch_size=AUDIT_BATCH):
+        for value in batch[column].to_pylist():
+            for rec in value or ():
+                seen.setdefault(tuple(str(rec.get(k) or "") for k in keys), None)
+    return [dict(zip(keys, t)) for t in seen]
+
+
+def _value(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, ensure_ascii=False)
+
+
+def rejects_table(pset: PairSet) -> tuple[int, list[tuple[str, str, int]], tuple[int, int]]:
+    """(total rejected, (stage, reason, count) rows most frequent first, (other reasons,
+    their count)) from ``rejects.jsonl``, else from the summary's reject counts."""
+    counts = pset.rejects or _summary_rejects(pset.summary)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    rest = ranked[MAX_REJECT_ROWS:]
+    return (sum(counts.values()), [(s, r, n) for (s, r), n in ranked[:MAX_REJECT_ROWS]],
+            (len(rest), sum(n for _, n in rest)))
+
+
+def _summary_rejects(summary: Mapping) -> Counter:
+    """Reject counts from a summary entry such as ``{"rejects_by_stage": {stage: {reason: n}}}``
+    or ``{stage: n}``."""
+    counts: Counter = Counter()
+    for key, value in summary.items():
+        if "reject" in key and isinstance(value, Mapping):
+            for stage, v in value.items():
+                if isinstance(v, Mapping):
+                    counts.update({(str(stage), str(r)): int(n) for r, n in v.items()
+                                   if isinstance(n, (int, float))})
+                elif isinstance(v, (int, float)):
+                    counts[(str(stage), "(reasons not recorded)")] += int(v)
+            if counts:
+                return counts
+    return counts
+
+
+def build_counts(summary: Mapping) -> list[tuple[str, Any]]:
+    """The summary's top-level numbers and those of its ``counts`` object, as (name, value)."""
+    out = [(k, v) for k, v in summary.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    counts = summary.get("counts")
+    if isinstance(counts, Mapping):
+        out += [(k, v) for k, v in counts.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return out
+
+
+# ----------------------------------------------------------------------------- YAML
+
+
+def card_data(pset: PairSet, staged: Sequence[ConfigFiles], features: Features, *,
+              repo_id: str, license: str | None = None) -> DatasetCardData:
+    """The card's YAML metadata. ``license`` defaults to apache-2.0 for sets built from the
+    offline world (generated by pairforge) and ``other`` otherwise (set it with --license)."""
+    synthetic = is_synthetic(pset)
+    tags = ["dpo", "preference", "vision-language", "pairforge"]
+    tags.insert(1, pset.recipe or "audit")
+    if synthetic:
+        tags.append("synthetic")
+    data = DatasetCardData(
+        license=license or ("apache-2.0" if synthetic else "other"),
+        task_categories=["image-text-to-text"],
+        tags=tags,
+        size_categories=[size_category(sum(c.n_rows for c in staged))],
+        source_datasets=sources(pset) or None,
+        pretty_name=repo_id.split("/")[-1],
+    )
+    MetadataConfigs({c.name: {"data_files": [{"split": SPLIT, "path": c.pattern}]}
+                     for c in staged}).to_dataset_card_data(data)
+    DatasetInfosDict({c.name: DatasetInfo(
+        features=features,
+        splits=SplitDict({SPLIT: SplitInfo(name=SPLIT, num_bytes=c.num_bytes,
+                                           num_examples=c.n_rows)}),
+        download_size=c.download_size, dataset_size=c.num_bytes) for c in staged}
+    ).to_dataset_card_data(data)
+    return data
+
+
+# ----------------------------------------------------------------------------- render
+
+
+def render_card(pset: PairSet, staged: Sequence[ConfigFiles], features: Features,
+                results: Sequence[SetResult], plots: Sequence[tuple[str, str]], *,
+                repo_id: str, license: str | None = None) -> DatasetCard:
+    """The card: YAML from :func:`card_data`, body from ``dataset_cards/<template>.md``."""
+    import jinja2
+
+    template = f"{pset.template}.md"
+    if not (TEMPLATES / template).is_file():
+        raise PairforgeError(f"{TEMPLATES / template}: card template missing; pairforge's "
+                             f"dataset_cards/ folder is incomplete, reinstall from the repository")
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=False,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["cell"] = _cell
+    env.filters["code"] = _code
+    data = card_data(pset, staged, features, repo_id=repo_id, license=license)
+    total, reject_rows, reject_rest = rejects_table(pset)
+    prov = provenance(pset)
+    multi = [c.name for c in staged] != ["default"]
+    groups = [g for g, spec in COLUMN_GROUPS.items() if set(spec) & set(features)]
+    text = env.get_template(template).render(
+        card_data=data.to_yaml(),
+        repo_id=repo_id,
+        pretty_name=data.pretty_name,
+        recipe=pset.recipe,
+        is_build=pset.is_build,
+        synthetic=is_synthetic(pset),
+        sources=sources(pset),
+        n_rows=sum(c.n_rows for c in staged),
+        configs=staged,
+        multi_config=multi,
+        first_config=staged[0].name if multi else None,
+        split=SPLIT,
+        core_columns=list(CORE_FEATURES),
+        groups=[(g, [c for c in COLUMN_GROUPS[g] if c in features]) for g in groups],
+        diag_sets=[r.name for r in results],
+        diag_rows=diagnostics_table(results),
+        diag_unit=results[0].summary["length_unit"] if results else "",
+        flags=[(r.name, f) for r in results for f in r.summary["flags"]],
+        plots=plots,
+        prov=prov,
+        build_counts=build_counts(pset.summary),
+        n_rejected=total,
+        reject_rows=reject_rows,
+        reject_rest=reject_rest,
+        version=__version__,
+    )
+    text = SECRET.sub("[redacted]", text)
+    card = DatasetCard(text)
+    if card.data.to_dict() != data.to_dict():  # the YAML must read back as written
+        raise RuntimeError("the card's YAML does not round-trip; this is a pairforge bug")
+    return card
+
+
+def write_card(folder: Path, pset: PairSet, staged: Sequence[ConfigFiles], features: Features, *,
+               repo_id: str, license: str | None = None, tokenizer: str = "gpt2",
+               configs: Mapping[str, Dataset] | None = None) -> DatasetCard:
+    """Audit the configs, write the plots into ``folder/images`` and the card into
+    ``folder/README.md``; returns the card."""
+    configs = configs if configs is not None else pset.configs()
+    names = {c: (pset.name if c == "default" else c) for c in configs}
+    results = audit_configs(configs, names, tokenizer)
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    plots = [(f"images/{name}", caption) for name, caption in write_plots(images, results)]
+    card = render_card(pset, staged, features, results, plots, repo_id=repo_id, license=license)
+    (folder / "README.md").write_text(str(card), encoding="utf-8")
+    return card
+
+
+def _cell(value: Any) -> str:
+    """A value as one markdown table cell: pipes escaped, newlines as spaces."""
+    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _code(value: Any) -> str:
+    """A value as inline code that its own backticks cannot break."""
+    text = str(value).replace("\n", " ")
+    fence = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
