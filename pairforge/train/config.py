@@ -1,0 +1,157 @@
+"""Settings of ``pairforge train``: one dataclass, loadable from YAML, checked in one place.
+
+Precedence: the dataclass defaults, then ``--config FILE.yaml`` (keys are the field names,
+e.g. ``lora_r: 16``), then command-line options that were given explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pairforge.errors import PairforgeError
+from pairforge.train import losses
+
+LOSSES = ("dpo", "cwdpo", "aspo", "p2dpo")
+PRECISIONS = ("auto", "bf16", "fp16", "no")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that shapes a training run. ``steps`` (optimizer steps) overrides
+    ``epochs``; ``batch_size`` is pairs per device per micro-batch, ``grad_accum`` micro-batches
+    per optimizer step; ``warmup`` is in optimizer steps. CW-DPO's Stage 1 runs
+    ``cw_stage1_epochs`` epochs over the Stage-1 rows before ``epochs``/``steps`` of Stage 2."""
+
+    data: str = ""
+    model: str = "tiny-vlm"
+    loss: str = "dpo"
+    out: str = ""
+    # optimisation
+    beta: float = losses.BETA
+    lr: float = 1e-4
+    epochs: float = 1.0
+    steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    precision: str = "auto"
+    max_length: int | None = None
+    pack: bool = True  # chosen and rejected after one copy of their prompt (when the model allows)
+    # model: LoRA (default) or full fine-tuning
+    full_finetune: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target: str = "language"  # "language" (text model's linear layers), "all-linear", or names
+    merge: bool = False
+    # reference log-probs
+    precompute_ref: bool = True
+    ref_batch_size: int = 16
+    # CW-DPO
+    sftc_lambda: float = losses.SFTC_LAMBDA
+    sftc_margin: float = losses.SFTC_MARGIN
+    cooling_floor: float = losses.COOLING_FLOOR
+    cooling_tau: float = losses.COOLING_TAU
+    cw_stage1_epochs: float = 1.0
+    # P2-DPO
+    lambda_calib: float = losses.P2DPO_LAMBDA_CALIB
+    # logging, probes, checkpoints
+    probe_size: int = 16
+    probe_every: int = 10
+    log_every: int = 1
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    resume: bool = False
+    progress: bool = True
+
+    def check(self) -> "TrainConfig":
+        """Raise :class:`PairforgeError` naming the first bad setting and its fix."""
+        def bad(name: str, why: str) -> PairforgeError:
+            return PairforgeError(f"train setting {name}={getattr(self, name)!r}: {why}")
+
+        if not self.data:
+            raise bad("data", "give the pair set: a build folder, a save_to_disk folder or parquet")
+        if not self.out:
+            raise bad("out", "give an output folder with --out")
+        if self.loss not in LOSSES:
+            raise bad("loss", f"choose one of {', '.join(LOSSES)}")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"choose one of {', '.join(PRECISIONS)}")
+        for name in ("batch_size", "grad_accum", "ref_batch_size", "log_every", "probe_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        for name in ("warmup", "probe_size"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+        if self.steps is not None and self.steps < 1:
+            raise bad("steps", "must be >= 1 (or leave it out and set epochs)")
+        if self.steps is None and self.epochs <= 0:
+            raise bad("epochs", "must be > 0")
+        if self.save_every is not None and self.save_every < 1:
+            raise bad("save_every", "must be >= 1 (or leave it out: a checkpoint at the end only)")
+        for name in ("lr", "beta", "cooling_tau"):
+            if getattr(self, name) <= 0:
+                raise bad(name, "must be > 0")
+        if self.cw_stage1_epochs < 0:
+            raise bad("cw_stage1_epochs", "must be >= 0 (0 skips Stage 1)")
+        if not self.full_finetune and (self.lora_r < 1 or self.lora_alpha <= 0):
+            raise bad("lora_r", "LoRA needs lora_r >= 1 and lora_alpha > 0 (or --full-finetune)")
+        if self.merge and self.full_finetune:
+            raise bad("merge", "--merge merges a LoRA adapter; a full fine-tune already writes weights")
+        if self.max_length is not None and self.max_length < 2:
+            raise bad("max_length", "must be >= 2")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def semantic_hash(self) -> str:
+        """Hash of the settings that change the trained weights (not logging, progress, paths
+        or resume), recorded in checkpoints so a resume with other settings is refused."""
+        skip = {"out", "resume", "progress", "log_every", "save_every", "keep_checkpoints",
+                "ref_batch_size", "precompute_ref", "merge", "pack"}
+        items = {k: v for k, v in self.to_dict().items() if k not in skip}
+        return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` that are not None."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise PairforgeError(f"{p}: no such config file; pass a YAML file of train settings")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise PairforgeError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise PairforgeError(f"{p}: expected a mapping of setting: value, got {type(loaded).__name__}")
+        unknown = sorted(set(loaded) - FIELDS)
+        if unknown:
+            raise PairforgeError(f"{p}: unknown setting '{unknown[0]}'; known: {', '.join(sorted(FIELDS))}")
+        values.update(loaded)
+    unknown = sorted(set(overrides) - FIELDS)
+    if unknown:
+        raise PairforgeError(f"unknown train setting '{unknown[0]}'")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = TrainConfig(**values)
+    except TypeError as e:  # pragma: no cover - guarded by the FIELDS check
+        raise PairforgeError(f"train settings: {e}") from None
+    return config.check()
