@@ -26,12 +26,14 @@ Rules every recipe follows (the engine's guarantees depend on them):
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
-from pairforge.schema import derive_seed
+from pairforge.errors import PairforgeError
+from pairforge.schema import derive_seed, make_pair, stable_id, template_hash
 
 
 @dataclass
@@ -140,3 +142,55 @@ class Recipe(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+# ----------------------------------------------------------------------------- helpers for recipes
+
+P = TypeVar("P")
+
+
+def recipe_params(cls: type[P], params: Mapping[str, Any], recipe: str) -> P:
+    """A recipe's frozen params dataclass ``cls`` from a mapping (e.g. ``--param k=v`` strings).
+
+    Unknown keys are an error naming the known ones; strings are converted to the field's
+    declared type (``int``, ``float``, ``bool``, ``str``); the dataclass validates ranges."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise PairforgeError(f"recipe '{recipe}': unknown parameter '{unknown[0]}'; "
+                             f"known: {', '.join(fields)}")
+    values = {}
+    for key, value in params.items():
+        t = fields[key].type
+        kind = (t if isinstance(t, str) else getattr(t, "__name__", str(t))).split("|")[0].strip()
+        try:
+            if kind == "bool" and isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                value = value.lower() in ("true", "1", "yes")
+            elif kind in ("int", "float") and isinstance(value, (str, int, float)) \
+                    and not isinstance(value, bool):
+                value = float(value) if kind == "float" else int(value)
+        except ValueError:
+            raise PairforgeError(f"recipe '{recipe}': parameter {key}={value!r} is not a "
+                                 f"{kind}") from None
+        values[key] = value
+    return cls(**values)
+
+
+def pair_row(recipe: Recipe, example: Example, ctx: BuildContext, *, chosen: str, rejected: str,
+             **extra: Any) -> dict:
+    """A canonical pair row for ``example`` made by ``recipe``: the example's prompt and images,
+    provenance (source, the models of the recipe's roles in ``ctx``, template hashes, seed), a
+    stable id from (recipe, example id, chosen, rejected), and the recipe's ``extra`` columns.
+    Only the scalar fields of ``example.meta`` go to ``source_meta``."""
+    models = [{"role": role, "name": str(m.name), "revision": str(getattr(m, "revision", "") or "")}
+              for role, *_ in recipe.roles if (m := ctx.models.get(role)) is not None]
+    templates = [{"name": n, "sha256": template_hash(t)} for n, t in sorted(recipe.templates().items())]
+    meta = {k: v for k, v in example.meta.items() if isinstance(v, (str, int, float, bool))}
+    return make_pair(prompt=example.prompt_messages, chosen=chosen, rejected=rejected,
+                     images=example.images, id=stable_id(recipe.name, example.id, chosen, rejected),
+                     recipe=recipe.name, task=example.task or "unknown",
+                     source_dataset=example.source_dataset, source_id=example.source_id or example.id,
+                     source_meta=meta, models=models, prompt_templates=templates, seed=ctx.seed,
+                     **extra)
