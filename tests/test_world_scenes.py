@@ -381,3 +381,12 @@ def test_world_name_and_light_import():
     out = subprocess.run([sys.executable, "-c", "import sys, pairforge.world; print('torch' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_scenes_is_deterministic_and_varied():
+    from pairforge.world import scenes
+
+    a, b = scenes(20, seed=3), scenes(20, seed=3)
+    assert [s.to_dict() for s in a] == [s.to_dict() for s in b]
+    assert [s.to_dict() for s in scenes(20, seed=4)] != [s.to_dict() for s in a]
+    assert len({len(s.objects) for s in a}) >= 3 and len({s.background for s in a}) >= 3

@@ -33,10 +33,11 @@ from pairforge.errors import PairforgeError
 from pairforge.publish.layout import ConfigFiles
 from pairforge.publish.pairset import SPLIT, PairSet
 from pairforge.schema import COLUMN_GROUPS, CORE_FEATURES, prompt_text, response_text
+from pairforge.resources import resource_dir
 from pairforge.world.scenes import WORLD_NAME
 
-#: The templates' folder (top level of the repository).
-TEMPLATES = Path(__file__).resolve().parents[2] / "dataset_cards"
+#: The templates' folder (``dataset_cards/``, shipped in the package).
+TEMPLATES = resource_dir("dataset_cards")
 #: Pairs per batch while auditing a config (bounds memory: image bytes are read along).
 AUDIT_BATCH = 4096
 #: Rejection reasons listed in the card; the rest are summed in one line.
