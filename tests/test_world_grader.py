@@ -78,6 +78,10 @@ def test_counting():
     assert W.grade(three, "There are no red shapes.") == "wrong"  # "no <noun>" is zero
     assert W.grade(ex("count", "1"), "No, there is only one.") == "correct"  # leading "No," is not 0
     assert W.grade(three, "Many.") == "unparseable"
+    # the question's "red shape" is stripped before parsing: "there is no ." still reads as 0
+    stripped = ex("count", "1")
+    stripped["target"]["ignore"] = ["red shape"]
+    assert W.grade(stripped, "There is no red shape.") == "wrong"
 
 
 def test_color_kind_size_with_synonyms_and_contradictions():
@@ -160,6 +164,12 @@ def test_captions():
     # true but covers fewer than half of the objects
     assert W.grade(cap, "I see a blue square.") == "wrong"
     assert W.grade(cap, "A pretty picture.") == "unparseable"
+    # "the background is X" is checked as well as "X background"
+    assert W.grade(cap, "Three red shapes and a blue square. The background is beige.") == "correct"
+    assert W.grade(cap, "Three red shapes and a blue square. The background is dark.") == "wrong"
+    # "no <noun>" in a caption is a count of zero
+    assert W.grade(cap, "Three red shapes, a blue square and no green shapes.") == "correct"
+    assert W.grade(cap, "Three red shapes, a blue square and no red circles.") == "wrong"
 
 
 def test_filter_kinds():

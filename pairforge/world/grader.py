@@ -164,8 +164,10 @@ def _numbers(text: str) -> set[int]:
     for i, w in enumerate(words):
         if w in NUMBER_WORDS and not (w == "single" and i == 0):
             found.add(NUMBER_WORDS[w])
-        elif w == "no" and i + 1 < len(words) and words[i + 1].isalpha() and i > 0:
-            found.add(0)  # "there are no circles" (a leading "No," is an interjection)
+        elif w == "no" and i > 0 and (i + 1 == len(words) or words[i + 1] != ","):
+            # "there are no circles", or "there is no ." once the question's "red shape" is
+            # stripped; a leading "No," is an interjection
+            found.add(0)
     return found
 
 
@@ -256,6 +258,9 @@ def _mentions(text: str) -> list[dict]:
             elif p in NUMBER_WORDS or p.isdigit():
                 m["count"] = int(p) if p.isdigit() else NUMBER_WORDS[p]
                 break
+            elif p == "no":  # "no red circles": a count of zero
+                m["count"] = 0
+                break
             elif p not in ("light", "dark"):  # an article or any other word ends the mention
                 break
             j -= 1
@@ -268,9 +273,11 @@ def _grade_caption(scene: Mapping | None, text: str) -> str:
         return "unparseable"
     objs = scene["objects"]
     low = text.lower()
-    for m in re.finditer(r"\b([a-z]+(?: [a-z]+)?) background\b|\bbackground is (?:a |an )?([a-z]+(?: [a-z]+)?)",
-                         low):
-        phrase = m.group(1) or m.group(2)
+    # two passes: in one alternation "the background is red" would match "the background" only
+    named_phrases = [m.group(1) for m in re.finditer(r"\b([a-z]+(?: [a-z]+)?) background\b", low)]
+    named_phrases += [m.group(1) for m in
+                      re.finditer(r"\bbackground is (?:a |an )?([a-z]+(?: [a-z]+)?)", low)]
+    for phrase in named_phrases:
         named = _phrases(phrase, BACKGROUND_WORDS) or {COLOR_WORDS[w] for w in phrase.split()
                                                        if w in COLOR_WORDS}
         if named and named != {scene["background"]}:
