@@ -1,0 +1,19 @@
+"""The build engine: SFT examples → a recipe → a checkpointed, resumable pair dataset.
+
+    from pairforge.build import BuildConfig, build, load_build
+    build(BuildConfig(recipe="vapr", out=Path("builds/vapr")))
+    pairs = load_build("builds/vapr")          # datasets.Dataset of canonical rows
+
+Modules in the order a build runs through them: ``config`` (YAML + command line),
+``manifest`` (run identity, atomic files, resume), ``engine`` (select, chunks: read → recipe
+→ rows → commit), ``summary`` (rejects.jsonl, dataset/, summary.json, table; ``load_build``),
+``merge`` (join ``--shard I/N`` builds).
+"""
+
+from pairforge.build.config import BuildConfig, load_config, parse_params, parse_shard
+from pairforge.build.engine import build
+from pairforge.build.merge import merge
+from pairforge.build.summary import load_build
+
+__all__ = ["BuildConfig", "build", "load_build", "load_config", "merge", "parse_params",
+           "parse_shard"]
