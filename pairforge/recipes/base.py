@@ -184,8 +184,11 @@ def pair_row(recipe: Recipe, example: Example, ctx: BuildContext, *, chosen: str
     provenance (source, the models of the recipe's roles in ``ctx``, template hashes, seed), a
     stable id from (recipe, example id, chosen, rejected), and the recipe's ``extra`` columns.
     Only the scalar fields of ``example.meta`` go to ``source_meta``."""
+    # the models in use only: asking the engine's lazy mapping for an optional role the recipe
+    # never used (VaPR's LLM editor with editor=rule) would load that model and name it here
+    in_use = getattr(ctx.models, "loaded", ctx.models)
     models = [{"role": role, "name": str(m.name), "revision": str(getattr(m, "revision", "") or "")}
-              for role, *_ in recipe.roles if (m := ctx.models.get(role)) is not None]
+              for role, *_ in recipe.roles if (m := in_use.get(role)) is not None]
     templates = [{"name": n, "sha256": template_hash(t)} for n, t in sorted(recipe.templates().items())]
     meta = {k: v for k, v in example.meta.items() if isinstance(v, (str, int, float, bool))}
     return make_pair(prompt=example.prompt_messages, chosen=chosen, rejected=rejected,
