@@ -11,7 +11,6 @@ import os
 import re
 
 import pytest
-import torch
 from PIL import Image
 
 from pairforge.errors import BadInput
@@ -23,14 +22,6 @@ from pairforge.recipes.aspo import annotate, aspo_weights, min_max, sentence_spa
 from pairforge.schema import make_pair, to_dataset, user_message
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- fakes

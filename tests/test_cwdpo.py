@@ -11,7 +11,6 @@ import random
 import re
 
 import pytest
-import torch
 from PIL import Image
 
 from pairforge.errors import PairforgeError
@@ -31,14 +30,6 @@ from pairforge.schema import assistant_message, to_dataset, user_message
 from pairforge.world import make_example, sample_scene
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- helpers

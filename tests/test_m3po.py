@@ -9,7 +9,6 @@ import os
 import re
 
 import pytest
-import torch
 from PIL import Image
 
 from pairforge.errors import PairforgeError
@@ -21,14 +20,6 @@ from pairforge.recipes.m3po import M3PO, DegeneratePool, M3POParams, m3p_score, 
 from pairforge.schema import assistant_message, to_dataset, user_message
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- fakes

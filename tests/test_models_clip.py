@@ -28,14 +28,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def world():
     """Three world scenes: images, true descriptions and one wrong description each."""

@@ -39,16 +39,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared CPU: one intra-op thread avoids OpenMP spin-waits that make
-    each small op tens of times slower when other processes hold the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory) -> Path:
     """Random tiny LLaVA: 32 px images, patch 8 → a 4×4 grid + CLS ("full" strategy)."""

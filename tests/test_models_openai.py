@@ -22,7 +22,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pairforge.errors import BadInput, PairforgeError
@@ -42,14 +41,6 @@ from pairforge.serve import ChatServer, HTTPError, parse_chat_request, server_re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SECRET = "sk-test-7f3a9c1e5b"  # a key that must never show up in errors or logs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _text_request(text: str, id: str = "") -> Request:

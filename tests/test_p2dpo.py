@@ -10,7 +10,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pairforge.errors import PairforgeError
@@ -39,14 +38,6 @@ from pairforge.recipes.p2dpo import (
 from pairforge.schema import assistant_message, count_image_parts, to_dataset, user_message
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- crop search

@@ -66,14 +66,6 @@ def pair_rows(n: int, loss: str = "dpo") -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory) -> HFModel:
     path = save_random_llava(tmp_path_factory.mktemp("llava"))

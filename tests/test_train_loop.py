@@ -31,11 +31,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="module", autouse=True)
 def _env(tmp_path_factory):
-    before_threads, before_cache = torch.get_num_threads(), os.environ.get("PAIRFORGE_CACHE")
-    torch.set_num_threads(1)
+    before_cache = os.environ.get("PAIRFORGE_CACHE")
     os.environ["PAIRFORGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield
-    torch.set_num_threads(before_threads)
     if before_cache is None:
         os.environ.pop("PAIRFORGE_CACHE", None)
     else:

@@ -40,7 +40,7 @@ import re
 from collections.abc import Mapping
 
 from pairforge.errors import PairforgeError
-from pairforge.world.scenes import BACKGROUNDS, COLORS, KINDS, OCR_WORDS, PLURALS, SIZES
+from pairforge.world.scenes import BACKGROUNDS, COLORS, KINDS, OCR_WORDS, PLURALS
 from pairforge.world.tasks import OPTION_LETTERS, tokenize
 
 GRADES = ("correct", "wrong", "unparseable")
