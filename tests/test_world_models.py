@@ -1,0 +1,229 @@
+"""The offline world's tiny VLM and CLIP: tokenizer, chat template, encoding, checkpoint round
+trip, and the shipped checkpoints (offline load through the generic Auto classes, generation,
+attention maps, accuracy floors well below the measured figures but far above random weights)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from pairforge.errors import PairforgeError  # noqa: E402
+from pairforge.world import derive_seed, grade, sample_scene, sft_dataset, vocabulary  # noqa: E402
+from pairforge.world import models as wm  # noqa: E402
+
+IMAGE = 4  # id of <image>
+
+
+@pytest.fixture(scope="module")
+def test_rows():
+    """60 held-out rows (test split, seed 0), filter examples excluded."""
+    data = sft_dataset(n_train=0, n_validation=0, n_test=64, seed=0)["test"]
+    return [r for r in data if r["filter_reason"] is None][:60]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return wm.build_vlm_processor(vocabulary())
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def test_tokenizer_round_trips_world_text(test_rows, processor):
+    tok = processor.tokenizer
+    for r in test_rows:
+        for text in (r["question"], r["answer"]):
+            ids = tok(text, add_special_tokens=False).input_ids
+            assert tok.unk_token_id not in ids, text
+            assert tok.decode(ids) == text.lower()
+    assert tok.decode(tok("The circle is  red.").input_ids, skip_special_tokens=True) == "the circle is  red."
+    assert tok.convert_ids_to_tokens(tok("a zebra").input_ids) == ["▁a", "<unk>"]  # template adds <s>
+    clip_tok = wm.build_clip_processor(vocabulary()).tokenizer
+    assert clip_tok.convert_ids_to_tokens(clip_tok("a zebra").input_ids) == ["<s>", "▁a", "<unk>", "</s>"]
+    assert [tok.convert_tokens_to_ids(t) for t in wm.SPECIAL_TOKENS] == list(range(8))
+
+
+def test_chat_template_renders_trl_messages(processor):
+    msgs = [{"role": "user", "content": [{"type": "image", "text": None},
+                                         {"type": "text", "text": "What colour is the circle?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "It is red."}]}]
+    assert (processor.apply_chat_template(msgs[:1], add_generation_prompt=True)
+            == "<s><|user|><image>What colour is the circle?<|assistant|>")
+    assert processor.apply_chat_template(msgs) == (
+        "<s><|user|><image>What colour is the circle?<|assistant|>It is red.</s>")
+    two_texts = [{"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                              {"type": "text", "text": "there."}]},
+                 {"role": "assistant", "content": "It is red."}]
+    assert processor.apply_chat_template(two_texts) == "<s><|user|>Hi there.<|assistant|>It is red.</s>"
+    # tokenized: one <s> (written by the template; TRL tokenises with add_special_tokens=False), and the assistant mask covers "it is red.</s>"
+    out = processor.tokenizer.apply_chat_template(two_texts, tokenize=True, return_dict=True,
+                                                  return_assistant_tokens_mask=True)
+    toks = processor.tokenizer.convert_ids_to_tokens(out["input_ids"])
+    assert toks.count("<s>") == 1 and toks[0] == "<s>"
+    assert [t for t, m in zip(toks, out["assistant_masks"]) if m] == ["▁it", "▁is", "▁red", ".", "</s>"]
+
+
+def test_encode_sft_example_labels_only_the_answer(test_rows, processor):
+    from PIL import Image
+
+    row = test_rows[0]
+    ids, labels = wm.encode_sft_example(processor, row["messages"])
+    prompt = processor.apply_chat_template(row["messages"], tokenize=False)
+    ref = processor(text=prompt, images=[row["images"][0]], return_tensors="pt").input_ids[0].tolist()
+    assert ids == ref  # same ids as the processor's own path, image tokens expanded
+    assert ids.count(IMAGE) == wm.n_image_tokens(processor) == 64
+    answer = [t for t, lab in zip(ids, labels) if lab != -100]
+    assert processor.tokenizer.decode(answer) == row["answer"].lower() + "</s>"
+    assert labels[: len(ids) - len(answer)] == [-100] * (len(ids) - len(answer))
+    with pytest.raises(PairforgeError):
+        wm.encode_sft_example(processor, row["messages"][:1])
+    assert isinstance(row["images"][0], Image.Image)
+
+
+def test_pixel_values_from_uint8_match_the_processor(test_rows, processor):
+    import numpy as np
+
+    imgs = [r["images"][0].convert("RGB") for r in test_rows[:4]]
+    u8 = torch.from_numpy(np.stack([np.asarray(i).transpose(2, 0, 1) for i in imgs]))
+    ours = wm.pixel_values_from_uint8(u8, processor.image_processor)
+    ref = processor.image_processor(imgs, return_tensors="pt").pixel_values
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_warmup_cosine_lr_hand_computed():
+    # warmup 10 steps to 1.0, cosine to 0.1 at step 110
+    f = lambda s: wm.warmup_cosine_lr(s, 110, lr=1.0, warmup=10, min_ratio=0.1)  # noqa: E731
+    assert f(0) == pytest.approx(0.1)
+    assert f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(pi/2) = 0
+    assert f(85) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.75)))
+    assert f(110) == pytest.approx(0.1)
+    assert f(500) == pytest.approx(0.1)
+
+
+def test_scene_description_and_minimal_edits():
+    n_edits = {e: 0 for e in wm.EDIT_TYPES}
+    for seed in range(200):
+        scene = sample_scene(seed)
+        true = wm.scene_description(scene)
+        assert true == wm.scene_description(scene.to_dict())  # Scene or its column dict
+        assert true.endswith(".") and f"on a {scene.background} background." in true
+        for e in wm.EDIT_TYPES:
+            wrong = wm.edited_description(scene, e, random.Random(seed))
+            if wrong is None:
+                continue
+            n_edits[e] += 1
+            assert wrong != true
+            a, b = true.split(), wrong.split()
+            if e == "position":  # exactly the relation word changes
+                diff = [(x, y) for x, y in zip(a, b) if x != y]
+                assert len(a) == len(b) and len(diff) == 1
+                assert {diff[0][0], diff[0][1]} in ({"left", "right"}, {"above", "below"})
+            if e == "color":
+                assert len(a) == len(b)
+    assert all(n > 50 for n in n_edits.values()), n_edits
+    one = sample_scene(2)  # one object: no relation to flip
+    assert len(one.objects) == 1 and wm.edited_description(one, "position", random.Random(0)) is None
+    with pytest.raises(PairforgeError):
+        wm.edited_description(one, "size", random.Random(0))
+
+
+def test_checkpoint_round_trip_random_weights(tmp_path, processor, test_rows):
+    """A random tiny VLM saved in bfloat16 loads in float32 through the Auto classes, with
+    eager attention from config.json, and runs."""
+    cfg = wm.vlm_config(len(processor.tokenizer), vision_hidden=32, vision_layers=1, text_hidden=32,
+                        text_layers=1, text_intermediate=64)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(cfg)
+    wm.save_checkpoint(model, processor, tmp_path, dtype=torch.bfloat16)
+    loaded, proc = wm.load_tiny_vlm(path=tmp_path)
+    assert loaded.dtype == torch.float32 and loaded.config._attn_implementation == "eager"
+    sd = loaded.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(sd[k], v.to(torch.bfloat16).to(torch.float32)), k
+    plain = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert plain.config._attn_implementation == "eager"
+    out = wm.generate_answers(loaded, proc, test_rows[:2], max_new_tokens=3)
+    assert len(out) == 2 and all(len(o) == 1 for o in out)
+    with pytest.raises(PairforgeError, match="train one"):
+        wm.load_tiny_vlm(path=tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- shipped checkpoints
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return wm.load_tiny_vlm()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return wm.load_tiny_clip()
+
+
+def test_shipped_vlm_loads_offline_through_auto_classes(vlm, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    proc = transformers.AutoProcessor.from_pretrained(wm.TINY_VLM_PATH)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(wm.TINY_VLM_PATH)
+    llava = transformers.LlavaForConditionalGeneration.from_pretrained(wm.TINY_VLM_PATH)
+    assert type(proc).__name__ == "LlavaProcessor"
+    assert type(model) is type(llava) is transformers.LlavaForConditionalGeneration
+    assert model.config._attn_implementation == "eager"
+    assert sum(p.numel() for p in model.parameters()) < 10_000_000
+    assert wm.TINY_VLM_PATH.is_relative_to(wm.ASSETS) and (wm.TINY_VLM_PATH / "README.md").is_file()
+
+
+def test_shipped_vlm_answers_in_sentences_above_floor(vlm, test_rows):
+    """Greedy on 50 held-out questions. Measured on the full test split: see the model card;
+    the floor catches a broken or random checkpoint (random weights score 0)."""
+    model, proc = vlm
+    rows = test_rows[:50]
+    answers = [a[0] for a in wm.generate_answers(model, proc, rows, batch_size=25)]
+    assert all(a and a[-1] in ".?" and len(a.split()) >= 2 for a in answers[:5]), answers[:5]
+    grades = [grade(r, a) for r, a in zip(rows, answers)]
+    assert grades.count("correct") >= 20, list(zip(answers, grades))
+
+
+def test_shipped_vlm_attention_over_image_tokens(vlm, test_rows):
+    model, proc = vlm
+    row = test_rows[0]
+    prompt = proc.apply_chat_template(row["messages"][:1], add_generation_prompt=True)
+    inputs = proc(text=prompt, images=row["images"], return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+    ids = inputs["input_ids"][0]
+    image_pos = (ids == model.config.image_token_id).nonzero().flatten()
+    assert len(image_pos) == 64
+    assert len(out.attentions) == model.config.text_config.num_hidden_layers
+    att = out.attentions[-1][0]  # (heads, T, T)
+    assert att.shape[-1] == att.shape[-2] == len(ids)
+    last_to_image = att[:, -1, image_pos]  # the answer position looking at the 8x8 grid
+    assert torch.allclose(att[:, -1].sum(-1), torch.ones(att.shape[0]), atol=1e-4)
+    assert float(last_to_image.sum(-1).min()) > 0.0
+
+
+def test_shipped_clip_loads_and_prefers_true_descriptions(clip, test_rows, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    proc = transformers.AutoProcessor.from_pretrained(wm.TINY_CLIP_PATH)
+    plain = transformers.CLIPModel.from_pretrained(wm.TINY_CLIP_PATH)
+    assert type(proc).__name__ == "CLIPProcessor" and plain.config.text_config.eos_token_id == 3
+    model, proc = clip
+    images, trues, wrongs = [], [], []
+    for r in test_rows:
+        for e in wm.EDIT_TYPES:
+            wrong = wm.edited_description(r["scene"], e, random.Random(derive_seed("t", r["id"], e)))
+            if wrong is not None and len(images) < 60:
+                images.append(r["images"][0])
+                trues.append(wm.scene_description(r["scene"]))
+                wrongs.append(wrong)
+    assert len(images) == 60
+    wins = (wm.clip_similarity(model, proc, images, trues)
+            > wm.clip_similarity(model, proc, images, wrongs)).sum()
+    assert int(wins) >= 39  # 65 %; measured rate in the model card
