@@ -237,7 +237,8 @@ def build(
     source: Annotated[str | None, typer.Option(
         "--source", help="SFT examples: shapes[:SPLIT][?n=N&seed=S] (the offline world, "
                          "default), a LLaVA .json/.jsonl, or rows with messages + images "
-                         "(.jsonl, .parquet, save_to_disk folder[?split=NAME]).")] = None,
+                         "(.jsonl, .parquet, save_to_disk folder[?split=NAME]); for aspo, "
+                         "a pair set: a build folder or canonical pair rows.")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Build folder (rerun the same command to resume).")] = None,
     config: Annotated[Path | None, typer.Option(

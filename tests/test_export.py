@@ -1,5 +1,7 @@
 """`pairforge export`: LLaMA-Factory and ms-swift files read back with the project's own loaders
-(`read_pairs(..., format=...)`) equal the original rows: messages, answers, image pixels, counts."""
+(`read_pairs(..., format=...)`) equal the original rows: messages, answers, image pixels, counts.
+Hand-made rows (a `save_to_disk` folder, parquet) cover the shapes a format must carry; a real
+build dir (`pairforge.build.build`, VaPR on the offline world) covers what the engine writes."""
 
 from __future__ import annotations
 
@@ -12,9 +14,15 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from pairforge.build import build, load_build, load_config
 from pairforge.cli import app
 from pairforge.errors import BadInput
-from pairforge.publish.export import check_turns, export, llamafactory_record, swift_record
+from pairforge.publish.export import (
+    check_turns,
+    export,
+    llamafactory_record,
+    swift_record,
+)
 from pairforge.schema import (
     assistant_message,
     image_part,
@@ -180,3 +188,32 @@ def test_cli_export(saved, tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "sw" / "my_set.jsonl").is_file()
     assert len(list(read_pairs(tmp_path / "sw" / "my_set.jsonl", format="swift"))) == 7
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """A build dir made by the engine: VaPR (rule editor) on 12 world examples."""
+    from rich.console import Console
+
+    out = tmp_path_factory.mktemp("build") / "vapr-12"
+    build(load_config(recipe="vapr", source="shapes:train?n=12", out=out), progress=False,
+          console=Console(file=io.StringIO()))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["llamafactory", "swift"])
+def test_a_build_dir_exports_and_reads_back(built, tmp_path, fmt):
+    original = load_build(built)
+    result = export(built, fmt, tmp_path / fmt)
+    n = json.loads((built / "summary.json").read_text())["counts"]["pairs"]
+    assert result.n_rows == len(original) == n > 0 and not result.skipped
+    assert result.data_file == tmp_path / fmt / "vapr-12.jsonl"  # named after the build dir
+    # what the formats do not carry is reported, not dropped silently
+    assert {"edit_original", "edit_replacement", "lev_words"} <= set(result.not_carried)
+    back = list(read_pairs(result.data_file, format=fmt, on_error="fail"))
+    assert len(back) == len(original)
+    for got, want in zip(back, original):
+        assert got["prompt"] == want["prompt"]
+        assert got["chosen"] == want["chosen"] and got["rejected"] == want["rejected"]
+        (g,), (w,) = got["images"], want["images"]
+        assert np.array_equal(pixels(g), pixels(w))

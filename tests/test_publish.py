@@ -1,6 +1,10 @@
 """`pairforge publish` offline: repo layout, load_dataset check, the card's YAML and body, and
 the one-commit push with HfApi's network methods replaced by recorders (the token is set to a
-fake value and must appear in no output, file or log)."""
+fake value and must appear in no output, file or log).
+
+Build dirs are made by the real engine (`pairforge.build.build`: VaPR with the rule editor on
+the offline world, a P2-DPO build with a random tiny LLaVA); hand-made rows stand only for sets
+that are not build dirs (a `save_to_disk` folder, a parquet file)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,10 @@ import fnmatch
 import io
 import json
 import logging
+import re
+import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import httpx2
@@ -18,8 +25,11 @@ from datasets import load_dataset
 from huggingface_hub import DatasetCard, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
+from rich.console import Console
 
-from pairforge import cli
+from pairforge import __version__, cli
+from pairforge.build import build, load_build, load_config, merge
+from pairforge.build.manifest import Manifest
 from pairforge.diagnostics.lengths import length_unit
 from pairforge.diagnostics.text import pair_metrics
 from pairforge.errors import PairforgeError
@@ -28,10 +38,10 @@ from pairforge.publish.card import card_data, size_category
 from pairforge.publish.hub import stage, staged_files
 from pairforge.publish.layout import arrow_nbytes, shard_count
 from pairforge.publish.pairset import split_configs
-from pairforge.schema import make_pair, response_text, to_dataset
+from pairforge.resources import read_prompt
+from pairforge.schema import make_pair, response_text, template_hash, to_dataset
 
 FAKE_TOKEN = "hf_FAKEfakeFAKEfake0123456789abcdefXYZ"
-COLOURS = ["red", "blue", "green", "yellow", "purple", "orange"]
 
 
 def image(i: int) -> Image.Image:
@@ -48,23 +58,6 @@ def pixels(value) -> np.ndarray:
     return np.asarray(value.convert("RGB"))
 
 
-def vapr_rows(n: int = 12) -> list[dict]:
-    rows = []
-    for i in range(n):
-        a, b = COLOURS[i % 6], COLOURS[(i + 1) % 6]
-        rows.append(make_pair(
-            prompt=f"What colour is shape number {i}?",
-            chosen=f"Shape number {i} in the picture is {a}.",
-            rejected=f"Shape number {i} in the picture is {b}.",
-            images=[image(i)], recipe="vapr", task="color", source_dataset="shapes",
-            source_id=f"shapes-train-0-{i}",
-            models=[{"role": "editor", "name": "rule", "revision": ""},
-                    {"role": "policy", "name": "tiny-vlm", "revision": "3f2a"}],
-            prompt_templates=[{"name": "edit", "sha256": "ab" * 32}], seed=7,
-            edit_original=a, edit_replacement=b, editor="rule"))
-    return rows
-
-
 def p2dpo_rows() -> list[dict]:
     rows = []
     for i in range(7):
@@ -79,39 +72,50 @@ def p2dpo_rows() -> list[dict]:
     return rows
 
 
-def make_build(folder: Path, rows: list[dict], recipe: str, *, rejects=()) -> Path:
-    folder.mkdir(parents=True)
-    to_dataset(rows).save_to_disk(str(folder / "dataset"))
-    (folder / "manifest.json").write_text(json.dumps({
-        "run_id": "run-1234", "recipe": recipe, "params": {"penalty_top_k": 3, "min_edit": 1},
-        "seed": 7, "source": "shapes:train?n=14",
-        "command": f"pairforge build {recipe} --out {folder.name} --seed 7",
-        "pairforge_version": "0.1.0"}))
-    (folder / "summary.json").write_text(json.dumps({"examples_in": len(rows) + len(rejects),
-                                                     "rejected": len(rejects)}))
-    with open(folder / "rejects.jsonl", "w") as f:
-        for i, (stage_, reason) in enumerate(rejects):
-            f.write(json.dumps({"id": f"r{i}", "source_id": str(i), "stage": stage_,
-                                "reason": reason}) + "\n")
-    return folder
+VAPR_COMMAND = ("pairforge build vapr --source 'shapes:train?n=24' --out vapr-build --seed 7 "
+                "--param penalty_top_k=2")
+
+
+def engine_build(out: Path, *, recipe: str = "vapr", source: str = "shapes:train?n=24",
+                 seed: int = 7, command: str = "", **cfg) -> Path:
+    """A finished build dir made by the engine, quietly."""
+    build(load_config(recipe=recipe, source=source, out=out, seed=seed, **cfg), command=command,
+          progress=False, console=Console(file=io.StringIO()))
+    return out
+
+
+def summary_of(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def vapr_build(tmp_path_factory) -> Path:
-    rejects = [("filter", "multiple-choice question"), ("filter", "multiple-choice question"),
-               ("validate", "edit did not flip the answer")]
-    return make_build(tmp_path_factory.mktemp("vapr") / "vapr-build", vapr_rows(), "vapr",
-                      rejects=rejects)
+    """VaPR (rule editor) on 24 world examples: 18 pairs, 6 rejects at two stages."""
+    out = engine_build(tmp_path_factory.mktemp("vapr") / "vapr-build", command=VAPR_COMMAND,
+                       params={"penalty_top_k": 2})
+    assert summary_of(out)["counts"]["rejected"] > 0  # the card's rejects table has rows
+    return out
 
 
 @pytest.fixture(scope="module")
 def vapr_staged(vapr_build, tmp_path_factory):
-    """The vapr build staged with a tiny shard limit (so it needs several shards)."""
+    """The vapr build staged with a small shard limit (so it needs several shards)."""
     folder = tmp_path_factory.mktemp("stage") / "hub"
     pset = open_pairset(vapr_build)
-    staged = stage(pset, folder, repo_id="me/vapr-shapes", max_shard_bytes=1500,
-                   progress=False)
+    staged = stage(pset, folder, repo_id="me/vapr-shapes",
+                   max_shard_bytes=arrow_nbytes(pset.dataset) // 3, progress=False)
     return folder, staged, pset
+
+
+def table_rows(text: str, header: str) -> list[list[str]]:
+    """The cells of the markdown table under ``header`` (a header line of the card)."""
+    lines = text.split(header + "\n", 1)[1].splitlines()[1:]  # skip the |---| line
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split(" | ")])
+    return rows
 
 
 # ----------------------------------------------------------------------------- pure bits
@@ -135,26 +139,29 @@ def test_shard_count():
 # ----------------------------------------------------------------------------- layout
 
 
-def test_layout_loads_back_with_every_row(vapr_staged):
+def test_layout_loads_back_with_every_row(vapr_build, vapr_staged):
     folder, staged, pset = vapr_staged
     (cf,) = staged
     n_shards = len(cf.files)
-    assert n_shards == shard_count(arrow_nbytes(pset.dataset), 12, 1500) > 1
+    assert n_shards == shard_count(arrow_nbytes(pset.dataset), len(pset.dataset),
+                                   arrow_nbytes(pset.dataset) // 3) > 1
     assert staged_files(folder) == sorted(
         ["README.md", "images/len_gap.png", "images/lev_norm.png"]
         + [f"data/train-{i:05d}-of-{n_shards:05d}.parquet" for i in range(n_shards)])
     loaded = load_dataset(str(folder), split="train", cache_dir=str(folder.parent / "cache"))
     assert loaded.features == pset.dataset.features
-    original = vapr_rows()
-    assert len(loaded) == len(original)
+    original = load_build(vapr_build)  # the engine's own reading of its build
+    assert len(loaded) == len(original) == summary_of(vapr_build)["counts"]["pairs"]
     for got, want in zip(loaded, original):
         assert got["id"] == want["id"]
         assert got["prompt"] == want["prompt"] and got["chosen"] == want["chosen"]
+        assert got["rejected"] == want["rejected"] and got["models"] == want["models"]
         assert got["edit_replacement"] == want["edit_replacement"]
+        assert got["lev_words"] == want["lev_words"]
         assert np.array_equal(pixels(got["images"][0]), pixels(want["images"][0]))
 
 
-def test_card_yaml_round_trips_and_matches_the_files(vapr_staged):
+def test_card_yaml_round_trips_and_matches_the_files(vapr_build, vapr_staged):
     folder, staged, pset = vapr_staged
     text = (folder / "README.md").read_text()
     data = DatasetCard(text).data.to_dict()
@@ -165,7 +172,7 @@ def test_card_yaml_round_trips_and_matches_the_files(vapr_staged):
     assert data["task_categories"] == ["image-text-to-text"]
     assert {"dpo", "vapr", "synthetic"} <= set(data["tags"])
     assert data["size_categories"] == ["n<1K"]
-    assert data["source_datasets"] == ["shapes"]
+    assert data["source_datasets"] == ["shapes:train"]
     (config,) = data["configs"]
     assert config["config_name"] == "default"
     (entry,) = config["data_files"]
@@ -174,45 +181,108 @@ def test_card_yaml_round_trips_and_matches_the_files(vapr_staged):
     assert entry["split"] == "train" and matched == staged[0].files
     info = data["dataset_info"]
     assert info["splits"] == [{"name": "train", "num_bytes": staged[0].num_bytes,
-                               "num_examples": 12}]
+                               "num_examples": summary_of(vapr_build)["counts"]["pairs"]}]
     assert info["download_size"] == sum((folder / f).stat().st_size for f in matched)
     assert [f["name"] for f in info["features"]][:5] == ["id", "prompt", "chosen", "rejected",
                                                          "images"]
 
 
-def test_card_body_has_diagnostics_provenance_rejects_and_snippets(vapr_staged):
+def test_card_body_has_diagnostics_provenance_rejects_and_snippets(vapr_build, vapr_staged):
     folder, _, _ = vapr_staged
     text = (folder / "README.md").read_text()
-    rows = vapr_rows()
-    m = pair_metrics([response_text(r["chosen"]) for r in rows],
-                     [response_text(r["rejected"]) for r in rows], length_unit("gpt2"))
+    manifest, summary = Manifest.load(vapr_build).data, summary_of(vapr_build)
+    rows = load_build(vapr_build)
+    m = pair_metrics([response_text(r) for r in rows["chosen"]],
+                     [response_text(r) for r in rows["rejected"]], length_unit("gpt2"))
     # diagnostics computed independently from the same rows
     assert f"| word edits (median) | {np.median(m['lev_words']):.1f} |" in text
     assert f"| share of words changed (median) | {np.median(m['lev_norm']):.2f} |" in text
-    assert "| 'longer is chosen' accuracy | 50.0% |" in text
-    assert "No flags" in text  # one word in eight differs, lengths equal: nothing to flag
+    longer = np.mean((m["len_chosen"] > m["len_rejected"])
+                     + 0.5 * (m["len_chosen"] == m["len_rejected"]))
+    assert f"| 'longer is chosen' accuracy | {longer:.1%} |" in text
+    # the card's flags are those of the build's own audit (summary.json) of the same rows
+    flags = re.findall(r"^- \*\*vapr-build\*\* `(\w+)`", text, flags=re.MULTILINE)
+    assert flags == [f["id"] for f in summary["diagnostics"]["flags"]]
+    assert ("No flags" in text) == (not flags)
     assert "![" in text and "(images/lev_norm.png)" in text and "(images/len_gap.png)" in text
-    # provenance: models with revisions, editor, templates with hashes, params, seed, command
-    assert "| policy | `tiny-vlm` | 3f2a |" in text
-    assert "| editor | `rule` |" in text
-    assert f"| edit | `{'ab' * 32}` |" in text
-    assert "| `penalty_top_k` | `3` |" in text
+    # provenance: the models that made the rows, with revisions; the configured LLM editor
+    # that the rule editor never needed is named apart; params, seed, source, command, run id
+    used = {(x["role"], x["name"], x["revision"]) for ms in rows["models"] for x in ms}
+    assert used == {("editor", "vapr-rules", manifest["settings"]["params"]["rules_sha256"][:16])}
+    assert table_rows(text, "| model role | name | revision |") == [
+        [role, f"`{name}`", rev] for role, name, rev in sorted(used)]
+    (configured,) = manifest["models"]
+    assert (f"Configured for the build but used for no pair: editor `{configured['name']}` "
+            f"({configured['revision']})") in text
+    assert "| editor | `vapr-rules` |" in text
+    assert "| `penalty_top_k` | `2` |" in text and '| `rules` | `""` |' in text
     assert "| seed | 7 |" in text
-    assert "pairforge build vapr --out vapr-build --seed 7" in text
-    assert "`run-1234`" in text
-    # rejects by stage and reason
-    assert "3 source example(s) yielded no pair" in text
-    assert "| filter | multiple-choice question | 2 |" in text
-    assert "| validate | edit did not flip the answer | 1 |" in text
+    assert f"| source | `{manifest['source']}` |" in text
+    assert manifest["source"].startswith("shapes:train?n=24&seed=0")
+    assert f"| pairforge version | {__version__} |" in text
+    assert f"| run identity | `{manifest['identity']}` |" in text
+    assert f"```bash\n{VAPR_COMMAND}\n```" in text
+    assert "Prompt templates" not in text  # the rule editor sends no prompt
+    # rejects by stage and reason kind, reconciled with summary.json
+    counts = summary["counts"]
+    assert f"{counts['rejected']} source example(s) yielded no pair" in text
+    rejects = table_rows(text, "| stage | reason | examples |")
+    assert sum(int(n) for _, _, n in rejects) == counts["rejected"]
+    by_stage = Counter()
+    for stage_, _, n in rejects:
+        by_stage[stage_] += int(n)
+    assert by_stage == {k: v["n"] for k, v in summary["rejects_by_stage"].items()}
+    for stage_, v in summary["rejects_by_stage"].items():
+        for reason, n in v["reasons"].items():
+            assert [stage_, reason.replace("|", "\\|"), str(n)] in rejects
+    built = dict(table_rows(text, "| count | value |"))
+    assert built["examples_in"] == str(counts["examples_in"]) == "24"
+    assert built["pairs"] == str(counts["pairs"]) and built["rejected"] == str(counts["rejected"])
+    assert counts["examples_in"] == counts["examples_with_pairs"] + counts["rejected"]
+    step = summary["steps"]["recipe"]
+    assert built["step recipe: in → forwarded (dropped)"] == \
+        f"{step['in']} → {step['forwarded']} ({step['dropped']})"
     # recipe text, citation, load snippets
     assert "2510.01700" in text and "minimal edit" in text
     assert 'load_dataset("me/vapr-shapes", split="train")' in text
     assert "DPOTrainer(" in text and "processing_class=processor" in text
 
 
-def test_p2dpo_configs_load_by_name(tmp_path):
-    build = make_build(tmp_path / "p2", p2dpo_rows(), "p2dpo")
-    result = publish(build, "me/p2", dry_run=True, staging=tmp_path / "hub")
+def test_p2dpo_build_publishes_one_config_per_kind_with_its_templates(tmp_path):
+    """A real P2-DPO build (random tiny LLaVA): focus / robust configs load by name, and the
+    card lists the prompt templates the build sent, with the sha256 of their text."""
+    from pairforge.models.random_tiny import save_random_llava
+
+    llava = save_random_llava(tmp_path / "llava")
+    out = engine_build(tmp_path / "p2", recipe="p2dpo", source="shapes:train?n=6",
+                       policy=f"hf:{llava}", command="pairforge build p2dpo ...",
+                       params={"max_ppl": 1e9, "margin_low": None, "margin_high": None,
+                               "max_new_tokens": 6})
+    result = publish(out, "me/p2", dry_run=True, console=Console(file=io.StringIO()))
+    assert result.staging == out / "hub"
+    original = load_build(out)
+    kinds = Counter(original["p2dpo_kind"])
+    assert result.rows == {k: kinds[k] for k in ("focus", "robust") if kinds[k]}
+    assert sum(result.rows.values()) == summary_of(out)["counts"]["pairs"] > 0
+    for config, n in result.rows.items():
+        ds = load_dataset(str(result.staging), name=config, split="train",
+                          cache_dir=str(tmp_path / "cache"))
+        assert len(ds) == n and set(ds["p2dpo_kind"]) == {config}
+    text = (result.staging / "README.md").read_text()
+    templates = Manifest.load(out)["prompt_templates"]
+    assert {t["name"] for t in templates} == {"p2dpo/localise.txt",
+                                              "p2dpo/enhance_two_images.txt"}
+    for t in templates:  # the hash is that of the shipped template's text (P2-DPO strips it)
+        assert t["sha256"] == template_hash(read_prompt(*t["name"].split("/")).strip())
+        assert f"| {t['name']} | `{t['sha256']}` |" in text
+    assert f"| policy | `hf:{llava}` |" in text
+
+
+def test_p2dpo_rows_saved_to_disk_load_by_config_name(tmp_path):
+    """Not a build dir: canonical rows saved with save_to_disk, recipe taken from the rows."""
+    saved = tmp_path / "p2"
+    to_dataset(p2dpo_rows()).save_to_disk(str(saved))
+    result = publish(saved, "me/p2", dry_run=True, staging=tmp_path / "hub")
     folder = result.staging
     assert result.rows == {"focus": 4, "robust": 3}
     data = DatasetCard((folder / "README.md").read_text()).data.to_dict()
@@ -233,7 +303,24 @@ def test_p2dpo_configs_load_by_name(tmp_path):
     assert "| metric | focus | robust | meaning |" in text
     assert 'load_dataset("me/p2", "focus", split="train")' in text
     assert "images/compare.png" in text
+    assert "Rejected examples" not in text  # no build, no rejects
 
+
+def test_merged_shards_publish_with_every_command(tmp_path):
+    shards = [engine_build(tmp_path / f"s{i}", source="shapes:train?n=12", shard=f"{i}/2",
+                           command=f"pairforge build vapr --shard {i}/2") for i in range(2)]
+    merge(shards, tmp_path / "merged", command="pairforge merge s0 s1",
+          console=Console(file=io.StringIO()))
+    result = publish(tmp_path / "merged", "me/merged", dry_run=True,
+                     console=Console(file=io.StringIO()))
+    text = (result.staging / "README.md").read_text()
+    assert ("```bash\npairforge build vapr --shard 0/2\npairforge build vapr --shard 1/2\n"
+            "pairforge merge s0 s1\n```") in text
+    assert "| merged from | 2 shard builds |" in text and "| shard |" not in text
+    counts = summary_of(tmp_path / "merged")["counts"]
+    assert sum(result.rows.values()) == counts["pairs"]
+    assert counts["examples_in"] == 12
+    assert f"{counts['rejected']} source example(s) yielded no pair" in text
 
 
 def test_cwdpo_stages_become_configs_and_bad_kinds_are_named():
@@ -283,6 +370,36 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         open_pairset(tmp_path / "trl.parquet")
     with pytest.raises(PairforgeError, match="ORG/NAME"):
         publish(tmp_path / "trl.parquet", "no-slash", dry_run=True)
+
+
+def test_unfinished_changed_or_foreign_build_dirs_are_one_line_errors(vapr_build, tmp_path):
+    unfinished = shutil.copytree(vapr_build, tmp_path / "unfinished")
+    m = Manifest.load(unfinished)
+    m.data["complete"] = False  # as a build killed before it finished
+    m.save()
+    with pytest.raises(PairforgeError, match="the build is not finished .* rerun its "
+                                             "`pairforge build` command"):
+        open_pairset(unfinished)
+
+    changed = shutil.copytree(vapr_build, tmp_path / "changed")
+    lines = (changed / "rejects.jsonl").read_text().splitlines(keepends=True)
+    (changed / "rejects.jsonl").write_text("".join(lines[1:]))
+    n = summary_of(changed)["counts"]["rejected"]
+    with pytest.raises(PairforgeError, match=rf"rejects.jsonl holds {n - 1} records, "
+                                             rf"summary.json counts {n} rejected"):
+        open_pairset(changed)
+    # as many records as counted, but not of the stages counted
+    (changed / "rejects.jsonl").write_text("".join(
+        line.replace('"stage": "filter"', '"stage": "read"') for line in lines))
+    with pytest.raises(PairforgeError, match="holds 0 rejects of stage 'filter', summary.json "
+                                             "counts 2"):
+        open_pairset(changed)
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text(json.dumps({"run_id": "x", "recipe": "vapr"}))
+    with pytest.raises(PairforgeError, match="not a pairforge build manifest"):
+        open_pairset(foreign)
 
 
 def test_staging_refuses_a_foreign_folder(vapr_build, tmp_path):
@@ -427,11 +544,10 @@ def test_dry_run_makes_no_hub_call(vapr_build, tmp_path, online, monkeypatch):
 
 
 def test_a_key_in_the_manifest_never_reaches_the_repo(tmp_path):
-    build = make_build(tmp_path / "b", vapr_rows(3), "vapr")
-    manifest = json.loads((build / "manifest.json").read_text())
-    manifest["command"] += f" --editor openai:gpt@https://x?key={FAKE_TOKEN}"
-    (build / "manifest.json").write_text(json.dumps(manifest))
-    result = publish(build, "me/x", dry_run=True)
+    command = f"pairforge build vapr --editor openai:gpt@https://x?key={FAKE_TOKEN}"
+    build_dir = engine_build(tmp_path / "b", source="shapes:train?n=6", command=command)
+    assert _files_containing(build_dir, FAKE_TOKEN)  # the manifest records the command
+    result = publish(build_dir, "me/x", dry_run=True, console=Console(file=io.StringIO()))
     assert "--editor openai:gpt@https://x?key=[redacted]" in (result.staging /
                                                                "README.md").read_text()
     assert not _files_containing(result.staging, FAKE_TOKEN)

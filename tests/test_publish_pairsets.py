@@ -115,13 +115,9 @@ def test_model_recipes_world_build_and_stage(recipe, script, world_models, tmp_p
         assert {m["role"] for ms in ds["models"] for m in ms} >= {"policy"}
 
 
-def test_aspo_world_annotates_the_vapr_world_set(script, world_models, tmp_path, request):
-    """ASPO's source is the VaPR set; the build engine's reader takes SFT examples only."""
+def test_aspo_world_annotates_the_vapr_world_set(script, world_models, tmp_path):
+    """ASPO's source is the VaPR set: the engine reads the built pairs as examples."""
     _main(script, ["vapr", "--n", "8", "--root", str(tmp_path), "--dry-run"])
-    request.applymarker(pytest.mark.xfail(strict=True, raises=PairforgeError, reason=(
-        "the build engine's sources (pairforge.sources.sft) read SFT examples only; ASPO needs "
-        "each canonical pair in Example.meta['pair'] (and the engine must accept the base "
-        "set's own column groups, e.g. vapr's, next to aspo's)")))
     summary = _main(script, ["aspo", "--root", str(tmp_path), "--dry-run", *world_models])
     rows = _staged(summary)["default"]
     assert len(rows) == summary["counts"]["pairs"] > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,166 @@ def test_decode_image_keeps_source_bytes_and_reason_kinds_group():
     a = "d.jsonl, row 3, field 'images': image file 'a.png' not found under '/x'; check"
     b = "d.jsonl, row 17, field 'images': image file 'b/c.png' not found under '/x'; check"
     assert reason_kind(a) == reason_kind(b) == "images: image file … not found under …; check"
+
+
+# ----------------------------------------------------------------------------- pair sets
+
+
+def quiet():
+    from rich.console import Console
+
+    return Console(file=io.StringIO())
+
+
+def pixels(img) -> bytes:
+    return img.convert("RGB").tobytes()
+
+
+def test_pair_rows_read_as_examples_with_the_pair_in_meta(tmp_path):
+    from pairforge.schema import make_pair, to_dataset, user_message
+
+    sys_turn = {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
+    rows = [make_pair(prompt=[sys_turn, user_message("What colour is it?")],
+                      chosen="It is red. It is round.", rejected="It is blue. It is round.",
+                      images=[PILImage.new("RGB", (8, 6), (200, 30, 30))], id="p0",
+                      recipe="vapr", task="color", source_dataset="shapes:train",
+                      source_id="s0", source_meta={"answer_value": "red"},
+                      edit_original="red", edit_replacement="blue", editor="rule"),
+            make_pair(prompt="How many?", chosen="Two.", rejected="Three.", id="p1",
+                      images=[PILImage.new("RGB", (4, 4))])]
+    rows[1]["prompt"][0]["content"].append({"type": "image", "text": None})  # 2 parts, 1 image
+    path = tmp_path / "pairs.parquet"
+    to_dataset(rows, validate=False).to_parquet(str(path))
+    stream = read_examples(path)
+    ex, bad = list(stream)
+    assert isinstance(ex, Example) and ex.id == ex.source_id == "p0" and ex.task == "color"
+    assert ex.messages == rows[0]["prompt"] + rows[0]["chosen"]
+    assert ex.prompt_messages == rows[0]["prompt"] and ex.answer == "It is red. It is round."
+    assert pixels(ex.images[0]) == pixels(rows[0]["images"][0])
+    pair = ex.meta["pair"]
+    assert not {"prompt", "chosen", "images"} & set(pair)  # those are the example's
+    assert pair["rejected"] == rows[0]["rejected"] and pair["id"] == "p0"
+    assert (pair["recipe"], pair["source_id"], pair["edit_replacement"]) == ("vapr", "s0", "blue")
+    assert pair["source_meta"] == [{"key": "answer_value", "value": "red"},
+                                   {"key": "pair_id", "value": "p0"}]
+    assert isinstance(bad, ReadReject) and bad.id == "p1"
+    assert "row 1, field 'images'" in bad.reason and "2 image placeholder(s)" in bad.reason
+    assert (stream.n_examples, stream.n_rejected) == (1, 1)
+
+
+@pytest.fixture(scope="module")
+def vapr_build(tmp_path_factory) -> Path:
+    """VaPR (rule editor) on 12 world examples, built by the engine."""
+    from pairforge.build import build, load_config
+
+    out = tmp_path_factory.mktemp("vapr") / "vapr-12"
+    build(load_config(recipe="vapr", source="shapes:train?n=12", out=out), progress=False,
+          console=quiet())
+    return out
+
+
+def test_a_build_dir_reads_as_its_pairs(vapr_build, tmp_path):
+    from pairforge.build import load_build
+
+    pairs = load_build(vapr_build)
+    stream = read_examples(vapr_build)
+    got = list(stream)
+    assert stream.name == "vapr-12" and len(got) == len(pairs) > 0
+    for ex, row in zip(got, pairs):
+        assert ex.id == row["id"] and ex.messages == row["prompt"] + row["chosen"]
+        assert ex.meta["pair"]["rejected"] == row["rejected"]
+        assert ex.meta["pair"]["edit_original"] == row["edit_original"]
+        assert pixels(ex.images[0]) == pixels(row["images"][0])
+    # the dataset/ folder alone (save_to_disk) reads the same
+    assert [ex.id for ex in read_examples(vapr_build / "dataset")] == pairs["id"]
+    import shutil
+
+    from pairforge.build.manifest import Manifest
+
+    unfinished = shutil.copytree(vapr_build, tmp_path / "unfinished")
+    m = Manifest.load(unfinished)
+    m.data["complete"] = False
+    m.save()
+    with pytest.raises(PairforgeError, match="the build is not finished"):
+        read_examples(unfinished)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
+    """A random tiny LLaVA (policy) and a random tiny CLIP, saved like the shipped ones."""
+    import torch
+    from transformers import CLIPModel
+
+    from pairforge.models.random_tiny import save_random_llava
+    from pairforge.world import models as wm
+    from pairforge.world import vocabulary
+
+    processor = wm.build_clip_processor(vocabulary(), max_length=16)
+    config = wm.clip_config(len(processor.tokenizer), hidden=32, layers=1, heads=2,
+                            projection_dim=16, max_positions=16)
+    torch.manual_seed(0)
+    clip = wm.save_checkpoint(CLIPModel(config), processor, tmp_path_factory.mktemp("clip"))
+    return save_random_llava(tmp_path_factory.mktemp("llava")), clip
+
+
+def test_aspo_build_annotates_a_vapr_build_dir(vapr_build, tiny_models, tmp_path, monkeypatch):
+    """`pairforge build aspo --source <vapr build dir>`: every pair annotated, its chosen,
+    rejected and VaPR columns kept."""
+    import sys
+
+    from pairforge import cli
+    from pairforge.build import load_build
+
+    llava, clip = tiny_models
+    out = tmp_path / "aspo"
+    monkeypatch.setattr(sys, "argv", [
+        "pairforge", "build", "aspo", "--source", str(vapr_build), "--out", str(out),
+        "--policy", f"hf:{llava}", "--clip", f"clip:{clip}", "--quiet"])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 0
+    vapr = {r["id"]: r for r in load_build(vapr_build)}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["examples_in"] == summary["counts"]["pairs"] == len(vapr)
+    assert summary["source_dataset"] == "vapr-12"
+    rows = load_build(out)
+    assert set(rows["recipe"]) == {"aspo"}
+    for row in rows:
+        meta = {m["key"]: m["value"] for m in row["source_meta"]}
+        before = vapr[meta["pair_id"]]  # the annotated pair, by its id in the VaPR build
+        assert (row["prompt"], row["chosen"], row["rejected"]) == \
+            (before["prompt"], before["chosen"], before["rejected"])
+        assert (row["edit_original"], row["edit_replacement"], row["task"], row["source_id"]) \
+            == (before["edit_original"], before["edit_replacement"], before["task"],
+                before["source_id"])
+        assert pixels(row["images"][0]) == pixels(before["images"][0])
+        text = row["chosen"][0]["content"][0]["text"]
+        spans = [(s["start"], s["end"]) for s in row["sentence_spans"]]
+        assert spans[0][0] == 0 and spans[-1][1] == len(text)  # spans tile the chosen text
+        assert all(a[1] == b[0] for a, b in pairwise(spans))
+        assert len(row["sentence_weights"]) == len(spans)
+        assert {"aspo_policy", "aspo_clip", "editor"} <= {m["role"] for m in row["models"]}
+
+
+def test_aspo_weighs_the_sentences_of_canonical_rows(tiny_models, tmp_path):
+    """Multi-sentence answers read from a parquet of canonical rows get one weight per
+    sentence, min-max mixed: the top sentence of one of the two terms gets at least 1/2."""
+    from pairforge.build import build, load_build, load_config
+    from pairforge.schema import make_pair, to_dataset
+
+    rng = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    rows = [make_pair(prompt="describe the image", chosen=f"the circle is red. the square is "
+                      f"blue. there are {n} shapes.", rejected="there is one shape.",
+                      images=[PILImage.new("RGB", (32, 32), c)], id=f"x{n}")
+            for n, c in enumerate(rng)]
+    path = tmp_path / "pairs.parquet"
+    to_dataset(rows).to_parquet(str(path))
+    llava, clip = tiny_models
+    build(load_config(recipe="aspo", source=str(path), out=tmp_path / "out",
+                      policy=f"hf:{llava}", clip=f"clip:{clip}"), progress=False,
+          console=quiet())
+    got = load_build(tmp_path / "out")
+    assert len(got) == 3
+    for w, spans in zip(got["sentence_weights"], got["sentence_spans"]):
+        assert len(w) == len(spans) == 3
+        assert all(0.0 <= x <= 1.0 for x in w) and max(w) >= 0.5

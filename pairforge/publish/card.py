@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,8 +30,8 @@ from pairforge.diagnostics.report import ROWS, fmt, write_plots
 from pairforge.errors import PairforgeError
 from pairforge.publish.layout import ConfigFiles
 from pairforge.publish.pairset import SPLIT, PairSet
-from pairforge.schema import COLUMN_GROUPS, CORE_FEATURES, prompt_text, response_text
 from pairforge.resources import resource_dir
+from pairforge.schema import COLUMN_GROUPS, CORE_FEATURES, prompt_text, response_text
 from pairforge.world.scenes import WORLD_NAME
 
 #: The templates' folder (``dataset_cards/``, shipped in the package).
@@ -103,56 +101,57 @@ def diagnostics_table(results: Sequence[SetResult]) -> list[tuple[str, list[str]
 # ----------------------------------------------------------------------------- provenance
 
 
+MODEL_KEYS = ("role", "name", "revision")
+
+
 def provenance(pset: PairSet) -> dict[str, Any]:
-    """Models, editor, prompt templates, parameters, seed, version, source, command and run
-    id: from the manifest where it says, else from the rows' provenance columns."""
+    """Models, editor, prompt templates, parameters, seed, version, source, commands and run
+    identity. A build's come from its manifest (:class:`pairforge.build.manifest.Manifest`):
+    ``settings.params``, ``prompt_templates``, ``seed``, ``source`` and ``settings.source.limit``,
+    ``shard``, ``merged_from``, the ``command`` of each session, ``identity``. The models are
+    those the rows name (the models that ran, with their revisions); a configured model that
+    no row names is listed apart. A plain set's provenance comes from its rows alone."""
     m = pset.manifest
-    models = _records(m.get("models"), ("role", "name", "revision")) or _distinct(
-        pset.dataset, "models", ("role", "name", "revision"))
-    templates = _records(m.get("prompt_templates", m.get("templates")), ("name", "sha256")) \
+    settings = m.get("settings") or {}
+    models = _distinct(pset.dataset, "models", MODEL_KEYS)
+    named = {(r["role"], r["name"]) for r in models}
+    unused = [r for r in _records(m.get("models"), MODEL_KEYS)
+              if (r["role"], r["name"]) not in named]
+    templates = _records(m.get("prompt_templates"), ("name", "sha256")) \
         or _distinct(pset.dataset, "prompt_templates", ("name", "sha256"))
-    params = m.get("params")
-    if params is None and isinstance(m.get("recipe"), dict):
-        params = m["recipe"].get("params")
-    editors = sorted({r["name"] for r in models if r.get("role") == "editor"})
+    editors = sorted({r["name"] for r in models if r["role"] == "editor"})
     if not editors and "editor" in pset.dataset.column_names:
         editors = sorted(v for v in pset.dataset.unique("editor") if v)
     seeds = [m["seed"]] if m.get("seed") is not None else \
         sorted(v for v in pset.dataset.unique("seed") if v is not None)
-    versions = [m["pairforge_version"]] if m.get("pairforge_version") else \
-        sorted(v for v in pset.dataset.unique("pairforge_version") if v)
-    command = m.get("command")
-    if isinstance(command, list):
-        command = shlex.join(str(c) for c in command)
-    source = m.get("source")
+    versions = sorted({v for v in [m.get("pairforge_version"),
+                                   *pset.dataset.unique("pairforge_version")] if v})
+    commands = list(dict.fromkeys(s["command"] for s in m.get("sessions") or ()
+                                  if s.get("command")))
+    shard = m.get("shard")
+    merged = m.get("merged_from") or []
     return {
         "models": models,
+        "unused_models": unused,
         "editors": editors,
         "templates": templates,
-        "params": sorted((str(k), _value(v)) for k, v in (params or {}).items()),
+        "params": sorted((str(k), _value(v)) for k, v in (settings.get("params") or {}).items()),
         "seeds": seeds,
         "versions": versions,
-        "source": None if source is None else _value(source),
-        "command": command,
-        "run_id": m.get("run_id") or m.get("run_identity") or m.get("identity"),
+        "source": m.get("source"),
+        "limit": (settings.get("source") or {}).get("limit"),
+        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+        "merged": f"{len(merged)} shard builds" if merged else None,
+        "command": "\n".join(commands) or None,
+        "run_id": m.get("identity"),
     }
 
 
 def _records(value: Any, keys: tuple[str, ...]) -> list[dict]:
-    """A manifest list of dicts, or a dict ``first key → rest`` (e.g. role → name or
-    role → {name, revision}), as records with ``keys``."""
-    if isinstance(value, list):
-        return [{k: str(v.get(k) or "") for k in keys} for v in value if isinstance(v, Mapping)]
-    if isinstance(value, Mapping):
-        out = []
-        for first, rest in value.items():
-            if isinstance(rest, Mapping):
-                out.append({keys[0]: str(first), **{k: str(rest.get(k) or "") for k in keys[1:]}})
-            else:
-                out.append({keys[0]: str(first), keys[1]: str(rest or ""),
-                            **{k: "" for k in keys[2:]}})
-        return out
-    return []
+    """A manifest's list of dicts as records with ``keys`` (missing values as '')."""
+    if not isinstance(value, list):
+        return []
+    return [{k: str(v.get(k) or "") for k in keys} for v in value if isinstance(v, Mapping)]
 
 
 def _distinct(ds: Dataset, column: str, keys: tuple[str, ...]) -> list[dict]:
@@ -166,44 +165,30 @@ def _distinct(ds: Dataset, column: str, keys: tuple[str, ...]) -> list[dict]:
 
 
 def _value(v: Any) -> str:
-    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, ensure_ascii=False)
+    """A parameter value as text: strings as they are (the empty one as ``""``), the rest as
+    JSON."""
+    return v if isinstance(v, str) and v else json.dumps(v, sort_keys=True, ensure_ascii=False)
 
 
 def rejects_table(pset: PairSet) -> tuple[int, list[tuple[str, str, int]], tuple[int, int]]:
-    """(total rejected, (stage, reason, count) rows most frequent first, (other reasons,
-    their count)) from ``rejects.jsonl``, else from the summary's reject counts."""
-    counts = pset.rejects or _summary_rejects(pset.summary)
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    """(total rejected, (stage, reason kind, count) rows most frequent first, (other reasons,
+    their count)) from the build's ``rejects.jsonl`` (reconciled with ``summary.json`` when
+    the set was opened)."""
+    ranked = sorted(pset.rejects.items(), key=lambda kv: (-kv[1], kv[0]))
     rest = ranked[MAX_REJECT_ROWS:]
-    return (sum(counts.values()), [(s, r, n) for (s, r), n in ranked[:MAX_REJECT_ROWS]],
+    return (sum(pset.rejects.values()), [(s, r, n) for (s, r), n in ranked[:MAX_REJECT_ROWS]],
             (len(rest), sum(n for _, n in rest)))
 
 
-def _summary_rejects(summary: Mapping) -> Counter:
-    """Reject counts from a summary entry such as ``{"rejects_by_stage": {stage: {reason: n}}}``
-    or ``{stage: n}``."""
-    counts: Counter = Counter()
-    for key, value in summary.items():
-        if "reject" in key and isinstance(value, Mapping):
-            for stage, v in value.items():
-                if isinstance(v, Mapping):
-                    counts.update({(str(stage), str(r)): int(n) for r, n in v.items()
-                                   if isinstance(n, (int, float))})
-                elif isinstance(v, (int, float)):
-                    counts[(str(stage), "(reasons not recorded)")] += int(v)
-            if counts:
-                return counts
-    return counts
-
-
-def build_counts(summary: Mapping) -> list[tuple[str, Any]]:
-    """The summary's top-level numbers and those of its ``counts`` object, as (name, value)."""
-    out = [(k, v) for k, v in summary.items()
-           if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    counts = summary.get("counts")
-    if isinstance(counts, Mapping):
-        out += [(k, v) for k, v in counts.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)]
+def build_counts(summary: Mapping) -> list[tuple[str, str]]:
+    """(name, value) rows of a build summary: its ``counts`` (``other_shards`` only when
+    there are) and each step's examples in → forwarded (dropped)."""
+    counts = summary.get("counts") or {}
+    out = [(k, f"{v:,}") for k, v in counts.items()
+           if isinstance(v, int) and not isinstance(v, bool) and (v or k != "other_shards")]
+    for step, v in (summary.get("steps") or {}).items():
+        out.append((f"step {step}: in → forwarded (dropped)",
+                    f"{v['in']:,} → {v['forwarded']:,} ({v['dropped']:,})"))
     return out
 
 

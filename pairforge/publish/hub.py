@@ -31,7 +31,7 @@ from pairforge.publish.layout import (
     verify,
     write_data,
 )
-from pairforge.publish.pairset import PairSet, open_pairset
+from pairforge.publish.pairset import PairSet, is_build_dir, open_pairset
 from pairforge.sources.containers import _first_line
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class PublishResult:
 def default_staging(path: str | os.PathLike) -> Path:
     """``DIR/hub`` for a build dir; ``<set>.hub`` beside a plain dataset folder or file."""
     p = Path(path)
-    if p.is_dir() and (p / "dataset").is_dir():
+    if is_build_dir(p):
         return p / "hub"
     return p.with_name(p.stem + ".hub") if p.is_file() else p.with_name(p.name + ".hub")
 

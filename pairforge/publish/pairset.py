@@ -1,10 +1,14 @@
 """What ``pairforge publish`` and ``pairforge export`` read: a build dir or a plain set of
 canonical rows, as a :class:`PairSet`.
 
-A build dir (``pairforge build``) holds ``dataset/`` (``save_to_disk``), ``manifest.json``,
-``summary.json`` and optionally ``rejects.jsonl``. A plain set is a ``save_to_disk`` folder
-or a ``.parquet`` file of canonical rows (an audited set, or rows made elsewhere); it has no
-manifest, so its card takes provenance from the rows alone.
+A build dir is the ``--out`` folder of a finished ``pairforge build`` or ``pairforge merge``
+(:mod:`pairforge.build`): ``manifest.json`` (run identity, settings, models, prompt templates,
+seed, source, sessions with their commands), ``summary.json`` (counts, rejects by stage, recipe
+stats, diagnostics), ``rejects.jsonl`` and ``dataset/``, read through
+:func:`pairforge.build.load_build`. Its rejects are counted by stage and reason kind (as the
+summary counts them) and must reconcile with the summary's counts. A plain set is a
+``save_to_disk`` folder or a ``.parquet`` file of canonical rows (an audited set, or rows made
+elsewhere); it has no manifest, so its card takes provenance from the rows alone.
 
 Configs: a recipe whose pairs come in kinds publishes one config per kind
 (:data:`CONFIG_COLUMNS`: P2-DPO ``focus`` / ``robust``; CW-DPO ``stage1`` (SFT-C rows with
@@ -19,12 +23,15 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from datasets import Dataset, Features
 
+from pairforge.build.manifest import MANIFEST, Manifest
 from pairforge.errors import PairforgeError
 from pairforge.recipes import RECIPES
 from pairforge.schema import COLUMN_GROUPS, CORE_FEATURES, features
 from pairforge.sources.containers import _first_line
+from pairforge.sources.sft import reason_kind
 
 #: recipe → (column, {column value: config name}); a row with another value is an error.
 CONFIG_COLUMNS = {
@@ -45,8 +52,9 @@ class PairSet:
     """A set of canonical pair rows and what is known about how it was made.
 
     ``recipe``: the pairforge recipe that made it, or ``None`` (card template "audit").
-    ``manifest`` / ``summary``: the build's JSON files (``{}`` for a plain set).
-    ``rejects``: ``(stage, reason) → count`` of the build's ``rejects.jsonl`` (empty when none).
+    ``manifest`` / ``summary``: the build's ``manifest.json`` / ``summary.json`` (``{}`` for a
+    plain set). ``rejects``: ``(stage, reason kind) → count`` of the build's ``rejects.jsonl``
+    (empty when none).
     """
 
     name: str
@@ -68,26 +76,25 @@ class PairSet:
         return split_configs(self.dataset, self.recipe, self.where)
 
 
+def is_build_dir(path: str | os.PathLike) -> bool:
+    """A folder with a build manifest (finished or not: :func:`open_pairset` tells which)."""
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
 def open_pairset(path: str | os.PathLike) -> PairSet:
     """Read a build dir, a ``save_to_disk`` folder or a ``.parquet`` file of canonical rows.
 
     Problems a user can fix raise a one-line :class:`PairforgeError`."""
     where = os.fspath(path)
     p = Path(where)
-    if p.is_dir() and (p / "dataset").is_dir():
-        manifest = _read_json(p / "manifest.json", where)
-        summary = _read_json(p / "summary.json", where)
-        ds = _load_build(p)
-        rejects = read_rejects(p / "rejects.jsonl")
-        recipe = _recipe(manifest, ds, where)
-        return PairSet(p.resolve().name, where, canonical(ds, where), recipe, True, manifest,
-                       summary, rejects)
+    if is_build_dir(p):
+        return open_build_dir(p, where)
     if p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
         ds = _load_saved(p, where)
     elif p.is_file() and p.suffix.lower() == ".parquet":
         ds = _load_parquet(p, where)
     elif p.exists():
-        raise PairforgeError(f"{where}: not a build dir (no dataset/ folder), a save_to_disk "
+        raise PairforgeError(f"{where}: not a build dir (no {MANIFEST}), a save_to_disk "
                              f"folder or a .parquet file of canonical pair rows; pass one of "
                              f"those (other formats: read them with pairforge.sources first)")
     else:
@@ -95,6 +102,46 @@ def open_pairset(path: str | os.PathLike) -> PairSet:
     ds = canonical(ds, where)
     return PairSet(p.resolve().stem if p.is_file() else p.resolve().name, where, ds,
                    _recipe({}, ds, where), False)
+
+
+def open_build_dir(p: Path, where: str) -> PairSet:
+    """A finished build (or merge) folder: its rows through ``load_build`` (which refuses an
+    unfinished build or a foreign manifest), manifest, summary and rejects, reconciled."""
+    from pairforge.build import load_build
+
+    ds = load_build(p)
+    manifest = Manifest.load(p).data
+    summary = _read_json(p / "summary.json", where)
+    rejects = read_rejects(p / "rejects.jsonl")
+    reconcile(where, len(ds), summary, rejects)
+    recipe = _recipe(manifest, ds, where)
+    return PairSet(p.resolve().name, where, canonical(ds, where), recipe, True, manifest,
+                   summary, rejects)
+
+
+def reconcile(where: str, n_rows: int, summary: dict, rejects: Counter) -> None:
+    """The build's files agree with ``summary.json``: rows = ``counts.pairs``, the records of
+    ``rejects.jsonl`` = ``counts.rejected``, and per stage = ``rejects_by_stage[stage].n``."""
+    counts = summary.get("counts")
+    by_stage = summary.get("rejects_by_stage")
+    if not isinstance(counts, dict) or not isinstance(by_stage, dict):
+        raise PairforgeError(f"{where}: summary.json has no counts / rejects_by_stage; it was "
+                             f"not written by this pairforge: rerun the build with --overwrite")
+    fix = "the folder changed after the build; rerun its `pairforge build` command with --overwrite"
+    if n_rows != counts.get("pairs"):
+        raise PairforgeError(f"{where}: dataset/ holds {n_rows:,} pairs, summary.json counts "
+                             f"{counts.get('pairs')}; {fix}")
+    if sum(rejects.values()) != counts.get("rejected"):
+        raise PairforgeError(f"{where}: rejects.jsonl holds {sum(rejects.values()):,} records, "
+                             f"summary.json counts {counts.get('rejected')} rejected; {fix}")
+    got: Counter = Counter()
+    for (stage, _), n in rejects.items():
+        got[stage] += n
+    for stage in sorted(set(got) | set(by_stage)):
+        want = (by_stage.get(stage) or {}).get("n", 0)
+        if got[stage] != want:
+            raise PairforgeError(f"{where}: rejects.jsonl holds {got[stage]:,} rejects of stage "
+                                 f"{stage!r}, summary.json counts {want}; {fix}")
 
 
 def canonical(ds: Dataset, where: str) -> Dataset:
@@ -142,7 +189,9 @@ def split_configs(ds: Dataset, recipe: str | None, where: str) -> dict[str, Data
 
 
 def read_rejects(path: Path) -> Counter:
-    """``(stage, reason) → count`` of a ``rejects.jsonl`` (empty when the file is absent)."""
+    """``(stage, reason kind) → count`` of a ``rejects.jsonl`` (empty when the file is absent);
+    reasons are grouped by :func:`~pairforge.sources.sft.reason_kind`, as the build summary
+    groups them."""
     counts: Counter = Counter()
     if not path.is_file():
         return counts
@@ -157,7 +206,7 @@ def read_rejects(path: Path) -> Counter:
                                      f"(every rejected example is one JSON object)") from None
             if not isinstance(rec, dict):
                 raise PairforgeError(f"{path}: line {i + 1} is not a JSON object")
-            counts[(str(rec.get("stage", "?")), str(rec.get("reason", "?")))] += 1
+            counts[(str(rec.get("stage", "?")), reason_kind(str(rec.get("reason", "?"))))] += 1
     return counts
 
 
@@ -176,17 +225,6 @@ def _read_json(path: Path, where: str) -> dict:
     if not isinstance(value, dict):
         raise PairforgeError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
-
-
-def _load_build(p: Path) -> Dataset:
-    """The build's dataset through ``pairforge.build.load_build`` when that exists."""
-    import importlib.util
-
-    if importlib.util.find_spec("pairforge.build") is not None:
-        from pairforge.build import load_build
-
-        return load_build(p)
-    return _load_saved(p / "dataset", os.fspath(p))
 
 
 def _load_saved(p: Path, where: str) -> Dataset:
@@ -216,8 +254,6 @@ def _recipe(manifest: dict, ds: Dataset, where: str) -> str | None:
     """The recipe named by the manifest, else the one value of the ``recipe`` column when it
     names a pairforge recipe; ``None`` for sets made elsewhere."""
     name = manifest.get("recipe")
-    if isinstance(name, dict):
-        name = name.get("name")
     if name is not None:
         if name not in RECIPES:
             raise PairforgeError(f"{where}: manifest names recipe {name!r}, which pairforge "

@@ -187,9 +187,10 @@ class ASPOParams:
 
 class ASPOAnnotate:
     """ASPO annotations as a recipe over existing pairs. An example holds its pair either as a
-    canonical row in ``meta["pair"]``, or as itself plus ``meta["rejected"]`` (a string or
-    assistant messages): the prompt and the reference answer (the chosen) are the example's,
-    as a pair file read as SFT examples gives them. The row comes back with ``sentence_spans``
+    canonical row in ``meta["pair"]``; or, as ``pairforge.sources.sft`` reads a pair set (a
+    build dir, canonical rows), as itself (prompt + chosen, images) plus the pair's other
+    columns in ``meta["pair"]``; or as itself plus ``meta["rejected"]`` (a string or
+    assistant messages): the prompt and the reference answer (the chosen) are the example's. The row comes back with ``sentence_spans``
     / ``sentence_weights``, its other columns kept (``groups`` lists every column group for
     that), and the annotating models appended to ``models`` (roles ``aspo_policy``,
     ``aspo_clip``)."""
@@ -255,7 +256,11 @@ class ASPOAnnotate:
     def pair_of(self, ex: Example, ctx: BuildContext) -> dict | Reject:
         """The canonical pair an example carries (class docstring), or why there is none."""
         if ex.meta.get("pair") is not None:
-            return dict(ex.meta["pair"])
+            row = dict(ex.meta["pair"])
+            if "chosen" not in row:
+                # a pair set read by pairforge.sources.sft: prompt, chosen, images are the example's
+                row.update(prompt=ex.prompt_messages, chosen=ex.messages[-1:], images=list(ex.images))
+            return row
         rejected = ex.meta.get("rejected")
         if isinstance(rejected, list):
             rejected = response_text(rejected)

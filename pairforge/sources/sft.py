@@ -10,6 +10,15 @@ Source specs (``--source``)::
     data.parquet / DIR / data.jsonl rows with ``messages`` (+ ``images``), e.g. the world's
                                     ``sft_dataset`` saved with ``save_to_disk``
     DIR?split=NAME                  a split of a dataset folder (default: train)
+    BUILD_DIR                       a finished ``pairforge build`` folder: its ``dataset/``
+    pairs.parquet / DIR             canonical pair rows (``prompt``, ``chosen``, ``rejected``)
+
+Pair rows (a record with ``prompt``, ``chosen`` and ``rejected`` and no ``messages`` /
+``conversations``: canonical rows, TRL's conversational format) become one example each, for
+recipes that work on existing pairs (ASPO): ``messages`` = prompt + chosen, ``images`` the
+pair's images, ``meta["pair"]`` = the pair's other columns (``rejected`` as canonical messages,
+``id``, provenance, recipe columns), its ``source_meta`` extended with ``pair_id`` (the row's id
+in the set read: a recipe's row gets a new id). The example id is the row's ``id``.
 
 The world's ground truth (``scene``, ``target``, ``answer_value``, ...) goes into
 ``Example.meta`` and its ``task`` into ``Example.task``; file rows put every column other than
@@ -48,7 +57,7 @@ from pairforge.errors import BadInput, PairforgeError
 from pairforge.recipes.base import Example
 from pairforge.schema import count_image_parts
 from pairforge.sources.containers import open_container
-from pairforge.sources.formats import SHAREGPT_ROLES, _content, place_images
+from pairforge.sources.formats import SHAREGPT_ROLES, _content, from_trl, place_images
 from pairforge.sources.images import ImageResolver
 
 WORLD = "shapes"
@@ -57,6 +66,8 @@ WORLD_DEFAULTS = {"n": 300, "seed": 0, "width": 112, "height": 112, "filter_shar
 DEFAULT_MAX_PIXELS = 4096 * 4096
 #: Columns that make the example itself; the others go to ``Example.meta``.
 OWN_COLUMNS = ("id", "conversations", "messages", "images", "image", "task")
+#: Columns that make a record a preference pair (read as one example with ``meta["pair"]``).
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 #: Attribute set on each decoded image: its original ``{"bytes", "path"}``, so the build embeds
 #: the source's bytes as they are instead of re-encoding pixels.
 SOURCE_BYTES = "_pairforge_source_bytes"
@@ -182,7 +193,11 @@ class ExampleStream:
             self.estimate: int | None = self.total
             self._entries = self._world_entries
             return
-        self._container = open_container(self.source.target, split=self.source.option("split"))
+        built = build_dataset(Path(self.source.target))
+        self._container = open_container(built or self.source.target,
+                                         split=self.source.option("split"))
+        if built is not None:  # a build dir: named after its folder, not its dataset/
+            self._container.name = Path(self.source.target).resolve().name
         self.name, self.where, self.total = self._container.name, self._container.where, None
         self.estimate = self._container.total
         root = self._container.root if image_root is None else Path(image_root)
@@ -255,9 +270,12 @@ class ExampleStream:
             yield from self._record_entries(index, record)
 
     def _record_entries(self, index: int, record: Any) -> Iterator[Entry]:
-        """The entries of one record: one per question-answer turn."""
+        """The entries of one record: one per question-answer turn, or one for a pair."""
         rid = record.get("id") if isinstance(record, Mapping) else None
         base = f"row-{index}" if rid is None or str(rid) == "" else str(rid)
+        if is_pair_record(record):
+            yield self._pair_entry(index, base, record)
+            return
         try:
             if isinstance(record, BadInput):
                 raise record
@@ -289,6 +307,47 @@ class ExampleStream:
                 return _checked(ex, self.where, index)
 
             yield Entry(ex_id, base, load)
+
+    def _pair_entry(self, index: int, base: str, record: Mapping) -> Entry:
+        """The one entry of a pair record (module docstring: pair rows)."""
+        try:
+            draft = from_trl(record)
+        except BadInput as e:
+            return _rejected(base, base, _one_line(e, self.where, index))
+        images = _LazyImages(draft.images, self._resolve, self.max_pixels)
+        pair = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "images", "image")}
+        pair["rejected"] = draft.rejected
+        meta = pair.get("source_meta")
+        if meta is None or isinstance(meta, list):
+            pair["source_meta"] = [*(meta or ()), {"key": "pair_id", "value": base}]
+        task = record.get("task") if isinstance(record.get("task"), str) else None
+
+        def load() -> Example | ReadReject:
+            decoded = images.get()
+            if isinstance(decoded, BadInput):
+                return ReadReject(base, base, _one_line(decoded, self.where, index))
+            ex = Example(id=base, messages=draft.prompt + draft.chosen, images=decoded, task=task,
+                         source_dataset=self.name, source_id=base, meta={"pair": pair})
+            return _checked(ex, self.where, index)
+
+        return Entry(base, base, load)
+
+
+def is_pair_record(record: Any) -> bool:
+    """A preference pair (``prompt``, ``chosen``, ``rejected``), not an SFT conversation."""
+    return (isinstance(record, Mapping) and all(k in record for k in PAIR_COLUMNS)
+            and "messages" not in record and "conversations" not in record)
+
+
+def build_dataset(path: Path) -> Path | None:
+    """``path/dataset`` when ``path`` is a build folder (it has a build manifest), else None;
+    an unfinished build is a one-line error (:func:`pairforge.build.load_build`)."""
+    if not (path / "manifest.json").is_file():  # pairforge.build.manifest.MANIFEST
+        return None
+    from pairforge.build.summary import load_build
+
+    load_build(path)  # the manifest's format and the build finished, or a one-line error
+    return path / "dataset"
 
 
 def read_examples(spec: str | os.PathLike = WORLD, *, image_root: str | os.PathLike | None = None,
@@ -453,4 +512,5 @@ _PREFIX = re.compile(r"^.*?, row [^,:]+(?:, field '([^']*)')?: ")
 
 
 __all__ = ["DEFAULT_MAX_PIXELS", "Entry", "ExampleStream", "ReadReject", "SourceSpec",
-           "decode_image", "parse_source", "read_examples", "reason_kind", "source_bytes"]
+           "build_dataset", "decode_image", "is_pair_record", "parse_source", "read_examples",
+           "reason_kind", "source_bytes"]
