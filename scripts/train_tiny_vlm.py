@@ -58,40 +58,80 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "ours, as LLaVA starts from a pretrained CLIP ViT; sizes must match")
     p.add_argument("--vision-lr-scale", type=float, default=1.0,
                    help="learning-rate factor of the vision tower (0 freezes it, as LLaVA does)")
+    p.add_argument("--span-weight", type=float, default=1.0,
+                   help="loss weight of the answer tokens that decide correctness (the world's "
+                        "answer_span_start/end: the colour, kind, number, relation...); 1 = plain "
+                        "mean over answer tokens")
     p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--log-every", type=int, default=25)
     return p.parse_args(argv)
 
 
+def span_mask(processor, row, n_labels: int) -> list[bool]:
+    """Which of the answer's ``n_labels`` label tokens (answer tokens, then ``</s>``) overlap the
+    world's decisive span ``answer_span_start:answer_span_end`` of ``row["answer"]``."""
+    start, end = row.get("answer_span_start"), row.get("answer_span_end")
+    if start is None or end is None:
+        return [False] * n_labels
+    enc = processor.tokenizer(row["answer"].strip(), add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    lead = len(row["answer"]) - len(row["answer"].lstrip())
+    flags = [s < end - lead and e > start - lead for s, e in offsets]
+    return (flags + [False] * n_labels)[:n_labels]
+
+
 def encode_split(split, processor, desc: str):
-    """Keep rows without ``filter_reason``; return (ids, labels, uint8 images, n_excluded)."""
+    """Keep rows without ``filter_reason``; return (ids, labels, decisive-token masks, uint8
+    images, n_excluded)."""
     keep = [i for i, r in enumerate(split["filter_reason"]) if r is None]
     rows = split.select(keep)
-    ids, labels, images = [], [], np.zeros((len(rows), 3, 112, 112), dtype=np.uint8)
+    ids, labels, spans, images = [], [], [], np.zeros((len(rows), 3, 112, 112), dtype=np.uint8)
     for i, row in enumerate(tqdm(rows, desc=desc, unit="ex")):
         a, b = encode_sft_example(processor, row["messages"])
         ids.append(a)
         labels.append(b)
+        n_ans = sum(t != -100 for t in b)
+        spans.append([False] * (len(b) - n_ans) + span_mask(processor, row, n_ans))
         if len(row["images"]) != 1:
             raise SystemExit(f"{desc}: row {row['id']} has {len(row['images'])} images; the tiny VLM "
                              f"trains on one image per example (filter_reason should mark it)")
         images[i] = np.asarray(row["images"][0].convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
-    return ids, labels, torch.from_numpy(images), len(split) - len(rows)
+    return ids, labels, spans, torch.from_numpy(images), len(split) - len(rows)
 
 
-def collate(idx, ids, labels, images, image_processor, pad_id: int):
-    """Right-padded batch of the examples ``idx``."""
+def collate(idx, ids, labels, images, image_processor, pad_id: int, spans=None):
+    """Right-padded batch of the examples ``idx`` (``span`` marks decisive answer tokens)."""
     n = max(len(ids[i]) for i in idx)
     input_ids = torch.full((len(idx), n), pad_id, dtype=torch.long)
     lab = torch.full((len(idx), n), -100, dtype=torch.long)
     mask = torch.zeros((len(idx), n), dtype=torch.long)
+    span = torch.zeros((len(idx), n), dtype=torch.bool)
     for r, i in enumerate(idx):
         k = len(ids[i])
         input_ids[r, :k] = torch.tensor(ids[i])
         lab[r, :k] = torch.tensor(labels[i])
         mask[r, :k] = 1
+        if spans is not None:
+            span[r, :k] = torch.tensor(spans[i])
     pixels = pixel_values_from_uint8(images[list(idx)], image_processor)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": lab, "pixel_values": pixels}
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": lab, "pixel_values": pixels,
+            "span": span}
+
+
+def weighted_loss(model, batch, span_weight: float) -> torch.Tensor:
+    """Mean next-token cross-entropy over answer tokens, decisive tokens weighted
+    ``span_weight`` (1: the model's own loss)."""
+    span = batch.pop("span")
+    if span_weight == 1.0:
+        return model(**batch).loss
+    labels = batch.pop("labels")
+    logits = model(**batch).logits[:, :-1]
+    target, decisive = labels[:, 1:], span[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                            reduction="none")
+    keep = (target != -100).float()
+    w = keep * torch.where(decisive, span_weight, 1.0)
+    return (nll * w).sum() / w.sum()
 
 
 def init_vision_tower(model, clip_path: Path) -> None:
@@ -143,7 +183,7 @@ def validation_loss(model, batches) -> float:
     tot, n = 0.0, 0
     for b in batches:
         k = int((b["labels"][:, 1:] != -100).sum())
-        tot += float(model(**b).loss) * k
+        tot += float(model(**{key: v for key, v in b.items() if key != "span"}).loss) * k
         n += k
     model.train()
     return tot / max(n, 1)
@@ -278,8 +318,8 @@ def main(argv=None) -> None:
     data = sft_dataset(n_train=args.n_train, n_validation=args.n_validation, n_test=0, seed=args.data_seed)
     processor = build_vlm_processor(vocabulary())
     tok = processor.tokenizer
-    ids, labels, images, n_excl = encode_split(data["train"], processor, "encode train")
-    v_ids, v_labels, v_images, _ = encode_split(data["validation"], processor, "encode validation")
+    ids, labels, spans, images, n_excl = encode_split(data["train"], processor, "encode train")
+    v_ids, v_labels, _, v_images, _ = encode_split(data["validation"], processor, "encode validation")
     n_unk = sum(t == tok.unk_token_id for seq in ids for t in seq)
     if n_unk:
         print(f"warning: {n_unk} <unk> tokens in the training set; the vocabulary misses some words")
@@ -303,11 +343,12 @@ def main(argv=None) -> None:
     t1 = time.time()
     bar = tqdm(range(args.steps), desc="train", unit="step")
     for step in bar:
-        batch = collate(next(batches), ids, labels, images, processor.image_processor, tok.pad_token_id)
+        batch = collate(next(batches), ids, labels, images, processor.image_processor, tok.pad_token_id,
+                        spans)
         lr = warmup_cosine_lr(step, args.steps, lr=args.lr, warmup=args.warmup, min_ratio=args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        loss = model(**batch).loss
+        loss = weighted_loss(model, batch, args.span_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
         opt.step()
