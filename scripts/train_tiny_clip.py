@@ -42,36 +42,23 @@ from tqdm import tqdm
 from pairforge.world import derive_seed, sft_dataset, vocabulary
 from pairforge.world.models import (
     EDIT_TYPES, build_clip_processor, clip_config, edited_description, patch_targets,
-    pixel_values_from_uint8, save_checkpoint, scene_description, seed_everything, warmup_cosine_lr,
+    pixel_values_from_uint8, save_checkpoint, scene_description, seed_everything, training_parser,
+    warmup_cosine_lr,
 )
 from pairforge.world import COLORS, KINDS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="checkpoint folder (created)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order, edits")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the world's sft_dataset")
-    p.add_argument("--n-train", type=int, default=20000)
-    p.add_argument("--steps", type=int, default=800, help="stage 2: contrastive steps")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.05)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p = training_parser(__doc__.split("\n")[0], steps=800, steps_help="stage 2: contrastive steps",
+                        seed_help="seed of the initialisation, data order, edits")
     p.add_argument("--hard-negatives", type=int, default=3,
                    help="minimal wrong edits per image (distinct edit types first)")
     p.add_argument("--answer-weight", type=float, default=0.5)
     p.add_argument("--dense-weight", type=float, default=1.0)
     p.add_argument("--dense-steps", type=int, default=2000,
                    help="stage 1: steps of the vision tower alone on the dense patch loss")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads, fixed for determinism (1 is fastest on a shared CPU)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    p.add_argument("--log-every", type=int, default=25)
     return p.parse_args(argv)
 
 

@@ -28,26 +28,13 @@ from tqdm import tqdm
 from pairforge.world import sft_dataset, vocabulary
 from pairforge.world.models import (
     build_vlm_processor, encode_sft_example, pixel_values_from_uint8, save_checkpoint, seed_everything,
-    vlm_config, warmup_cosine_lr,
+    training_parser, vlm_config, warmup_cosine_lr,
 )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="checkpoint folder (created)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the world's sft_dataset")
-    p.add_argument("--n-train", type=int, default=20000)
+    p = training_parser(__doc__.split("\n")[0], steps=1500)
     p.add_argument("--n-validation", type=int, default=500)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine floor as a share of --lr")
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads, fixed for determinism (1 is fastest on a shared CPU)")
     p.add_argument("--vision-hidden", type=int, default=128)
     p.add_argument("--vision-layers", type=int, default=3)
     p.add_argument("--text-hidden", type=int, default=256)
@@ -62,8 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="loss weight of the answer tokens that decide correctness (the world's "
                         "answer_span_start/end: the colour, kind, number, relation...); 1 = plain "
                         "mean over answer tokens")
-    p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    p.add_argument("--log-every", type=int, default=25)
     return p.parse_args(argv)
 
 

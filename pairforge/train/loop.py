@@ -128,21 +128,12 @@ def _precision(config: TrainConfig) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-@dataclass
-class RoleLogps:
+@dataclass(kw_only=True)
+class RoleLogps(SeqLogps):
     """Log-probs of one role for the B pairs of a micro-batch (zeros where the role does not
     apply; ``present`` marks where it does)."""
 
-    sums: torch.Tensor
-    counts: torch.Tensor
     present: torch.Tensor
-    segment_sums: torch.Tensor | None = None
-    segment_counts: torch.Tensor | None = None
-    entropy: torch.Tensor | None = None
-
-    @property
-    def means(self) -> torch.Tensor:
-        return self.sums / self.counts.clamp_min(1)
 
 
 @dataclass
@@ -293,10 +284,10 @@ class Trainer:
             present = torch.zeros(b, dtype=torch.bool, device=self.device)
             present[js] = True
             out[role] = RoleLogps(
-                put(lp.sums), put(lp.counts), present,
+                put(lp.sums), put(lp.counts),
                 put(lp.segment_sums) if lp.segment_sums is not None else None,
                 put(lp.segment_counts) if lp.segment_counts is not None else None,
-                put(lp.entropy) if lp.entropy is not None else None)
+                put(lp.entropy) if lp.entropy is not None else None, present=present)
         return out
 
     def _reference_batch(self, model):

@@ -239,6 +239,31 @@ def save_checkpoint(model, processor, out: str | Path, *, dtype: "torch.dtype | 
     return out
 
 
+def training_parser(description: str, *, steps: int, steps_help: str = "optimizer steps",
+                    seed_help: str = "seed of the initialisation and data order"):
+    """The arguments both training scripts share (output, seeds, data size, optimiser,
+    schedule, threads, saving); each script adds its own model and loss arguments."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder (created)")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the world's sft_dataset")
+    p.add_argument("--n-train", type=int, default=20000)
+    p.add_argument("--steps", type=int, default=steps, help=steps_help)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine floor as a share of --lr")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads, fixed for determinism (1 is fastest on a shared CPU)")
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--log-every", type=int, default=25)
+    return p
+
+
 def seed_everything(seed: int, threads: int) -> None:
     """Seed Python, NumPy and torch, fix torch's CPU thread count (reductions, hence losses,
     depend on it) and ask torch for deterministic algorithms: same arguments, same run."""
