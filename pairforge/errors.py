@@ -36,3 +36,11 @@ class BadInput(PairforgeError):
     def to_record(self) -> dict:
         """The JSON-able record written to ``skipped.jsonl`` / ``rejects.jsonl``."""
         return {"where": self.where, "row": self.row, "field": self.field, "reason": self.reason}
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), at most 200
+    characters: what a one-line error quotes from a library's exception."""
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line if len(line) <= 200 else line[:197] + "..."

@@ -46,6 +46,7 @@ from pairforge.build.manifest import (
     write_atomic,
 )
 from pairforge.errors import BadInput, PairforgeError
+from pairforge.errors import first_line as _first_line
 from pairforge.recipes import load_recipe
 from pairforge.recipes.base import BuildContext, Example, Outcome, Recipe
 from pairforge.schema import features, response_text, stable_id, template_hash, validate_row
@@ -510,9 +511,3 @@ class _ImageEncoder:
         if key not in self.done:
             self.done[key] = (value, source_bytes(value) or png_bytes(value))
         return self.done[key][1]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    line = text[0] if text else type(e).__name__
-    return line if len(line) <= 200 else line[:197] + "..."

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from pairforge.errors import BadInput, PairforgeError
+from pairforge.errors import first_line as _first_line
 from pairforge.models.base import (
     Capability,
     Completion,
@@ -819,9 +820,3 @@ def _load_error(name: str, source: str, e: BaseException) -> str:
                 f"(`hf download {source}`) or pass a local folder")
     return (f"model '{name}': '{source}' could not be loaded ({_first_line(e)}); check the Hub id "
             f"and revision, or pass a local folder")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    line = text[0] if text else type(e).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
