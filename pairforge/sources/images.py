@@ -54,6 +54,9 @@ class ImageResolver:
             if self.structs_unread:
                 return {"bytes": None, "path": f"<image {i}>" if path is None else str(path)}
             if data is not None:
+                if not isinstance(data, (bytes, bytearray, memoryview)):
+                    raise _bad(f"image {i}: 'bytes' is a {type(data).__name__}, expected raw "
+                               f"bytes (JSON cannot hold them); give the file in 'path' instead")
                 return self._bytes(bytes(data), path, i)
             if path is not None:
                 return self._path(str(path), i)
@@ -82,6 +85,8 @@ class ImageResolver:
         """Resolve a path inside the root; read it when loading."""
         if not text.strip():
             raise _bad(f"image {i} has an empty path")
+        if "\0" in text:
+            raise _bad(f"image path {text!r} contains a NUL byte; fix the path")
         if self.root is None:
             if not self.load:
                 return {"bytes": None, "path": text}
