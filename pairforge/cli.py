@@ -65,6 +65,9 @@ def audit(
     device: Annotated[str | None, typer.Option(
         "--device", help="Device of the scoring model: cpu, cuda, cuda:1 (default: cuda if "
                          "available).")] = None,
+    max_pixels: Annotated[int | None, typer.Option(
+        "--max-pixels", help="With --scorer: pairs with a larger image are not scored "
+                             "(default 4096*4096, as build).")] = None,
 ) -> None:
     """Audit preference sets for length and style shortcuts (text metrics, flags, report),
     and with --scorer / --policy for what a model already prefers (Δ_ref, IPS)."""
@@ -72,7 +75,8 @@ def audit(
 
     run_audit(data, out, format=format, image_root=image_root, tokenizer=tokenizer,
               on_error=on_error.value, scorer=scorer, policy=policy, text_only=text_only,
-              sample=sample, seed=seed, batch_size=batch_size, device=device)
+              sample=sample, seed=seed, batch_size=batch_size, device=device,
+              max_pixels=max_pixels)
 
 
 @app.command()

@@ -51,3 +51,19 @@ def first_line(e: BaseException) -> str:
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def check_out_path(folder, option: str = "--out") -> None:
+    """A one-line :class:`PairforgeError` when ``folder`` cannot be an output folder because
+    it is a file or lies under one; nothing is created."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PairforgeError(f"{option} {folder}: is a file, not a folder; pass a folder")
+    for parent in folder.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PairforgeError(f"{option} {folder}: {parent} is a file, not a folder; "
+                                     f"pass a folder path")
+            return

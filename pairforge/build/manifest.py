@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pairforge import __version__
-from pairforge.errors import PairforgeError
+from pairforge.errors import PairforgeError, check_out_path
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -222,15 +222,8 @@ def check_out_folder(folder: Path, *, overwrite: bool) -> None:
     only when none of its entries has the name of a build output (they would be replaced);
     its other files are left alone. Nothing is created or removed here."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise PairforgeError(f"--out {folder}: is a file, not a folder; pass a folder")
+    check_out_path(folder)
     if not folder.is_dir():
-        for parent in folder.parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise PairforgeError(f"--out {folder}: {parent} is a file, not a folder; "
-                                         f"pass a folder path")
-                break
         return
     if (folder / MANIFEST).exists():
         return  # a build folder (checked by Manifest.load)

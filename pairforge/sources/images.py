@@ -66,6 +66,26 @@ class ImageResolver:
         raise _bad(f"image {i} is {type(value).__name__}; expected a path, bytes, "
                    f"a {{'bytes', 'path'}} dict or a PIL image")
 
+    def unresolved(self, placeholder: Mapping) -> bool:
+        """For a placeholder made without loading (``{"bytes": None, "path": name}``): True
+        when its file is missing or empty under the root. False when it cannot tell (bytes
+        given, a struct left unread, no root): only a read would show."""
+        path = placeholder.get("path")
+        if self.load or self.structs_unread or self.root is None or placeholder.get("bytes") \
+                or not path or path.startswith("<"):
+            return False
+        return not self._nonempty(os.path.join(str(self.root), path))
+
+    @functools.cached_property
+    def _nonempty(self):
+        def nonempty(path: str) -> bool:
+            try:
+                return os.stat(path).st_size > 0 and os.path.isfile(path)
+            except (OSError, ValueError):
+                return False
+
+        return functools.lru_cache(maxsize=1 << 16)(nonempty)
+
     def _bytes(self, data: bytes, path: Any, i: int) -> dict:
         if not data:
             raise _bad(f"image {i} has 0 bytes")
