@@ -305,8 +305,10 @@ class ModelAuditor:
             raise PairforgeError(f"--sample {sample}: must be at least 1 (or omit it to score every pair)")
         if batch_size < 1:
             raise PairforgeError(f"--batch-size {batch_size}: must be at least 1")
+        from pairforge.models.base import resolve_device
         from pairforge.models.spec import parse_model_spec
 
+        resolve_device(device)  # a device this machine lacks fails before any set is read
         for spec in (scorer, policy):  # a malformed spec fails before any set is read
             if spec is not None and spec.strip() != "default":
                 parse_model_spec(spec)
