@@ -218,11 +218,17 @@ def static_revision(spec: Any) -> str:
 
 
 def _local_path(spec: Any) -> Path | None:
+    """The local file or folder whose contents identify ``spec``'s weights, found without
+    loading or converting anything (SmolLM2: its shipped GGUF file, not the converted copy
+    in the cache, so a role that is never used never writes to ``~/.cache``)."""
     if spec.backend == "embedded":
         if spec.name == "smollm2":
-            from pairforge.models.local import smollm2_path
+            from pairforge.models.local import smollm2_gguf
 
-            return Path(smollm2_path())
+            try:
+                return smollm2_gguf()
+            except PairforgeError:  # not installed: loading it would fail with this message
+                return None
         from pairforge.world.models import TINY_CLIP_PATH, TINY_VLM_PATH
 
         return {"tiny-vlm": TINY_VLM_PATH, "tiny-clip": TINY_CLIP_PATH}.get(spec.name)
