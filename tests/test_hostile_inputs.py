@@ -471,3 +471,21 @@ def test_unused_editor_is_fingerprinted_without_converting(tmp_path, monkeypatch
     from pairforge.build.manifest import local_fingerprint
 
     assert s["settings"]["models"]["editor"]["revision"] == local_fingerprint(gguf)
+
+
+def test_empty_conversation_in_a_preference_set_says_so(tmp_path):
+    """Item 10 in the audit: an empty conversation / prompt list was '0 image placeholders'
+    or 'must end with a user turn'; it is now named as empty."""
+    from pairforge.sources import read_pairs
+
+    llava_set = write_lines(tmp_path / "l.jsonl", [
+        {"conversations": [], "chosen": {"from": "gpt", "value": "a"},
+         "rejected": {"from": "gpt", "value": "b"}, "images": ["x.png"]}])
+    trl_set = write_lines(tmp_path / "t.jsonl", [
+        {"prompt": [], "chosen": "a", "rejected": "b", "images": ["x.png"]}])
+    for path, fmt, field in ((llava_set, "llava", "conversations"), (trl_set, "trl", "prompt")):
+        stream = read_pairs(path, format=fmt, load_images=False)
+        assert list(stream) == []
+        (bad,) = stream.skipped
+        assert bad.field == field and "empty list" in bad.reason
+        assert "placeholder" not in bad.reason
