@@ -269,7 +269,8 @@ def build(
     max_pixels: Annotated[int | None, typer.Option(
         "--max-pixels", help="Reject images with more pixels (default 4096*4096).")] = None,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Discard an existing build in --out.")] = False,
+        "--overwrite", help="Discard an existing build in --out (only the files it wrote; "
+                            "other files stay).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Build preference pairs from SFT examples with a recipe (checkpointed, resumable)."""
@@ -291,7 +292,8 @@ def merge(
     shards: Annotated[list[Path], typer.Argument(help="The build folders of all --shard I/N runs.")],
     out: Annotated[Path, typer.Option("--out", help="Merged build folder.")],
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace a build (not a merge) already in --out.")] = False,
+        "--overwrite", help="Replace a build (not a merge) already in --out, or merge "
+                            "beside other files (never removed).")] = False,
 ) -> None:
     """Join shard builds (same run, all shards, no overlap) into one build folder."""
     import shlex
