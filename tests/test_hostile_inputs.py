@@ -132,7 +132,8 @@ def test_p2dpo_rejects_degenerate_images_up_front(size):
         {"role": "assistant", "content": [{"type": "text", "text": "A square."}]}],
         images=[PILImage.new("RGB", size)])
     assert f"{size[0]}x{size[1]} pixels" in _unusable(ex)
-    assert _unusable(Example(id="y", messages=ex.messages, images=[PILImage.new("RGB", (32, 24))])) is None
+    fine = Example(id="y", messages=ex.messages, images=[PILImage.new("RGB", (32, 24))])
+    assert _unusable(fine) is None
 
 
 def test_p2dpo_build_on_degenerate_images_goes_on(tmp_path):
@@ -160,7 +161,8 @@ def test_an_example_the_recipe_fails_on_is_a_reject_and_the_run_goes_on(tmp_path
     bad = "shapes-train-0-0000005"
     monkeypatch.setenv(BAD_ENV, bad)
     s = run_echo(tmp_path / "a", batch_size=4)
-    assert s["counts"]["examples_in"] == 16 == s["counts"]["examples_with_pairs"] + s["counts"]["rejected"]
+    c = s["counts"]
+    assert c["examples_in"] == 16 == c["examples_with_pairs"] + c["rejected"]
     (r,) = [r for r in rejects(tmp_path / "a") if r["id"] == bad]
     assert r["stage"] == "error" and r["reason"].startswith("recipe echo failed on this example "
                                                               "(ZeroDivisionError: fake data error")
@@ -401,9 +403,10 @@ def test_unwritable_out_is_one_line(tmp_path, monkeypatch):
         return real_mkdir(self, *a, **kw)
 
     monkeypatch.setattr(Path, "mkdir", mkdir)
-    with pytest.raises(PairforgeError, match=r"--out .*ro.*cannot write there \(Permission denied\)"):
+    denied = r"--out .*ro.*cannot write there \(Permission denied\)"
+    with pytest.raises(PairforgeError, match=denied):
         run_echo(tmp_path / "ro" / "b")
-    with pytest.raises(PairforgeError, match=r"--out .*ro.*cannot write there \(Permission denied\)"):
+    with pytest.raises(PairforgeError, match=denied):
         run_audit([str(write_pairs(tmp_path / "p.jsonl"))], tmp_path / "ro" / "a",
                   tokenizer="words", **QUIET)
 
@@ -427,7 +430,8 @@ def test_unreadable_source_is_one_line(tmp_path, monkeypatch, suffix):
         return real_open(file, *a, **kw)
 
     monkeypatch.setattr(containers, "open", deny, raising=False)
-    with pytest.raises(PairforgeError, match=r"d\.json.*: cannot read this file \(Permission denied\)"):
+    denied = r"d\.json.*: cannot read this file \(Permission denied\)"
+    with pytest.raises(PairforgeError, match=denied):
         vapr(tmp_path / "b", src)
     with pytest.raises(PairforgeError, match=r"cannot read this file \(Permission denied\)"):
         run_audit([str(src)], tmp_path / "out", tokenizer="words", **QUIET)

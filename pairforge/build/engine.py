@@ -36,6 +36,7 @@ from typing import Any
 from pairforge import __version__
 from pairforge.build.config import BuildConfig
 from pairforge.build.manifest import (
+    JSON_TEXT,
     BuildLock,
     Manifest,
     check_out_folder,
@@ -44,7 +45,6 @@ from pairforge.build.manifest import (
     run_identity,
     run_settings,
     shard_of,
-    JSON_TEXT,
     write_atomic,
 )
 from pairforge.errors import BadInput, PairforgeError
