@@ -225,7 +225,7 @@ def check_out_folder(folder: Path, *, overwrite: bool) -> None:
     check_out_path(folder)
     if not folder.is_dir():
         return
-    if (folder / MANIFEST).exists():
+    if (folder / MANIFEST).is_file():
         return  # a build folder (checked by Manifest.load)
     try:
         names = sorted(p.name for p in folder.iterdir() if p.name != ".lock")
