@@ -303,13 +303,15 @@ def previous_audit(out: Path) -> set[str]:
 def staged_outputs(out: Path, previous: set[str]) -> Iterator[Path]:
     """A temporary folder inside ``out`` for the audit to write into; on success its files
     replace the previous audit's (a file audit did not write is never replaced or removed),
-    on failure it is removed and ``out`` is as it was."""
+    on failure it is removed and ``out`` is as it was (not there, if the audit created it)."""
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=".audit-", suffix=".tmp", dir=out))
     except OSError as e:
         raise PairforgeError(f"--out {out}: cannot write there ({e.strerror or e}); pass a "
                              f"folder you can write") from None
+    done = False
     try:
         yield stage
         names = sorted(p.name for p in stage.iterdir())
@@ -329,5 +331,8 @@ def staged_outputs(out: Path, previous: set[str]) -> Iterator[Path]:
             if old.is_file():
                 old.unlink()
         mark(names)
+        done = True
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if created and not done:
+            shutil.rmtree(out, ignore_errors=True)  # made by this audit, holds nothing else
