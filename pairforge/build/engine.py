@@ -9,7 +9,8 @@ The flow, top to bottom (each step counts what it forwarded and dropped):
 2. **select**: the source's entries in order, cut at ``--limit``, kept when their id hashes to
    this ``--shard``, minus the examples already committed (not decoded again);
 3. **chunks** of ``chunk_size`` examples: *read* (decode, check: bad ones are rejects of stage
-   ``read``) → *recipe* (``batch_size`` examples per ``recipe.process`` call) → *rows*
+   ``read``) → *recipe* (``batch_size`` examples per ``recipe.process`` call; an example it
+   raises a data error on is a reject of stage ``error``, :meth:`Chunker.process`) → *rows*
    (provenance, validation; an invalid row rejects its example, stage ``row``) → commit
    (diagnostics, images, chunk files, then the manifest with the recipe state; on a writer
    thread, overlapping the next chunk's model calls);
