@@ -65,6 +65,9 @@ def audit(
     device: Annotated[str | None, typer.Option(
         "--device", help="Device of the scoring model: cpu, cuda, cuda:1 (default: cuda if "
                          "available).")] = None,
+    max_pixels: Annotated[int | None, typer.Option(
+        "--max-pixels", help="With --scorer: pairs with a larger image are not scored "
+                             "(default 4096*4096, as build).")] = None,
 ) -> None:
     """Audit preference sets for length and style shortcuts (text metrics, flags, report),
     and with --scorer / --policy for what a model already prefers (Δ_ref, IPS)."""
@@ -72,7 +75,8 @@ def audit(
 
     run_audit(data, out, format=format, image_root=image_root, tokenizer=tokenizer,
               on_error=on_error.value, scorer=scorer, policy=policy, text_only=text_only,
-              sample=sample, seed=seed, batch_size=batch_size, device=device)
+              sample=sample, seed=seed, batch_size=batch_size, device=device,
+              max_pixels=max_pixels)
 
 
 @app.command()
@@ -265,7 +269,8 @@ def build(
     max_pixels: Annotated[int | None, typer.Option(
         "--max-pixels", help="Reject images with more pixels (default 4096*4096).")] = None,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Discard an existing build in --out.")] = False,
+        "--overwrite", help="Discard an existing build in --out (only the files it wrote; "
+                            "other files stay).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Build preference pairs from SFT examples with a recipe (checkpointed, resumable)."""
@@ -287,7 +292,8 @@ def merge(
     shards: Annotated[list[Path], typer.Argument(help="The build folders of all --shard I/N runs.")],
     out: Annotated[Path, typer.Option("--out", help="Merged build folder.")],
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace a build (not a merge) already in --out.")] = False,
+        "--overwrite", help="Replace a build (not a merge) already in --out, or merge "
+                            "beside other files (never removed).")] = False,
 ) -> None:
     """Join shard builds (same run, all shards, no overlap) into one build folder."""
     import shlex

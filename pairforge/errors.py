@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class PairforgeError(Exception):
     """Base class: an error whose message is meant for the user, printed without a traceback."""
@@ -40,7 +42,28 @@ class BadInput(PairforgeError):
 
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name when empty), at most 200
-    characters: what a one-line error quotes from a library's exception."""
-    text = str(e).strip().splitlines()
+    characters, with object addresses (``<_io.BytesIO object at 0x7f…>``) cut to
+    ``<_io.BytesIO object>``: what a one-line error or a reject reason quotes from a library's
+    exception, the same in every run."""
+    text = _ADDRESS.sub("", str(e)).strip().splitlines()
     line = text[0] if text else type(e).__name__
     return line if len(line) <= 200 else line[:197] + "..."
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def check_out_path(folder, option: str = "--out") -> None:
+    """A one-line :class:`PairforgeError` when ``folder`` cannot be an output folder because
+    it is a file or lies under one; nothing is created."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PairforgeError(f"{option} {folder}: is a file, not a folder; pass a folder")
+    for parent in folder.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PairforgeError(f"{option} {folder}: {parent} is a file, not a folder; "
+                                     f"pass a folder path")
+            return

@@ -180,7 +180,7 @@ def stable_id(*parts: object) -> str:
     """A stable 16-hex-digit id from the parts (e.g. source name, row id, prompt, responses)."""
     h = hashlib.sha256()
     for p in parts:
-        h.update(str(p).encode("utf-8"))
+        h.update(str(p).encode("utf-8", "surrogatepass"))  # stable for any str
         h.update(b"\x1f")
     return h.hexdigest()[:16]
 

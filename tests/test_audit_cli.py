@@ -99,7 +99,8 @@ def test_pairs_parquet_columns_match_the_schema(two_sets):
     out, _ = two_sets
     table = pq.read_table(out / "pairs.parquet")
     diag = list(COLUMN_GROUPS["diagnostics"])
-    assert table.column_names == ["set", "id", *diag, "prompt_repeated"]
+    assert table.column_names == ["set", "id", *diag, "prompt_repeated", "id_repeated",
+                                  "images_unresolved"]
     assert str(table.schema.field("lev_norm").type) == "float"
     assert str(table.schema.field("lev_words").type) == "int32"
     df = table.to_pandas()

@@ -120,7 +120,7 @@ def test_recipe_crash_keeps_committed_chunks_and_resume_matches(tmp_path, monkey
         run(tmp_path / "b")
     m = Manifest.load(tmp_path / "b")
     assert len(m.chunks) == 2 and not m["complete"] and m["state"] == {"seen": 16}
-    assert "ValueError: fake crash" in (tmp_path / "b" / "error.log").read_text()
+    assert "RuntimeError: fake crash" in (tmp_path / "b" / "error.log").read_text()
     with pytest.raises(PairforgeError, match="not finished"):
         load_build(tmp_path / "b")
     monkeypatch.delenv(CRASH_ENV)
@@ -300,8 +300,10 @@ def test_batch_size_above_chunk_size_is_capped_with_a_note(tmp_path):
 def test_out_folder_with_other_files_is_refused(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "notes.txt").write_text("mine")
-    with pytest.raises(PairforgeError, match="holds other files"):
-        run(tmp_path / "b", overwrite=True)
+    with pytest.raises(PairforgeError, match="holds files pairforge did not write"):
+        run(tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["notes.txt"]  # no lock left
+    run(tmp_path / "b", overwrite=True)  # --overwrite builds beside them, never removes them
     assert (tmp_path / "b" / "notes.txt").read_text() == "mine"
 
 

@@ -3,7 +3,9 @@ own files); registered in ``RECIPES`` by :func:`register`, also inside a subproc
 
 - ``echo``: one pair per example (chosen: the reference answer; rejected: a word drawn from
   ``ctx.rng(ex)`` plus a running count: cross-example state), rejects one task, optional
-  sleep per batch and a crash on a chosen example id (env ``PAIRFORGE_FAKE_CRASH_ID``);
+  sleep per batch, a crash on a chosen example id (env ``PAIRFORGE_FAKE_CRASH_ID``: a
+  RuntimeError, which stops the build) and a data error on others (env
+  ``PAIRFORGE_FAKE_BAD_IDS``, comma-separated: a ZeroDivisionError, a per-example reject);
 - ``crops``: two rows per example (P2-DPO-like), with single-image columns;
 - ``invalid``: every third example's row has an empty rejected answer;
 - ``short``: returns one outcome too few;
@@ -24,6 +26,7 @@ from pairforge.schema import make_pair
 
 HERE = Path(__file__).resolve().parent
 CRASH_ENV = "PAIRFORGE_FAKE_CRASH_ID"
+BAD_ENV = "PAIRFORGE_FAKE_BAD_IDS"
 WORDS = ("maybe", "never", "purple", "seven", "nothing")
 
 
@@ -67,7 +70,9 @@ class Echo:
         out = []
         for ex in examples:
             if os.environ.get(CRASH_ENV) == ex.id:
-                raise ValueError(f"fake crash on {ex.id}")
+                raise RuntimeError(f"fake crash on {ex.id}")
+            if ex.id in os.environ.get(BAD_ENV, "").split(","):
+                raise ZeroDivisionError(f"fake data error on {object()}")
             self.seen += 1
             out.append(self.one(ex, ctx))
         return out

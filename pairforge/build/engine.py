@@ -9,7 +9,8 @@ The flow, top to bottom (each step counts what it forwarded and dropped):
 2. **select**: the source's entries in order, cut at ``--limit``, kept when their id hashes to
    this ``--shard``, minus the examples already committed (not decoded again);
 3. **chunks** of ``chunk_size`` examples: *read* (decode, check: bad ones are rejects of stage
-   ``read``) → *recipe* (``batch_size`` examples per ``recipe.process`` call) → *rows*
+   ``read``) → *recipe* (``batch_size`` examples per ``recipe.process`` call; an example it
+   raises a data error on is a reject of stage ``error``, :meth:`Chunker.process`) → *rows*
    (provenance, validation; an invalid row rejects its example, stage ``row``) → commit
    (diagnostics, images, chunk files, then the manifest with the recipe state; on a writer
    thread, overlapping the next chunk's model calls);
@@ -36,8 +37,10 @@ from typing import Any
 from pairforge import __version__
 from pairforge.build.config import BuildConfig
 from pairforge.build.manifest import (
+    JSON_TEXT,
     BuildLock,
     Manifest,
+    check_out_folder,
     local_fingerprint,
     open_build,
     run_identity,
@@ -48,7 +51,7 @@ from pairforge.build.manifest import (
 from pairforge.errors import BadInput, PairforgeError
 from pairforge.errors import first_line as _first_line
 from pairforge.recipes import load_recipe
-from pairforge.recipes.base import BuildContext, Example, Outcome, Recipe
+from pairforge.recipes.base import BuildContext, Example, Outcome, Recipe, Reject
 from pairforge.schema import features, response_text, stable_id, template_hash, validate_row
 from pairforge.sources.sft import Entry, ExampleStream, ReadReject, read_examples, source_bytes
 
@@ -91,6 +94,7 @@ def build(cfg: BuildConfig, *, command: str = "", console: Any = None,
     groups = list(dict.fromkeys((*recipe.groups, "diagnostics")))
     diagnostics_unit()  # load the GPT-2 tokenizer now, not inside the first chunk
 
+    check_out_folder(out, overwrite=cfg.overwrite)  # before the lock file is created in it
     with BuildLock(out):
         manifest = open_build(out, identity=identity, settings=settings, shard=cfg.shard,
                               overwrite=cfg.overwrite, fresh=lambda: Manifest.new(
@@ -215,11 +219,17 @@ def static_revision(spec: Any) -> str:
 
 
 def _local_path(spec: Any) -> Path | None:
+    """The local file or folder whose contents identify ``spec``'s weights, found without
+    loading or converting anything (SmolLM2: its shipped GGUF file, not the converted copy
+    in the cache, so a role that is never used never writes to ``~/.cache``)."""
     if spec.backend == "embedded":
         if spec.name == "smollm2":
-            from pairforge.models.local import smollm2_path
+            from pairforge.models.local import smollm2_gguf
 
-            return Path(smollm2_path())
+            try:
+                return smollm2_gguf()
+            except PairforgeError:  # not installed: loading it would fail with this message
+                return None
         from pairforge.world.models import TINY_CLIP_PATH, TINY_VLM_PATH
 
         return {"tiny-vlm": TINY_VLM_PATH, "tiny-clip": TINY_CLIP_PATH}.get(spec.name)
@@ -360,28 +370,69 @@ class Chunker:
         return record, rows, rejects
 
     def process(self, index: int, examples: list[Example]) -> list[Outcome]:
-        """``recipe.process`` on ``batch_size`` examples at a time; a crash stops the build
-        with a one-line error (traceback in ``error.log``), committed chunks kept."""
+        """``recipe.process`` on ``batch_size`` examples at a time. A batch that raises one of
+        :data:`EXAMPLE_ERRORS` is redone example by example from the recipe state before it
+        (:meth:`_one_by_one`), so an example that fails alone becomes a reject of stage
+        ``error`` and the run goes on; any other crash, or one on every example of the chunk,
+        stops the build with a one-line error (traceback in ``error.log``), committed chunks
+        kept."""
         outcomes: list[Outcome] = []
         for batch in batched(examples, self.batch_size):
+            before = self.state()
             try:
                 got = self.recipe.process(batch, self.ctx)
             except PairforgeError:
                 raise
+            except EXAMPLE_ERRORS as e:
+                self.recipe.load_state_dict(before)
+                got = self._one_by_one(index, batch, e)
             except Exception as e:  # noqa: BLE001 - a recipe bug: report it, keep committed work
-                log = self.out / "error.log"
-                log.write_text(traceback.format_exc(), encoding="utf-8")
-                raise PairforgeError(
-                    f"recipe {self.recipe.name} failed in chunk {index} on examples "
-                    f"{batch[0].id}..{batch[-1].id} ({type(e).__name__}: {_first_line(e)}); "
-                    f"{index} chunk(s) are committed, the traceback is in {log}; fix the cause "
-                    f"and rerun the same command to resume") from e
-            if len(got) != len(batch) or not all(isinstance(o, Outcome) for o in got):
-                raise PairforgeError(f"recipe {self.recipe.name} returned {len(got)} outcomes "
-                                     f"for {len(batch)} examples; it must return one Outcome "
-                                     f"per example, in order")
+                self._stop(index, batch, e)
+            self._check_outcomes(got, batch)
             outcomes.extend(got)
+        if len(examples) > 1 and all(o.stats.get(_FAILED) for o in outcomes):
+            raise PairforgeError(
+                f"recipe {self.recipe.name} failed on every example of chunk {index} "
+                f"({outcomes[0].reject.reason}); this looks like a bug or a broken setup, not "
+                f"bad rows; {index} chunk(s) are committed, fix the cause and rerun the same "
+                f"command to resume")
         return outcomes
+
+    def _one_by_one(self, index: int, batch: list[Example], error: Exception) -> list[Outcome]:
+        """The outcomes of a failed batch, one example at a time; an example that raises again
+        is a reject whose reason names the error's type and first line (no addresses)."""
+        if len(batch) == 1:
+            return [_error_outcome(self.recipe.name, error)]
+        out: list[Outcome] = []
+        for ex in batch:
+            before = self.state()
+            try:
+                got = self.recipe.process([ex], self.ctx)
+            except PairforgeError:
+                raise
+            except EXAMPLE_ERRORS as e:
+                self.recipe.load_state_dict(before)
+                got = [_error_outcome(self.recipe.name, e)]
+            except Exception as e:  # noqa: BLE001
+                self._stop(index, [ex], e)
+            self._check_outcomes(got, [ex])
+            out.extend(got)
+        return out
+
+    def _stop(self, index: int, batch: list[Example], e: Exception) -> None:
+        log = self.out / "error.log"
+        log.write_text(traceback.format_exc(), encoding="utf-8", errors="backslashreplace")
+        raise PairforgeError(
+            f"recipe {self.recipe.name} failed in chunk {index} on examples "
+            f"{batch[0].id}..{batch[-1].id} ({type(e).__name__}: {_first_line(e)}); "
+            f"{index} chunk(s) are committed, the traceback is in {log}; fix the cause "
+            f"and rerun the same command to resume") from e
+
+    def _check_outcomes(self, got: Any, batch: list[Example]) -> None:
+        if len(got) != len(batch) or not all(isinstance(o, Outcome) for o in got):
+            raise PairforgeError(f"recipe {self.recipe.name} returned {len(got)} outcomes "
+                                 f"for {len(batch)} examples; it must return one Outcome "
+                                 f"per example, in order")
 
     def finish_row(self, row: Mapping[str, Any], ex: Example) -> dict:
         """A recipe row with provenance filled in and checked; BadInput when invalid."""
@@ -454,11 +505,25 @@ class Chunker:
             table = embed_table_storage(table)
         write_atomic(self.out / record["data"], lambda f: pq.write_table(table, f))
         write_atomic(self.out / record["rejects"], "".join(
-            json.dumps(x, ensure_ascii=False) + "\n" for x in rejects).encode("utf-8"))
+            json.dumps(x, ensure_ascii=False) + "\n" for x in rejects).encode(*JSON_TEXT))
         self.manifest.commit_chunk(record, state, time.perf_counter() - self.t0)
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+#: Errors of a recipe on one example's data (a degenerate image, a value out of range): they
+#: make that example a reject of stage ``error``. Other exceptions stop the build.
+EXAMPLE_ERRORS = (ArithmeticError, ValueError, IndexError, KeyError)
+_FAILED = "examples_failed"
+
+
+def _error_outcome(recipe: str, e: BaseException) -> Outcome:
+    """The reject of an example the recipe raised on: the error's type and first line
+    (:func:`~pairforge.errors.first_line`: no object addresses, the same in every run)."""
+    return Outcome(reject=Reject("error", f"recipe {recipe} failed on this example "
+                                          f"({type(e).__name__}: {_first_line(e)})"),
+                   stats={_FAILED: 1})
 
 
 def _reject(ex: Example, stage: str, reason: str) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pairforge import __version__
-from pairforge.errors import PairforgeError
+from pairforge.errors import PairforgeError, check_out_path
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -68,8 +68,13 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+#: ``str.encode`` arguments for JSON text: a lone surrogate (not encodable as UTF-8) becomes
+#: its JSON escape ``\\udXXX``, so a writer never fails on it and the file reads back the same.
+JSON_TEXT = ("utf-8", "backslashreplace")
+
+
 def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_atomic(path, (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode(*JSON_TEXT))
 
 
 # ----------------------------------------------------------------------------- identity
@@ -161,11 +166,14 @@ class Manifest:
             data = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as e:
             raise PairforgeError(f"{path}: not valid JSON ({e}); the folder was not written by "
-                                 f"pairforge build, pass --overwrite or another --out") from None
+                                 f"pairforge build, pass another --out") from None
+        except OSError as e:
+            raise PairforgeError(f"{path}: cannot read it ({e.strerror or e}); check its "
+                                 f"permissions or pass another --out") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise PairforgeError(f"{path}: not a pairforge build manifest (format "
                                  f"{data.get('format') if isinstance(data, dict) else '?'}); "
-                                 f"pass --overwrite or another --out")
+                                 f"pass another --out")
         return cls(folder, data)
 
     @classmethod
@@ -208,22 +216,51 @@ class Manifest:
         return self.folder / relative
 
 
+def check_out_folder(folder: Path, *, overwrite: bool) -> None:
+    """Refuse ``--out`` when it is not a folder pairforge may write: a file (or under one), or
+    a folder with content and no build manifest. With ``overwrite``, such a folder is taken
+    only when none of its entries has the name of a build output (they would be replaced);
+    its other files are left alone. Nothing is created or removed here."""
+    folder = Path(folder)
+    check_out_path(folder)
+    if not folder.is_dir():
+        return
+    if (folder / MANIFEST).is_file():
+        return  # a build folder (checked by Manifest.load)
+    try:
+        names = sorted(p.name for p in folder.iterdir() if p.name != ".lock")
+    except OSError as e:
+        raise PairforgeError(f"--out {folder}: cannot list the folder ({e.strerror or e}); pass "
+                             f"a folder you can write") from None
+    if not names:
+        return
+    clash = [n for n in names if n in OUTPUTS]
+    if not overwrite:
+        raise PairforgeError(f"--out {folder}: the folder holds files pairforge did not write "
+                             f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) and no "
+                             f"build manifest; pass an empty or new folder (--overwrite keeps "
+                             f"them but cannot replace them)")
+    if clash:
+        raise PairforgeError(f"--out {folder}: the folder holds {clash[0]!r}, which pairforge did "
+                             f"not write (there is no build manifest) and a build would replace; "
+                             f"--overwrite removes only pairforge's own files: pass an empty or "
+                             f"new folder")
+
+
 def open_build(folder: Path, *, identity: str, settings: dict, shard: tuple[int, int] | None,
                overwrite: bool, fresh: Callable[[], Manifest]) -> Manifest:
     """The manifest to go on with: a new one for an empty or absent folder (or with
     ``overwrite``), the existing one when it has the same identity and shard; otherwise a
-    one-line error naming the differing setting and the fix."""
+    one-line error naming the differing setting and the fix. A folder without a manifest
+    is taken only on the terms of :func:`check_out_folder`; ``overwrite`` removes only what
+    the old build wrote (:func:`clear_outputs`)."""
     folder = Path(folder)
     old = Manifest.load(folder)
     if old is None:
-        leftovers = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-        if any(name not in OUTPUTS for name in leftovers):
-            raise PairforgeError(f"--out {folder}: the folder holds other files and no build "
-                                 f"manifest; pass an empty or new folder")
-        clear_outputs(folder)
+        check_out_folder(folder, overwrite=overwrite)
         return fresh()
     if overwrite:
-        clear_outputs(folder)
+        clear_outputs(folder, old)
         return fresh()
     if old["identity"] != identity:
         diff = settings_diff(old["settings"], settings) or "settings"
@@ -237,40 +274,63 @@ def open_build(folder: Path, *, identity: str, settings: dict, shard: tuple[int,
     return old
 
 
-def clear_outputs(folder: Path) -> None:
-    """Remove what a build writes (:data:`OUTPUTS`, except the lock) from ``folder``."""
-    for name in OUTPUTS:
-        p = folder / name
-        if name == ".lock" or not (p.exists() or p.is_symlink()):
-            continue
+def clear_outputs(folder: Path, manifest: Manifest) -> None:
+    """Remove what the build of ``manifest`` wrote in ``folder``: its chunk files (and their
+    temporary names), ``data/`` and ``rejects/`` when that leaves them empty, and the files
+    of :data:`OUTPUTS` (not the lock); a file it did not write is left where it is."""
+    def remove(p: Path) -> None:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
-        else:
+        elif p.exists() or p.is_symlink():
             p.unlink()
+
+    for c in manifest.chunks:
+        for key in ("data", "rejects"):
+            p = folder / c[key]
+            remove(p)
+            remove(p.with_name(f".{p.name}.tmp"))
+    for sub in ("data", "rejects"):
+        d = folder / sub
+        if d.is_dir() and not d.is_symlink():
+            for p in d.glob(".chunk-*.tmp"):  # a chunk being written when the build died
+                remove(p)
+            if not any(d.iterdir()):
+                d.rmdir()
+    for name in OUTPUTS:
+        if name in ("data", "rejects", ".lock", MANIFEST):
+            continue
+        remove(folder / name)
+        remove(folder / f".{name}.tmp")
+    remove(folder / ".dataset.tmp")
+    remove(folder / MANIFEST)
 
 
 class BuildLock:
-    """An exclusive lock on a build folder (released by the OS if the process dies)."""
+    """An exclusive lock on a build folder (``filelock``: released by the OS if the process
+    dies); creates the folder. A folder that cannot be created or written is a one-line
+    error."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self._fd: int | None = None
+        self._lock: Any = None
 
     def __enter__(self) -> BuildLock:
-        import fcntl
+        from filelock import FileLock, Timeout
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            self._fd = None
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.folder / ".lock"), timeout=0)
+            lock.acquire()
+        except Timeout:
             raise PairforgeError(f"--out {self.folder}: another pairforge process is writing "
                                  f"this folder; wait for it or pass another --out") from None
+        except OSError as e:
+            raise PairforgeError(f"--out {self.folder}: cannot write there "
+                                 f"({e.strerror or e}); pass a folder you can write") from None
+        self._lock = lock
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock
-            self._fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

@@ -21,7 +21,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pairforge.build.manifest import BuildLock, Manifest, open_build, settings_diff
+from pairforge.build.manifest import (
+    BuildLock,
+    Manifest,
+    check_out_folder,
+    open_build,
+    settings_diff,
+)
 from pairforge.build.summary import finish, print_summary
 from pairforge.errors import PairforgeError
 
@@ -38,6 +44,7 @@ def merge(folders: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     if any(out.resolve() == m.folder.resolve() for m in shards):
         raise PairforgeError(f"--out {out} is one of the shard folders; pass a new folder")
     first = shards[0]
+    check_out_folder(out, overwrite=overwrite)  # before the lock file is created in it
     with BuildLock(out):
         def fresh() -> Manifest:
             data = dict(first.data)
@@ -54,9 +61,10 @@ def merge(folders: Sequence[str | os.PathLike], out: str | os.PathLike, *,
         if old is not None and old["merged_from"] is None and not overwrite:
             raise PairforgeError(f"--out {out} holds a build, not a merge; pass another --out "
                                  f"or --overwrite")
-        # a merge is cheap: always redone from the shards
+        # a merge is cheap: always redone from the shards (a folder without a manifest only on
+        # the terms of check_out_folder)
         manifest = open_build(out, identity=first["identity"], settings=first["settings"],
-                              shard=None, overwrite=True, fresh=fresh)
+                              shard=None, overwrite=overwrite or old is not None, fresh=fresh)
         for m in shards:
             for c in m.chunks:
                 k = len(manifest.chunks)

@@ -7,17 +7,24 @@ adds log π(y|x), Δ_ref and IPS per pair (on a seeded sample when asked), read 
 :class:`SetAudit` is the pure, streaming part (texts in chunks → metrics, example pairs,
 summary); :func:`run_audit` adds reading (``pairforge.sources``), files and the terminal.
 Memory stays flat: texts live one chunk at a time, only numeric metrics and ids are kept.
+
+Outputs are written into a temporary folder inside ``--out`` and moved in at the end
+(:func:`staged_outputs`): a failed audit leaves ``--out`` as it was, and an audit replaces
+only the files the previous audit wrote (listed in :data:`AUDIT_MARKER`), never a user's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,9 +33,9 @@ from datasets import Features
 
 from pairforge.diagnostics.lengths import LengthUnit, length_unit
 from pairforge.diagnostics.model_based import ModelAuditor, ModelResult, model_table_columns
-from pairforge.diagnostics.stats import repeated, set_summary
+from pairforge.diagnostics.stats import integrity_summary, repeated, set_summary
 from pairforge.diagnostics.text import pair_metrics
-from pairforge.errors import PairforgeError
+from pairforge.errors import PairforgeError, check_out_path
 from pairforge.schema import COLUMN_GROUPS, prompt_text, response_text
 
 if TYPE_CHECKING:
@@ -81,9 +88,13 @@ class SetAudit:
         self._similar: list[Example] = []
 
     def add(self, ids: Sequence[str], prompt_keys: Sequence[int], prompts: Sequence[str],
-            chosen: Sequence[str], rejected: Sequence[str]) -> None:
-        """One chunk of pairs. ``prompt_keys``: equal for pairs with the same prompt."""
+            chosen: Sequence[str], rejected: Sequence[str],
+            images_unresolved: Sequence[int] | None = None) -> None:
+        """One chunk of pairs. ``prompt_keys``: equal for pairs with the same prompt;
+        ``images_unresolved``: per pair, its images with no readable file (default 0)."""
         m = pair_metrics(chosen, rejected, self.unit)
+        m["images_unresolved"] = (np.zeros(len(ids), dtype=np.int32) if images_unresolved is None
+                                  else np.asarray(images_unresolved, dtype=np.int32))
         self._metrics.append(m)
         self._ids.append(pa.array(ids, type=pa.string()))
         self._prompt_keys.append(np.asarray(prompt_keys, dtype=np.int64))
@@ -104,10 +115,16 @@ class SetAudit:
     def finish(self, n_skipped: int) -> SetResult:
         chunks = self._metrics or [pair_metrics([], [], self.unit)]
         metrics = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        metrics.setdefault("images_unresolved", np.zeros(0, dtype=np.int32))
         keys = self._prompt_keys or [np.zeros(0, dtype=np.int64)]
         metrics["prompt_repeated"] = repeated(np.concatenate(keys))
-        summary = set_summary(metrics, n_skipped=n_skipped, length_unit=self.unit.name)
         ids = pa.concat_arrays(self._ids) if self._ids else pa.array([], type=pa.string())
+        metrics["id_repeated"] = repeated(ids.dictionary_encode().indices.to_numpy(
+            zero_copy_only=False).astype(np.int64))
+        summary = set_summary(metrics, n_skipped=n_skipped, length_unit=self.unit.name)
+        integrity = integrity_summary(metrics)
+        summary["flags"] = summary["flags"] + integrity.pop("flags")
+        summary.update(integrity)
         return SetResult(self.name, summary, metrics, ids, self._different, self._similar)
 
 
@@ -115,11 +132,13 @@ class SetAudit:
 
 
 def pairs_schema(model_fields: Sequence[pa.Field] = ()) -> pa.Schema:
-    """``pairs.parquet``: set, id, the schema's ``diagnostics`` columns, prompt_repeated, and
-    the model-based columns when a scorer was given."""
+    """``pairs.parquet``: set, id, the schema's ``diagnostics`` columns, prompt_repeated,
+    id_repeated, images_unresolved, and the model-based columns when a scorer was given."""
     diagnostics = Features(COLUMN_GROUPS["diagnostics"]).arrow_schema
     return pa.schema([pa.field("set", pa.string()), pa.field("id", pa.string()),
-                      *diagnostics, pa.field("prompt_repeated", pa.bool_()), *model_fields])
+                      *diagnostics, pa.field("prompt_repeated", pa.bool_()),
+                      pa.field("id_repeated", pa.bool_()),
+                      pa.field("images_unresolved", pa.int32()), *model_fields])
 
 
 def pairs_table(result: SetResult, schema: pa.Schema, model_fields: Sequence[pa.Field] = ()) -> pa.Table:
@@ -147,7 +166,7 @@ def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str |
               on_error: str = "skip", console: Console | None = None,
               scorer: str | None = None, policy: str | None = None, text_only: bool = False,
               sample: int | None = None, seed: int = 0, batch_size: int = 8,
-              device: str | None = None) -> list[SetResult]:
+              device: str | None = None, max_pixels: int | None = None) -> list[SetResult]:
     """Audit each set in ``specs`` and write all outputs into ``out_dir``; prints the summary
     table and flags. Returns the per-set results.
 
@@ -155,37 +174,59 @@ def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str |
     text-only sets) add the model-based metrics (see
     :class:`~pairforge.diagnostics.model_based.ModelAuditor`): ``text_only`` also scores
     without the image, ``sample`` scores a ``seed``-ed random sample of that many pairs per
-    set, ``batch_size`` / ``device`` go to the models."""
+    set, ``batch_size`` / ``device`` go to the models; pairs with an image above
+    ``max_pixels`` (default: the build's limit) are not scored."""
     from rich.console import Console
-    from tqdm import tqdm
 
     from pairforge.diagnostics import report
-    from pairforge.sources import read_pairs
 
     console = console or Console()
     t0 = time.perf_counter()
-    unit = length_unit(tokenizer)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    previous = previous_audit(out)  # refuses a file, or files audit would replace but did not write
+    unit = length_unit(tokenizer)
     if text_only and scorer is None and policy is None:
         raise PairforgeError("--text-only scores the pairs without their images; it needs a "
                              "model: add --scorer default (or --scorer MODEL)")
     auditor = None
     if scorer is not None or policy is not None:
         auditor = ModelAuditor(scorer, policy, text_only=text_only, sample=sample, seed=seed,
-                               batch_size=batch_size, device=device, console=console)
+                               batch_size=batch_size, device=device, console=console,
+                               max_pixels=max_pixels)
         auditor.preload()
     model_fields = auditor.fields() if auditor else []
+    with staged_outputs(out, previous) as stage:
+        results = _audit_sets(specs, stage, format=format, image_root=image_root,
+                              on_error=on_error, unit=unit, auditor=auditor,
+                              model_fields=model_fields, console=console)
+    report.print_summary(results, console)
+    n = sum(r.summary["n_pairs"] for r in results)
+    skipped = sum(r.summary["n_skipped"] for r in results)
+    console.print(f"audited {len(results)} set(s): {n:,} pairs, {skipped:,} skipped, "
+                  f"in {time.perf_counter() - t0:.1f} s → {out}/report.html")
+    return results
+
+
+def _audit_sets(specs: Sequence[str], out: Path, *, format: str | None, image_root: Any,
+                on_error: str, unit: LengthUnit, auditor: ModelAuditor | None,
+                model_fields: list[pa.Field], console: Console) -> list[SetResult]:
+    """Audit each set and write every output into ``out`` (the staging folder)."""
+    from tqdm import tqdm
+
+    from pairforge.diagnostics import report
+    from pairforge.sources import read_pairs
+
     schema = pairs_schema(model_fields)
     results: list[SetResult] = []
     with pq.ParquetWriter(out / "pairs.parquet", schema) as writer, \
-            open(out / "skipped.jsonl", "w", encoding="utf-8") as skipped_file:
+            open(out / "skipped.jsonl", "w", encoding="utf-8",
+                 errors="backslashreplace") as skipped_file:
         for spec in specs:
             stream = read_pairs(spec, format=format, image_root=image_root, on_error=on_error,
                                 load_images=False)
             name = unique_name(stream.name, {r.name for r in results})
             audit = SetAudit(name, unit)
-            chunk: list[tuple[str, int, str, str, str]] = []
+            chunk: list[tuple[str, int, str, str, str, int]] = []
             n_pairs = n_with_images = 0
             with tqdm(total=stream.total, desc=f"audit {name}", unit=" rows", mininterval=0.5,
                       disable=None) as bar:
@@ -193,7 +234,8 @@ def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str |
                     prompt = prompt_text(row["prompt"])
                     n_with_images += bool(row["images"])
                     chunk.append((row["id"], hash((prompt, len(row["images"] or ()))), prompt,
-                                  response_text(row["chosen"]), response_text(row["rejected"])))
+                                  response_text(row["chosen"]), response_text(row["rejected"]),
+                                  stream.n_unresolved(row["images"])))
                     if len(chunk) % 1024 == 0:
                         bar.update(n_pairs + len(chunk) + len(stream.skipped) - bar.n)
                     if len(chunk) == CHUNK_PAIRS:
@@ -214,19 +256,83 @@ def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str |
             result.n_with_images = n_with_images
             if auditor is not None and n_pairs:
                 result.model = auditor.audit_set(name, spec, result.ids, has_images=n_with_images > 0,
-                                                 format=stream.format, image_root=image_root)
+                                                 format=stream.format, image_root=image_root,
+                                                 first_skipped=stream.skipped_at)
                 result.summary.update(result.model.summary)
                 result.summary["flags"] = result.summary["flags"] + result.model.flags
             writer.write_table(pairs_table(result, schema, model_fields))
             results.append(result)
     summary = {r.name: r.summary for r in results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
-                                      encoding="utf-8")
+                                      encoding="utf-8", errors="backslashreplace")
     plots = report.write_plots(out, results)
     report.write_html(out, results, plots)
-    report.print_summary(results, console)
-    n = sum(r.summary["n_pairs"] for r in results)
-    skipped = sum(r.summary["n_skipped"] for r in results)
-    console.print(f"audited {len(results)} set(s): {n:,} pairs, {skipped:,} skipped, "
-                  f"in {time.perf_counter() - t0:.1f} s → {out}/report.html")
     return results
+
+
+# ----------------------------------------------------------------------------- the out folder
+
+#: The list of files the last audit wrote into its ``--out`` folder (so that a new audit
+#: replaces those, and only those).
+AUDIT_MARKER = ".pairforge-audit.json"
+#: Files every audit writes (plots vary with the sets).
+AUDIT_FILES = ("summary.json", "pairs.parquet", "skipped.jsonl", "report.html")
+
+
+def previous_audit(out: Path) -> set[str]:
+    """The files a previous ``pairforge audit`` wrote into ``out`` (its marker); a one-line
+    error when ``out`` is a file or under one, or holds a file audit writes that no audit
+    wrote (it would be replaced)."""
+    check_out_path(out)
+    marker = out / AUDIT_MARKER
+    previous: set[str] = set()
+    if marker.is_file():
+        try:
+            previous = set(json.loads(marker.read_text(encoding="utf-8"))["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            previous = set()
+    for name in AUDIT_FILES:
+        if (out / name).exists() and name not in previous:
+            raise PairforgeError(f"--out {out}: holds {name}, which pairforge audit did not "
+                                 f"write; pass an empty or new folder (audit replaces only its "
+                                 f"own files)")
+    return previous
+
+
+@contextlib.contextmanager
+def staged_outputs(out: Path, previous: set[str]) -> Iterator[Path]:
+    """A temporary folder inside ``out`` for the audit to write into; on success its files
+    replace the previous audit's (a file audit did not write is never replaced or removed),
+    on failure it is removed and ``out`` is as it was (not there, if the audit created it)."""
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".audit-", suffix=".tmp", dir=out))
+    except OSError as e:
+        raise PairforgeError(f"--out {out}: cannot write there ({e.strerror or e}); pass a "
+                             f"folder you can write") from None
+    done = False
+    try:
+        yield stage
+        names = sorted(p.name for p in stage.iterdir())
+        clash = [n for n in names if (out / n).exists() and n not in previous]
+        if clash:
+            raise PairforgeError(f"--out {out}: holds {clash[0]}, which pairforge audit did not "
+                                 f"write; pass an empty or new folder")
+        def mark(files: Iterable[str]) -> None:
+            (out / AUDIT_MARKER).write_text(json.dumps({"files": sorted(files)}) + "\n",
+                                            encoding="utf-8")
+
+        mark(previous | set(names))  # a crash while moving leaves only files audit wrote
+        for name in names:
+            os.replace(stage / name, out / name)
+        for name in sorted(previous - set(names)):  # e.g. a plot this audit did not draw
+            old = out / name
+            if old.is_file():
+                old.unlink()
+        mark(names)
+        done = True
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not done:
+            shutil.rmtree(out, ignore_errors=True)  # made by this audit, holds nothing else

@@ -190,7 +190,7 @@ def sample_positions(n_pairs: int, n_sample: int | None, seed: int) -> np.ndarra
 def model_fields(text_only: bool) -> list[pa.Field]:
     """The per-pair model columns of ``pairs.parquet`` (null where a pair was not scored)."""
     prefixes = _PREFIXES if text_only else _PREFIXES[:2]
-    fields = [pa.field("model_scored", pa.bool_())]
+    fields = [pa.field("model_scored", pa.bool_()), pa.field("model_skip_reason", pa.string())]
     for prefix, gap in prefixes:
         fields += [pa.field(f"{prefix}_{c}", t) for c, t in _SCORE_COLUMNS]
         fields.append(pa.field(gap, pa.float64()))
@@ -267,6 +267,7 @@ class ModelResult:
     flags: list[dict]
     notes: list[str] = field(default_factory=list)
     gaps: dict[str, np.ndarray] = field(default_factory=dict)
+    skips: dict[int, str] = field(default_factory=dict)  # position → why it was not scored
 
 
 def model_table_columns(result: ModelResult | None, fields: Sequence[pa.Field], n: int) -> dict[str, pa.Array]:
@@ -278,6 +279,9 @@ def model_table_columns(result: ModelResult | None, fields: Sequence[pa.Field], 
             out[f.name] = pa.nulls(n, type=f.type)
         elif f.name == "model_scored":
             out[f.name] = pa.array(result.scored, type=pa.bool_())
+        elif f.name == "model_skip_reason":
+            out[f.name] = (pa.array([result.skips.get(i) for i in range(n)], type=pa.string())
+                           if result.skips else pa.nulls(n, type=pa.string()))
         else:
             out[f.name] = pa.array(result.columns[f.name], mask=~result.scored).cast(f.type)
     return out
@@ -294,15 +298,17 @@ class ModelAuditor:
     def __init__(self, scorer: str | None, policy: str | None = None, *, text_only: bool = False,
                  sample: int | None = None, seed: int = 0, batch_size: int = 8,
                  device: str | None = None, console: Console | None = None,
-                 thresholds: Thresholds = THRESHOLDS):
+                 thresholds: Thresholds = THRESHOLDS, max_pixels: int | None = None):
         if scorer is None and policy is None:
             raise PairforgeError("the model-based audit needs --scorer or --policy (e.g. --scorer default)")
         if sample is not None and sample < 1:
             raise PairforgeError(f"--sample {sample}: must be at least 1 (or omit it to score every pair)")
         if batch_size < 1:
             raise PairforgeError(f"--batch-size {batch_size}: must be at least 1")
+        from pairforge.models.base import resolve_device
         from pairforge.models.spec import parse_model_spec
 
+        resolve_device(device)  # a device this machine lacks fails before any set is read
         for spec in (scorer, policy):  # a malformed spec fails before any set is read
             if spec is not None and spec.strip() != "default":
                 parse_model_spec(spec)
@@ -310,6 +316,11 @@ class ModelAuditor:
         self.text_only, self.sample, self.seed = text_only, sample, seed
         self.batch_size, self.device, self.thresholds = batch_size, device, thresholds
         self.console = console
+        from pairforge.sources.sft import DEFAULT_MAX_PIXELS
+
+        self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        if self.max_pixels < 1:
+            raise PairforgeError(f"--max-pixels {max_pixels}: must be >= 1")
         self._models: dict[str, Any] = {}
 
     def preload(self) -> None:
@@ -352,9 +363,12 @@ class ModelAuditor:
     # ------------------------------------------------------------------ one set
 
     def audit_set(self, name: str, spec: Any, ids: pa.Array, *, has_images: bool,
-                  format: str | None, image_root: Any = None) -> ModelResult:
+                  format: str | None, image_root: Any = None,
+                  first_skipped: Sequence[int] = ()) -> ModelResult:
         """Score the sampled pairs of one set (re-read from ``spec``; positions among its
-        readable rows, checked against ``ids`` from the first pass)."""
+        readable rows, checked against ``ids`` from the first pass, whose skipped record
+        indices are ``first_skipped``). A sampled pair whose images cannot be read, decoded
+        or exceed the build's pixel limit is not scored: its reason is in ``skips``."""
         from pairforge.models import Capability
 
         n_pairs = len(ids)
@@ -382,8 +396,10 @@ class ModelAuditor:
         t0 = time.perf_counter()
         needs_images = any(not text for _, text in jobs)
         done, rate = 0, None
+        skips: dict[int, str] = {}
         for rows in self._sampled_rows(name, spec, ids, positions, format=format,
-                                       image_root=image_root, load_images=needs_images):
+                                       image_root=image_root, load_images=needs_images,
+                                       first_skipped=first_skipped, skips=skips):
             for job in jobs:
                 parts[job].append(score_pairs(self.model(job[0]), rows, text_only=job[1]))
             done += len(rows)
@@ -391,6 +407,10 @@ class ModelAuditor:
                 rate = self._estimate(name, time.perf_counter() - t0, done, len(positions), n_pairs)
         seconds = time.perf_counter() - t0
         scores = {job: Scores.concat(p) for job, p in parts.items()}
+        if skips:
+            positions = np.array([p for p in positions.tolist() if p not in skips], dtype=np.int64)
+            notes.append(f"{len(skips):,} sampled pair(s) not scored: their images cannot be "
+                         f"read (model_skip_reason in pairs.parquet says why)")
 
         columns: dict[str, np.ndarray] = {}
         gaps: dict[str, np.ndarray] = {}
@@ -412,45 +432,85 @@ class ModelAuditor:
         summary.update(model_scorer=ref.name, model_scorer_revision=getattr(ref, "revision", ""),
                        model_policy=pol.name, model_policy_revision=getattr(pol, "revision", ""),
                        model_scorer_sees_images=has_images and not wanted["ref"][1],
-                       model_seed=self.seed, model_seconds=round(seconds, 3))
+                       model_seed=self.seed, model_seconds=round(seconds, 3),
+                       model_n_skipped=len(skips))
         flags = model_flags(summary, has_images=has_images, t=self.thresholds)
+        if skips:
+            from pairforge.sources.sft import reason_kind
+
+            kind = reason_kind(next(iter(skips.values())))
+            flags.append({"id": "model_skipped_rows", "value": len(skips),
+                          "threshold": "model_n_skipped > 0",
+                          "message": f"{len(skips):,} sampled pair(s) were not scored because "
+                                     f"their images cannot be used (first: {kind}); "
+                                     f"model_skip_reason in pairs.parquet says why."})
         notes.append(f"scoring took {seconds:.1f} s ({len(positions) / max(seconds, 1e-9):.1f} "
                      f"pairs/s, {len(jobs)} model pass(es))"
                      + (f"; all {n_pairs:,} pairs would take about {_duration(n_pairs / rate)}"
                         if rate and len(positions) < n_pairs and n_pairs / rate > 60 else ""))
-        return ModelResult(columns, scored, summary, flags, notes, gaps)
+        return ModelResult(columns, scored, summary, flags, notes, gaps, skips)
 
     def _sampled_rows(self, name: str, spec: Any, ids: pa.Array, positions: np.ndarray, *,
-                      format: str | None, image_root: Any, load_images: bool):
+                      format: str | None, image_root: Any, load_images: bool,
+                      first_skipped: Sequence[int] = (), skips: dict[int, str] | None = None):
         """Chunks of the canonical rows at ``positions`` (a second pass over the set), with a
-        progress bar; the first chunk is one model batch, so its time gives the rate early."""
+        progress bar; the first chunk is one model batch, so its time gives the rate early.
+
+        Loading images, the second pass may skip rows the first (text) pass kept: a missing
+        or empty image file. Such a row still takes its position (records skipped in the
+        first pass, ``first_skipped``, do not); at a sampled position it goes to ``skips``
+        with its reason, as does a row whose images do not decode or exceed ``max_pixels``
+        (default :data:`~pairforge.sources.sft.DEFAULT_MAX_PIXELS`, the build's limit)."""
         from tqdm import tqdm
 
         from pairforge.sources import read_pairs
 
+        skips = {} if skips is None else skips
+        first = set(first_skipped)
         stream = read_pairs(spec, format=format, image_root=image_root, on_error="skip",
                             load_images=load_images)
         wanted = iter(positions.tolist())
         target = next(wanted, None)
         chunk: list[Mapping] = []
         size = self.batch_size
-        k = 0
+        k = n_seen = 0  # k: position among the first pass's rows; n_seen: skips looked at
+
+        def newly_skipped() -> None:  # rows of the first pass that this pass skipped
+            nonlocal k, n_seen, target
+            while n_seen < len(stream.skipped):
+                at, bad = stream.skipped_at[n_seen], stream.skipped[n_seen]
+                n_seen += 1
+                if at in first:
+                    continue
+                if k == target:
+                    skips[k] = bad.one_line()
+                    target = next(wanted, None)
+                k += 1
+
         with tqdm(total=len(positions), desc=f"score {name}", unit=" pairs", disable=None) as bar:
             for row in stream:
+                newly_skipped()
                 if target is None:
                     break
                 if k == target:
-                    if row["id"] != ids[k].as_py():
+                    if k >= len(ids) or row["id"] != ids[k].as_py():
                         raise PairforgeError(f"{name}: row {k} has id {row['id']} on the second "
-                                             f"read but {ids[k].as_py()} on the first; the source "
-                                             f"is not stable between reads (copy it to a local file)")
-                    chunk.append(row)
+                                             f"read but {ids[k].as_py() if k < len(ids) else 'none'} "
+                                             f"on the first; the source is not stable between "
+                                             f"reads (copy it to a local file)")
+                    row, why = (_decoded(row, stream.where, self.max_pixels) if load_images
+                                else (row, None))
+                    if why is not None:
+                        skips[k] = why
+                    else:
+                        chunk.append(row)
                     target = next(wanted, None)
                     if len(chunk) == size:
                         yield chunk
                         bar.update(len(chunk))
                         chunk, size = [], CHUNK_PAIRS
                 k += 1
+            newly_skipped()
             if chunk:
                 yield chunk
                 bar.update(len(chunk))
@@ -483,3 +543,16 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def _decoded(row: Mapping, where: str, max_pixels: int) -> tuple[Mapping, str | None]:
+    """The row with its images decoded (:func:`~pairforge.sources.sft.decode_image`, with
+    the pixel limit), or ``(row, reason)`` when one cannot be used."""
+    from pairforge.errors import BadInput
+    from pairforge.sources.sft import decode_image
+
+    try:
+        images = [decode_image(im, i, max_pixels) for i, im in enumerate(row["images"] or ())]
+    except BadInput as e:
+        return row, f"{where}, id {row['id']}: {e.one_line()}"
+    return {**row, "images": images}, None

@@ -122,3 +122,31 @@ def set_flags(s: Mapping, t: Thresholds = THRESHOLDS) -> list[dict]:
              f"{v:.0%} of pairs share their prompt text and image count with another pair: "
              f"split train/eval by prompt, and expect those prompts to weigh more in training.")
     return flags
+
+
+def integrity_summary(m: Mapping[str, np.ndarray]) -> dict:
+    """Rows that are there but not as they should be, with their flags: ids that occur more
+    than once in the set (``id_repeated``; the pairs are kept, each counted) and pairs whose
+    images name no readable file (``images_unresolved``: per pair, images missing or empty
+    under the image root). ``flags`` lists ``duplicate_ids`` / ``images_unresolved`` when
+    any occur."""
+    n_dup = int(np.sum(m["id_repeated"]))
+    n_unres = int(np.sum(m["images_unresolved"] > 0))
+    n = len(m["id_repeated"])
+    out = {"n_duplicate_id_pairs": n_dup, "n_pairs_images_unresolved": n_unres,
+           "n_images_unresolved": int(np.sum(m["images_unresolved"]))}
+    flags = []
+    if n_dup:
+        flags.append({"id": "duplicate_ids", "value": n_dup, "threshold": "n_duplicate_id_pairs > 0",
+                      "message": f"{n_dup} of {n} pairs share their id with another pair of the "
+                                 f"set (id_repeated in pairs.parquet): both are kept; make ids "
+                                 f"unique or drop the duplicates before training."})
+    if n_unres:
+        flags.append({"id": "images_unresolved", "value": n_unres,
+                      "threshold": "n_pairs_images_unresolved > 0",
+                      "message": f"{n_unres} of {n} pairs refer to image files that are missing "
+                                 f"or empty under the image root (images_unresolved in "
+                                 f"pairs.parquet): a trainer cannot load them; pass --image-root "
+                                 f"or fix the paths."})
+    out["flags"] = flags
+    return out

@@ -160,3 +160,29 @@ class ImageTextScorer(Protocol):
 def clip_score(cosine: float, w: float = 2.5) -> float:
     """CLIPScore(I, c) = w · max(cos(E_I, E_c), 0), w = 2.5 (Hessel et al., 2021, eq. 1)."""
     return w * max(cosine, 0.0)
+
+
+def resolve_device(device: Any = None, option: str = "--device") -> Any:
+    """A ``torch.device`` for a device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``), or
+    the default (``cuda`` when available, else ``cpu``) for None; a one-line
+    :class:`PairforgeError` for a malformed device or one this machine does not have."""
+    import torch
+
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise PairforgeError(f"{option} {device}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise PairforgeError(f"{option} {device}: this machine has no CUDA device; use "
+                                 f"{option} cpu")
+        if dev.index is not None and dev.index >= n:
+            raise PairforgeError(f"{option} {device}: this machine has {n} CUDA device(s), "
+                                 f"cuda:0 to cuda:{n - 1}; pick one of them")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps")
+                                    and torch.backends.mps.is_available()):
+        raise PairforgeError(f"{option} {device}: MPS is not available here; use {option} cpu")
+    return dev

@@ -699,10 +699,19 @@ class P2DPO:
         return Outcome(rows=rows, stats=stats)
 
 
+#: Smallest image side and largest side ratio P2-DPO takes: its crops of thinner images have
+#: a side of 0 pixels once a processor resizes them (a ZeroDivisionError inside transformers).
+MIN_IMAGE_SIDE, MAX_ASPECT = 8, 16
+
+
 def _unusable(ex: Example) -> str | None:
     """Why ``ex`` cannot yield P2-DPO pairs, or None."""
     if len(ex.images) != 1:
         return f"P2-DPO needs exactly one image per example, this one has {len(ex.images)}"
+    w, h = ex.images[0].size
+    if min(w, h) < MIN_IMAGE_SIDE or max(w, h) > MAX_ASPECT * min(w, h):
+        return (f"the image is {w}x{h} pixels; P2-DPO crops need sides of at least "
+                f"{MIN_IMAGE_SIDE} pixels and an aspect ratio of at most {MAX_ASPECT}:1")
     users = [m for m in ex.prompt_messages if m.get("role") == "user"]
     if not users or count_image_parts([users[-1]]) != 1 or count_image_parts(ex.prompt_messages) != 1:
         return "the image must be referred to once, in the last user message"

@@ -84,19 +84,68 @@ def open_container(spec: str | os.PathLike, *, split: str | None = None,
 # ----------------------------------------------------------------------------- JSON
 
 
+def open_source(path: Path, where: str, mode: str = "rb", **kw: Any):
+    """``open(path)`` for reading; an OS error (permissions, a folder) is a one-line
+    :class:`PairforgeError` naming the file."""
+    try:
+        return open(path, mode, **kw)
+    except OSError as e:
+        raise PairforgeError(f"{where}: cannot read this file ({e.strerror or _first_line(e)}); "
+                             f"check its permissions or pass another file") from None
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """Where a decoded JSON value holds a lone surrogate code point (a ``\\ud800`` escape with no
+    pair: not Unicode text, so no UTF-8 writer can store it), as ``"field 'x'"``; else None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "text"
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if lone_surrogate(k) or lone_surrogate(v):
+                return f"field {ascii(k)}"
+    elif isinstance(value, list):
+        for v in value:
+            where = lone_surrogate(v)
+            if where:
+                return where
+    return None
+
+
+def _surrogate_reject(value: Any, where: str, i: int) -> BadInput | None:
+    """A :class:`BadInput` for a record with a lone surrogate (see :func:`lone_surrogate`)."""
+    at = lone_surrogate(value)
+    if at is None:
+        return None
+    return BadInput(f"{at} holds a lone surrogate code point (a \\uD800-\\uDFFF escape with no "
+                    f"pair), which is not valid Unicode; fix the escape or drop the record",
+                    where=where, row=i)
+
+
 def _jsonl(path: Path, where: str) -> Records:
-    """One record per line; the row index is the 0-based line number; blank lines are skipped."""
-    with open(path, "rb") as f:
+    """One record per line; the row index is the 0-based line number; blank lines are skipped;
+    a line with a lone surrogate escape is a :class:`BadInput`."""
+    with open_source(path, where) as f:
         for i, line in enumerate(f):
             if i == 0:
                 line = line.removeprefix(codecs.BOM_UTF8)
             if not line.strip():
                 continue
             try:
-                yield i, json.loads(line)
+                value = json.loads(line)
             except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
                 yield i, BadInput(f"broken JSON line ({_first_line(e)}); fix or remove the line",
                                   where=where, row=i)
+                continue
+            # a surrogate can only come from a \\uXXXX escape: look only at lines that have one
+            if b"\\u" in line and (bad := _surrogate_reject(value, where, i)) is not None:
+                value = bad
+            yield i, value
 
 
 class _JsonScanner:
@@ -163,7 +212,7 @@ class _JsonScanner:
 
 def _json(path: Path, where: str) -> Records:
     """A top-level list of records, or an object whose ``data`` key holds that list."""
-    with open(path, encoding="utf-8-sig") as f:
+    with open_source(path, where, "r", encoding="utf-8-sig") as f:
         s = _JsonScanner(f, where)
         if s.peek() == "{":  # walk the keys up to "data", skipping other values
             s.take("{", "at the start")
@@ -183,7 +232,8 @@ def _json(path: Path, where: str) -> Records:
             return
         i = 0
         while True:
-            yield i, s.value()
+            value = s.value()
+            yield i, _surrogate_reject(value, where, i) or value
             if s.take(",]", f"after record {i}") == "]":
                 return
             i += 1

@@ -175,7 +175,10 @@ def _sharegpt(turns: Any, field: str) -> list[dict]:
 
 
 def _prompt_ends_with_user(prompt: list[dict], field: str, what: str) -> list[dict]:
-    if not prompt or prompt[-1]["role"] != "user":
+    if not prompt:
+        raise _bad(field, f"{what} is an empty list: no question; add the turns or drop the "
+                          f"record")
+    if prompt[-1]["role"] != "user":
         raise _bad(field, f"{what} must end with a user turn (the question)")
     return prompt
 
@@ -218,6 +221,9 @@ def _images(rec: Mapping, key: str, *, required: bool = False) -> list[Any]:
 def place_images(prompt: list[dict], n_images: int) -> list[dict]:
     """Check the prompt's image parts against ``n_images``; a prompt without any image part
     gets the images first, in its first user turn."""
+    if not prompt:
+        raise _bad("prompt", "is an empty list of messages: no question; add it or drop the "
+                             "record")
     n_parts = count_image_parts(prompt)
     if n_parts == n_images:
         return prompt

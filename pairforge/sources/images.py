@@ -54,6 +54,9 @@ class ImageResolver:
             if self.structs_unread:
                 return {"bytes": None, "path": f"<image {i}>" if path is None else str(path)}
             if data is not None:
+                if not isinstance(data, (bytes, bytearray, memoryview)):
+                    raise _bad(f"image {i}: 'bytes' is a {type(data).__name__}, expected raw "
+                               f"bytes (JSON cannot hold them); give the file in 'path' instead")
                 return self._bytes(bytes(data), path, i)
             if path is not None:
                 return self._path(str(path), i)
@@ -62,6 +65,26 @@ class ImageResolver:
             return self._pil(value, i)
         raise _bad(f"image {i} is {type(value).__name__}; expected a path, bytes, "
                    f"a {{'bytes', 'path'}} dict or a PIL image")
+
+    def unresolved(self, placeholder: Mapping) -> bool:
+        """For a placeholder made without loading (``{"bytes": None, "path": name}``): True
+        when its file is missing or empty under the root. False when it cannot tell (bytes
+        given, a struct left unread, no root): only a read would show."""
+        path = placeholder.get("path")
+        if self.load or self.structs_unread or self.root is None or placeholder.get("bytes") \
+                or not path or path.startswith("<"):
+            return False
+        return not self._nonempty(os.path.join(str(self.root), path))
+
+    @functools.cached_property
+    def _nonempty(self):
+        def nonempty(path: str) -> bool:
+            try:
+                return os.stat(path).st_size > 0 and os.path.isfile(path)
+            except (OSError, ValueError):
+                return False
+
+        return functools.lru_cache(maxsize=1 << 16)(nonempty)
 
     def _bytes(self, data: bytes, path: Any, i: int) -> dict:
         if not data:
@@ -82,6 +105,8 @@ class ImageResolver:
         """Resolve a path inside the root; read it when loading."""
         if not text.strip():
             raise _bad(f"image {i} has an empty path")
+        if "\0" in text:
+            raise _bad(f"image path {text!r} contains a NUL byte; fix the path")
         if self.root is None:
             if not self.load:
                 return {"bytes": None, "path": text}

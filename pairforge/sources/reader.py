@@ -46,6 +46,7 @@ class PairStream:
         self.on_error = on_error
         self.load_images = load_images
         self.skipped: list[BadInput] = []
+        self.skipped_at: list[int] = []  # the record index of each skipped row
         self.n_read = 0
         self._images = ImageResolver(_image_root(image_root, self._container), load=load_images,
                                      structs_unread=self._container.arrow)
@@ -80,7 +81,7 @@ class PairStream:
             records, self._first_pass = self._first_pass, None
         else:
             records = self._container.records()
-            self.skipped, self.n_read = [], 0
+            self.skipped, self.skipped_at, self.n_read = [], [], 0
         for index, record in records:
             self.n_read += 1
             try:
@@ -91,6 +92,7 @@ class PairStream:
                 if self.on_error == "fail":
                     raise bad from None
                 self.skipped.append(bad)
+                self.skipped_at.append(index)
                 continue
             yield row
 
@@ -116,6 +118,11 @@ class PairStream:
             )
         validate_row(row, where=self.where, row_index=index)
         return row
+
+    def n_unresolved(self, images: list[dict] | None) -> int:
+        """How many of a row's image placeholders (``load_images=False``) name no readable,
+        non-empty file under the image root (:meth:`ImageResolver.unresolved`)."""
+        return sum(self._images.unresolved(im) for im in images or ())
 
     # -- reporting
 

@@ -53,7 +53,7 @@ from urllib.parse import parse_qsl
 
 from PIL import Image as PILImage
 
-from pairforge.errors import BadInput, PairforgeError
+from pairforge.errors import BadInput, PairforgeError, first_line
 from pairforge.recipes.base import Example
 from pairforge.schema import count_image_parts
 from pairforge.sources.containers import open_container
@@ -378,6 +378,9 @@ def _conversation(record: Any) -> tuple[list[dict], list[Any]]:
     else:
         raise BadInput("needs a 'conversations' list (LLaVA: human/gpt turns) or a 'messages' "
                        "list (role/content); neither is there", field="conversations")
+    if not turns:
+        raise BadInput(f"'{key}' is an empty list: the record has no question-answer turn; add "
+                       f"the turns or drop the record", field=key)
     if record.get("images") is not None and record.get("image") is not None:
         raise BadInput("the record has both 'image' and 'images'; keep one", field="images")
     raw = record.get("images") if record.get("images") is not None else record.get("image")
@@ -469,8 +472,7 @@ def decode_image(struct: Mapping, i: int, max_pixels: int = DEFAULT_MAX_PIXELS):
     except BadInput:
         raise
     except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, ...
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"{name} cannot be decoded ({text[:200]}); the file is corrupt or "
+        raise BadInput(f"{name} cannot be decoded ({first_line(e)}); the file is corrupt or "
                        f"truncated, re-create it or drop the record", field="images") from None
     setattr(img, SOURCE_BYTES, {"bytes": struct["bytes"], "path": struct.get("path")})
     return img
