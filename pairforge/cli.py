@@ -124,13 +124,18 @@ def publish(
     tokenizer: Annotated[str, typer.Option(
         "--tokenizer", help="Length unit of the card's diagnostics: words, gpt2 or a "
                             "tokenizer folder / id.")] = "gpt2",
+    image_root: Annotated[Path | None, typer.Option(
+        "--image-root", help="Folder that image paths in the rows must lie in (default: the "
+                             "build dir or the set's folder); a row whose image is outside "
+                             "it, too big or not an image stops the publish.")] = None,
 ) -> None:
     """Publish a pair set to the Hugging Face Hub: parquet shards + card + plots, loaded back
     with datasets.load_dataset, pushed in one commit (token: HF_TOKEN or `hf auth login`)."""
     from pairforge.publish.hub import publish as run_publish
 
     run_publish(data, repo_id, private=private, revision=revision, create_pr=create_pr,
-                dry_run=dry_run, staging=staging, license=license, tokenizer=tokenizer)
+                dry_run=dry_run, staging=staging, license=license, tokenizer=tokenizer,
+                image_root=image_root)
 
 
 class ExportFormat(str, Enum):
@@ -154,11 +159,15 @@ def export(
     on_error: Annotated[OnError, typer.Option(
         "--on-error", help="skip: list rows the format cannot hold in NAME.skipped.jsonl; "
                            "fail: stop at the first.")] = OnError.skip,
+    image_root: Annotated[Path | None, typer.Option(
+        "--image-root", help="Folder that image paths in the rows must lie in (default: the "
+                             "build dir or the set's folder); other rows are skipped.")] = None,
 ) -> None:
     """Export pairs for LLaMA-Factory or ms-swift (images written once, named by content)."""
     from pairforge.publish.export import export as run_export
 
-    run_export(data, to.value, out, name=name, on_error=on_error.value, absolute=absolute)
+    run_export(data, to.value, out, name=name, on_error=on_error.value, absolute=absolute,
+               image_root=image_root)
 
 
 @app.command()

@@ -91,8 +91,13 @@ def publish(path: str | os.PathLike, repo_id: str, *, private: bool = False,
             revision: str | None = None, create_pr: bool = False, dry_run: bool = False,
             staging: str | os.PathLike | None = None, license: str | None = None,
             tokenizer: str = "gpt2", max_shard_bytes: int = MAX_SHARD_BYTES,
+            image_root: str | os.PathLike | None = None,
             console: Console | None = None) -> PublishResult:
-    """Stage, verify and (unless ``dry_run``) push the pair set at ``path`` to ``repo_id``."""
+    """Stage, verify and (unless ``dry_run``) push the pair set at ``path`` to ``repo_id``.
+
+    Images that rows only point to must lie inside ``image_root`` (default: the build dir,
+    or the set's own folder), be at most :data:`pairforge.safety.MAX_IMAGE_BYTES` and decode;
+    one row that fails stops the publish with a line naming it, before anything is staged."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -100,7 +105,7 @@ def publish(path: str | os.PathLike, repo_id: str, *, private: bool = False,
     if not REPO_ID.match(repo_id):
         raise PairforgeError(f"--repo-id {repo_id!r}: expected ORG/NAME (letters, digits, "
                              f"'-', '_', '.')")
-    pset = open_pairset(path)
+    pset = open_pairset(path, image_root=image_root)
     folder = Path(staging) if staging is not None else default_staging(path)
     staged = stage(pset, folder, repo_id=repo_id, license=license, tokenizer=tokenizer,
                    max_shard_bytes=max_shard_bytes)

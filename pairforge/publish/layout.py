@@ -9,9 +9,11 @@ loading the folder back with ``datasets.load_dataset``.
       data/train-00000-of-00001.parquet           one ``default`` config, or
       data/<config>/train-00000-of-0000N.parquet  one folder per config (P2-DPO focus / robust)
 
-Shards hold at most :data:`MAX_SHARD_BYTES` of Arrow data each, as ``push_to_hub`` does;
-image files that rows only point to are read into the parquet (``embed_table_storage``), so
-the repo is self-contained and no local path leaks into it (paths are cut to file names).
+Shards hold at most :data:`MAX_SHARD_BYTES` of Arrow data each, as ``push_to_hub`` does.
+Images arrive embedded: :func:`pairforge.publish.pairset.open_pairset` read every image that
+rows only pointed to, inside the set's allowed root and checked
+(:func:`pairforge.safety.checked_images`), so nothing here opens a file a row names, the repo
+is self-contained and no local path leaks into it (paths are cut to file names).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, Features
-from datasets.table import embed_table_storage
 
 from pairforge.errors import PairforgeError
 from pairforge.publish.pairset import SPLIT
@@ -98,16 +99,8 @@ def write_data(configs: Mapping[str, Dataset], folder: Path, *,
               unit=" rows", disable=not progress or None, mininterval=0.5) as bar:
         for ds, cf, i, n in plan:
             shard = ds.shard(num_shards=n, index=i, contiguous=True)
-            try:
-                embedded = shard.with_format("arrow").map(
-                    embed_table_storage, batched=True, batch_size=EMBED_BATCH,
-                    keep_in_memory=True)
-            except FileNotFoundError as e:
-                raise PairforgeError(f"config {cf.name!r}: a row points to the image file "
-                                     f"{e.filename!r}, which does not exist; restore it or "
-                                     f"rebuild the set with embedded images") from None
             path = folder / cf.files[i]
-            embedded.with_format(None).to_parquet(str(path))
+            shard.with_format(None).to_parquet(str(path))
             cf.download_size += path.stat().st_size
             bar.update(len(shard))
     return out
