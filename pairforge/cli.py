@@ -278,8 +278,6 @@ def build(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Build preference pairs from SFT examples with a recipe (checkpointed, resumable)."""
-    import shlex
-
     from pairforge.build import build as run_build
     from pairforge.build import load_config, parse_params
 
@@ -288,7 +286,7 @@ def build(
                       batch_size=batch_size, chunk_size=chunk_size, image_root=image_root,
                       max_pixels=max_pixels, overwrite=overwrite or None,
                       params=parse_params(param or []) or None)
-    run_build(cfg, command=shlex.join(["pairforge", *sys.argv[1:]]), progress=not quiet)
+    run_build(cfg, command=recorded_command(), progress=not quiet)
 
 
 @app.command()
@@ -299,11 +297,19 @@ def merge(
         "--overwrite", help="Replace a build (not a merge) already in --out.")] = False,
 ) -> None:
     """Join shard builds (same run, all shards, no overlap) into one build folder."""
-    import shlex
-
     from pairforge.build import merge as run_merge
 
-    run_merge(shards, out, overwrite=overwrite, command=shlex.join(["pairforge", *sys.argv[1:]]))
+    run_merge(shards, out, overwrite=overwrite, command=recorded_command())
+
+
+def recorded_command() -> str:
+    """The command line as the build records it (manifest, summary, published card): absolute
+    local paths are cut to ``<local>/name`` so that no folder of this machine is published."""
+    import shlex
+
+    from pairforge.safety import redact_local_paths
+
+    return redact_local_paths(shlex.join(["pairforge", *sys.argv[1:]]))
 
 
 def main() -> None:

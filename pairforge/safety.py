@@ -29,17 +29,22 @@ from pairforge.errors import BadInput, PairforgeError
 #: Largest image file (or embedded image) read from a pair set, in bytes.
 MAX_IMAGE_BYTES = 64 * 2**20
 
-#: An absolute POSIX path (or a ``file:`` URL's path) not inside a URL or a relative path:
-#: the slash must not follow a word character, a dot, a colon, another slash or ``~``.
-_ABS_PATH = re.compile(r"(?<![\w.:/~\-%])/(?:[^\s/'\"`|<>()\[\]{},;=]+/)*"
-                       r"([^\s/'\"`|<>()\[\]{},;=]+)/?")
+#: An absolute POSIX path: the slash starts the text or follows a space, a quote, ``=``, a
+#: bracket, a scheme or prefix such as ``hf:`` (but not ``https://``, the ``//`` of a URL),
+#: or ``file://``; a URL's own path (after its host) and relative paths are not matched.
+_ABS_PATH = re.compile(r"(?:(?<=file://)|(?<![\w.:/~\-%>])|(?<=[A-Za-z]:)(?!//))"
+                       r"/(?:[^\s/'\"`|<>()\[\]{},;=]+/)*([^\s/'\"`|<>()\[\]{},;=]+)/?")
+#: A single-quoted absolute path (``shlex.join`` quotes paths with spaces).
+_QUOTED_PATH = re.compile(r"'((?:file://)?/[^']*)'")
 _WIN_PATH = re.compile(r"\b[A-Za-z]:\\(?:[^\s\\'\"`|<>]+\\)*([^\s\\'\"`|<>]+)\\?")
 
 
 def redact_local_paths(text: str) -> str:
     """``text`` with every absolute local path cut to ``<local>/<last component>``
-    (``--source /home/me/data/train.json`` → ``--source <local>/train.json``); URLs and
-    relative paths are kept as they are."""
+    (``--source /home/me/data/train.json`` → ``--source <local>/train.json``,
+    ``hf:/models/llava`` → ``hf:<local>/llava``); URLs and relative paths are kept."""
+    text = _QUOTED_PATH.sub(lambda m: f"'<local>/{os.path.basename(m.group(1).rstrip('/'))}'",
+                            text)
     text = _ABS_PATH.sub(lambda m: f"<local>/{m.group(1)}", text)
     return _WIN_PATH.sub(lambda m: f"<local>/{m.group(1)}", text)
 
@@ -229,3 +234,22 @@ def _embedded(ds, cols: Mapping[str, bool], check: Callable, where: str, batch_s
         table = ds.select_columns(others).with_format("arrow")[:]
         data.update({n: table.column(n).to_pylist() for n in others})
     return Dataset.from_dict({n: data[n] for n in ds.column_names}, features=ds.features)
+
+
+def redacted_model_names(ds):
+    """``ds`` with local paths in its ``models[].name`` values cut by
+    :func:`redact_local_paths` (``hf:/home/me/llava`` → ``hf:<local>/llava``); the same
+    dataset when no name holds one."""
+    if "models" not in ds.column_names or not len(ds):
+        return ds
+    names = {r.get("name") or "" for ms in ds.with_format("arrow")["models"].to_pylist()
+             for r in ms or ()}
+    if all(redact_local_paths(n) == n for n in names):
+        return ds
+
+    def redact(models: list) -> dict:
+        return {"models": [[{**r, "name": redact_local_paths(r.get("name") or "")}
+                            for r in ms or ()] for ms in models]}
+
+    return ds.map(redact, batched=True, input_columns="models", keep_in_memory=True,
+                  features=ds.features)

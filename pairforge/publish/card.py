@@ -31,6 +31,7 @@ from pairforge.errors import PairforgeError
 from pairforge.publish.layout import ConfigFiles
 from pairforge.publish.pairset import SPLIT, PairSet
 from pairforge.resources import resource_dir
+from pairforge.safety import redact_local_paths
 from pairforge.schema import COLUMN_GROUPS, CORE_FEATURES, prompt_text, response_text
 from pairforge.world.scenes import WORLD_NAME
 
@@ -274,6 +275,10 @@ def render_card(pset: PairSet, staged: Sequence[ConfigFiles], features: Features
         version=__version__,
     )
     text = SECRET.sub("[redacted]", text)
+    # no local path leaves the machine: the body (commands, source, models) is cut to names;
+    # the YAML holds repo paths only and must round-trip as written
+    head, sep, body = text.partition("\n---\n")
+    text = head + sep + redact_local_paths(body) if sep else redact_local_paths(text)
     card = DatasetCard(text)
     if card.data.to_dict() != data.to_dict():  # the YAML must read back as written
         raise RuntimeError("the card's YAML does not round-trip; this is a pairforge bug")

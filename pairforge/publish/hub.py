@@ -32,6 +32,7 @@ from pairforge.publish.layout import (
     write_data,
 )
 from pairforge.publish.pairset import PairSet, is_build_dir, open_pairset
+from pairforge.safety import redacted_model_names
 from pairforge.sources.containers import _first_line
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ def stage(pset: PairSet, staging: Path, *, repo_id: str, license: str | None = N
     """Write the repo layout of ``pset`` into ``staging`` and verify it loads; returns the
     staged configs."""
     prepare_staging(staging)
-    configs = pset.configs()
+    configs = {name: redacted_model_names(ds) for name, ds in pset.configs().items()}
     staged = write_data(configs, staging, max_shard_bytes=max_shard_bytes, progress=progress)
     features = pset.dataset.features
     write_card(staging, pset, staged, features, repo_id=repo_id, license=license,
