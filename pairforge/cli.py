@@ -80,7 +80,10 @@ def serve(
     model: Annotated[str, typer.Argument(help="Model to serve: tiny-vlm, smollm2, hf:PATH_OR_ID "
                                               "or a folder (run by transformers).")],
     port: Annotated[int, typer.Option("--port", help="Port (0 = any free port).")] = 8000,
-    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(
+        "--host", help="Interface to listen on. Any host but loopback (127.0.0.1, ::1, "
+                       "localhost) is refused without --api-key-env, unless --insecure.")
+    ] = "127.0.0.1",
     name: Annotated[str | None, typer.Option(
         "--name", help="Model name clients send (default: MODEL as given).")] = None,
     max_batch: Annotated[int, typer.Option(
@@ -91,12 +94,16 @@ def serve(
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ...")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16, float16.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No log line per request.")] = False,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Serve on a non-loopback --host without --api-key-env: anyone who "
+                           "can reach the port can use the model.")] = False,
 ) -> None:
     """Serve a model on an OpenAI-compatible /v1/chat/completions (+ /v1/models) endpoint."""
     from pairforge.serve import serve as run_server
 
     run_server(model, host=host, port=port, served_name=name, max_batch=max_batch,
-               api_key_env=api_key_env, device=device, dtype=dtype, quiet=quiet)
+               api_key_env=api_key_env, device=device, dtype=dtype, quiet=quiet,
+               insecure=insecure)
 
 
 @app.command()

@@ -24,7 +24,10 @@ Conventions:
 - **Batching**: concurrent requests with the same sampling settings are decoded in one
   ``HFModel.generate`` call (up to ``max_batch``); per-request seeds make results independent of
   batching. One worker thread owns the model.
-- **Key**: with ``api_key_env`` set, requests must carry ``Authorization: Bearer $VAR``.
+- **Key**: with ``api_key_env`` set, requests must carry ``Authorization: Bearer $VAR``. A
+  host other than loopback is refused without a key unless ``insecure`` is set.
+- **Images**: at most the build's pixel limit (``DEFAULT_MAX_PIXELS``), checked from the
+  image header before the pixels are decoded; a larger one is a 400.
 """
 
 from __future__ import annotations
@@ -192,11 +195,18 @@ def _decode_data_url(url: Any, where: str):
     header, comma, payload = url.partition(",")
     if not comma or not header.endswith(";base64"):
         raise HTTPError(400, f"{where}: expected data:image/png;base64,<data>", param="messages")
+    from pairforge.errors import BadInput
+    from pairforge.sources.sft import DEFAULT_MAX_PIXELS, decode_image
+
     try:
-        img = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
-        img.load()
-    except (binascii.Error, ValueError, OSError) as e:
-        raise HTTPError(400, f"{where}: the data URL is not a readable image ({e})", param="messages") from None
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise HTTPError(400, f"{where}: the data URL is not valid base64 ({e})", param="messages") from None
+    try:  # the build's pixel limit, checked from the header before any pixel is decoded
+        img = decode_image({"bytes": data, "path": "the data URL image"}, 0, DEFAULT_MAX_PIXELS)
+    except BadInput as e:  # the build's fix ("raise --max-pixels ...") is not the client's
+        reason = e.reason.split("; ")[0]
+        raise HTTPError(400, f"{where}: {reason}; send a smaller image", param="messages") from None
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -458,14 +468,36 @@ class ChatServer(ThreadingHTTPServer):
         self.batcher.close()
 
 
+def is_loopback(host: str) -> bool:
+    """``host`` is this machine only: ``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host.strip().lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def check_exposure(host: str, api_key_env: str | None, insecure: bool) -> None:
+    """Refuse to serve on a non-loopback interface without a key, unless ``insecure``."""
+    if not is_loopback(host) and not api_key_env and not insecure:
+        raise PairforgeError(f"--host {host} serves the model to other machines without a key; "
+                             f"pass --api-key-env VAR (clients send 'Authorization: Bearer "
+                             f"$VAR'), or --insecure to serve anyone who can reach the port")
+
+
 def serve(model_spec: str, *, host: str = "127.0.0.1", port: int = 8000, served_name: str | None = None,
           max_batch: int = 8, api_key_env: str | None = None, device: str | None = None,
-          dtype: str | None = None, quiet: bool = False) -> None:
+          dtype: str | None = None, quiet: bool = False, insecure: bool = False) -> None:
     """Load ``model_spec`` with :class:`~pairforge.models.hf.HFModel` and serve it until
     interrupted. Prints ``pairforge serve: MODEL on URL`` to stdout once listening (with the
-    bound port when ``port`` is 0), and a summary on exit."""
+    bound port when ``port`` is 0), and a summary on exit. A non-loopback ``host`` needs
+    ``api_key_env`` or ``insecure=True``."""
     from pairforge.models.hf import HFModel
 
+    check_exposure(host, api_key_env, insecure)
     api_key = None
     if api_key_env:
         api_key = os.environ.get(api_key_env)
