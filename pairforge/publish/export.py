@@ -203,7 +203,6 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike, *, name: st
     ``image_root`` (default: the set's folder; see :func:`open_pairset`); a row whose image
     does not is skipped with the reason (or stops the export with ``on_error="fail"``)."""
     from rich.console import Console
-    from tqdm import tqdm
 
     if to not in FORMATS:
         raise PairforgeError(f"--to {to!r}: choose one of {', '.join(FORMATS)}")
@@ -216,6 +215,23 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike, *, name: st
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PairforgeError(f"--out {out}: exists and is not a folder; pass a folder")
+    try:
+        n, skipped, images, data_file = _write(
+            pset, to, out, name, on_error, absolute)
+    except OSError as e:  # read-only, under a file, disk full: one line, not a traceback
+        raise PairforgeError(f"--out {out}: cannot write there ({e.strerror or e}); pass "
+                             f"--out with a writable folder") from None
+    not_carried = [c for c in pset.dataset.column_names if c not in CORE_FEATURES]
+    result = ExportResult(out, data_file, n, images.n_refs, len(images.names), skipped,
+                          not_carried)
+    _print_summary(console, result, to, time.perf_counter() - t0)
+    return result
+
+
+def _write(pset, to: str, out: Path, name: str, on_error: str, absolute: bool):
+    """Write the data file, the skipped rows and dataset_info.json under ``out``."""
+    from tqdm import tqdm
+
     out.mkdir(parents=True, exist_ok=True)
     images = ImageWriter(out, absolute)
     record = RECORDS[to]
@@ -257,11 +273,7 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike, *, name: st
         skipped_file.unlink()
     if to == "llamafactory":
         _write_dataset_info(out, name, data_file.name)
-    not_carried = [c for c in pset.dataset.column_names if c not in CORE_FEATURES]
-    result = ExportResult(out, data_file, n, images.n_refs, len(images.names), skipped,
-                          not_carried)
-    _print_summary(console, result, to, time.perf_counter() - t0)
-    return result
+    return n, skipped, images, data_file
 
 
 def _write_dataset_info(out: Path, name: str, file_name: str) -> None:
