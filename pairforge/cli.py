@@ -69,7 +69,10 @@ def audit(
     """Audit preference sets for length and style shortcuts (text metrics, flags, report),
     and with --scorer / --policy for what a model already prefers (Δ_ref, IPS)."""
     from pairforge.diagnostics.audit import run_audit
+    from pairforge.models.base import resolve_device
 
+    if device is not None:  # before any set is read: a device this machine lacks is one line
+        resolve_device(device)
     run_audit(data, out, format=format, image_root=image_root, tokenizer=tokenizer,
               on_error=on_error.value, scorer=scorer, policy=policy, text_only=text_only,
               sample=sample, seed=seed, batch_size=batch_size, device=device)

@@ -495,9 +495,11 @@ def serve(model_spec: str, *, host: str = "127.0.0.1", port: int = 8000, served_
     interrupted. Prints ``pairforge serve: MODEL on URL`` to stdout once listening (with the
     bound port when ``port`` is 0), and a summary on exit. A non-loopback ``host`` needs
     ``api_key_env`` or ``insecure=True``."""
+    from pairforge.models.base import resolve_device
     from pairforge.models.hf import HFModel
 
     check_exposure(host, api_key_env, insecure)
+    resolve_device(device)  # a device this machine lacks: one line before the model loads
     api_key = None
     if api_key_env:
         api_key = os.environ.get(api_key_env)

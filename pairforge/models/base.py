@@ -160,3 +160,36 @@ class ImageTextScorer(Protocol):
 def clip_score(cosine: float, w: float = 2.5) -> float:
     """CLIPScore(I, c) = w · max(cos(E_I, E_c), 0), w = 2.5 (Hessel et al., 2021, eq. 1)."""
     return w * max(cosine, 0.0)
+
+
+def resolve_device(device: Any = None):
+    """``--device`` as a ``torch.device`` that exists on this machine (default: ``cuda`` when
+    available, else ``cpu``); a one-line :class:`PairforgeError` for a malformed device or one
+    this machine lacks (``cuda:7`` with fewer GPUs, ``cuda`` without CUDA) instead of torch's
+    ``AssertionError`` at the first tensor moved there."""
+    import torch
+
+    if device is None or (isinstance(device, str) and not device.strip()):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise PairforgeError(f"--device {device!r}: not a device ({str(e).splitlines()[0][:120]}); "
+                             f"use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise PairforgeError(f"--device {device}: this machine has no CUDA device; use "
+                                 f"--device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise PairforgeError(f"--device {device}: this machine has {n} CUDA device(s), "
+                                 f"cuda:0 to cuda:{n - 1}; pick one of those")
+        return dev
+    backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise PairforgeError(f"--device {device}: no {dev.type} device on this machine; use "
+                             f"--device cpu" + (" or cuda" if torch.cuda.is_available() else ""))
+    return dev

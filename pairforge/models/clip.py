@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from pairforge.errors import PairforgeError
-from pairforge.models.base import ImageTextScorer, clip_score
+from pairforge.models.base import ImageTextScorer, clip_score, resolve_device
 from pairforge.models.hf import _HUB_ID, _first_line, _load_error, _pil, _pin_revision, _resolve_dtype
 from pairforge.models.spec import ModelSpec, parse_model_spec
 
@@ -164,7 +164,7 @@ class CLIPScorer(_EmbeddingScorer):
         if batch_size < 1:
             raise PairforgeError(f"batch_size={batch_size}: must be >= 1")
         self.spec, self.name, self.batch_size, self.progress = spec, str(spec), batch_size, progress
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         source, rev = _clip_source(spec, revision)
         self._load(source, rev)
@@ -269,7 +269,7 @@ class OpenCLIPScorer(_EmbeddingScorer):
             raise PairforgeError(f"model '{spec}' needs open_clip, which is not installed "
                                  f"({_first_line(e)}); {OPEN_CLIP_EXTRA}") from None
         self.spec, self.name, self.batch_size, self.progress = spec, str(spec), batch_size, progress
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         model_name, pretrained, self.revision = _open_clip_source(spec, open_clip)
         try:

@@ -52,6 +52,7 @@ from pairforge.models.base import (
     Request,
     SamplingParams,
     ScoredResponse,
+    resolve_device,
 )
 from pairforge.models.decoding import (
     choose_tokens,
@@ -120,7 +121,7 @@ class HFModel:
         self.name = str(spec)
         self.batch_size = batch_size
         self.progress = progress
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         source, rev = _resolve_source(spec, revision)
         self._load(source, rev, attn_implementation)
