@@ -314,12 +314,13 @@ def merge(
 
 def recorded_command() -> str:
     """The command line as the build records it (manifest, summary, published card): absolute
-    local paths are cut to ``<local>/name`` so that no folder of this machine is published."""
+    local paths are cut to ``<local>/name`` so that no folder of this machine is published, and
+    token- or key-shaped strings are cut out."""
     import shlex
 
-    from pairforge.safety import redact_local_paths
+    from pairforge.safety import redact_local_paths, redact_secrets
 
-    return redact_local_paths(shlex.join(["pairforge", *sys.argv[1:]]))
+    return redact_secrets(redact_local_paths(shlex.join(["pairforge", *sys.argv[1:]])))
 
 
 def main() -> None:

@@ -26,6 +26,16 @@ from typing import Any
 
 from pairforge.errors import BadInput, PairforgeError
 
+#: Anything shaped like a Hugging Face token or an API key (cut from recorded commands, cards
+#: and error messages).
+SECRET = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,})\b")
+
+
+def redact_secrets(text: str, replacement: str = "[redacted]") -> str:
+    """``text`` with every token- or key-shaped string replaced."""
+    return SECRET.sub(replacement, text)
+
+
 #: Largest image file (or embedded image) read from a pair set, in bytes.
 MAX_IMAGE_BYTES = 64 * 2**20
 

@@ -119,3 +119,15 @@ def test_model_paths_in_rows_are_cut_before_publishing(tmp_path):
     text = all_text(result.staging)
     assert str(tmp_path) not in text
     assert "<local>/llava-7b" in text and "openai/clip-vit-base-patch32" in text
+
+
+def test_the_recorded_command_has_no_path_and_no_key(monkeypatch):
+    from pairforge.cli import recorded_command
+
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/pairforge", "build", "vapr", "--source",
+                                      "/home/alice/data/train.json", "--editor",
+                                      f"openai:gpt@https://x.example/v1?key={FAKE_TOKEN}",
+                                      "--out", "/home/alice/builds/v1"])
+    assert recorded_command() == ("pairforge build vapr --source <local>/train.json --editor "
+                                  "'openai:gpt@https://x.example/v1?key=[redacted]' "
+                                  "--out <local>/v1")
