@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -100,7 +101,10 @@ class ImageGuard:
         data = self._read(self.root / rel, str(path), i)
         from pairforge.sources.sft import decode_image
 
-        decode_image({"bytes": data, "path": str(path)}, i, self.max_pixels).close()
+        try:
+            decode_image({"bytes": data, "path": str(path)}, i, self.max_pixels).close()
+        except BadInput as e:  # a stable reason: no object address from Pillow
+            raise BadInput(_stable(e.reason), field="images") from None
         return {"bytes": data, "path": os.path.basename(rel)}
 
     def _size(self, n: int, what: str) -> None:
@@ -111,23 +115,29 @@ class ImageGuard:
             raise BadInput(f"{what} is empty (0 bytes)", field="images")
 
     def _read(self, file: Path, text: str, i: int) -> bytes:
+        """The bytes of a regular file of at most ``max_bytes`` (a folder, FIFO or device is
+        refused without reading it; the size is checked before reading)."""
         try:
-            with open(file, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if not os.path.isfile(file):
-                    raise BadInput(f"image {i} path {text!r} is not a regular file",
-                                   field="images")
-                self._size(size, f"image file {text!r}")
-                data = f.read(self.max_bytes + 1)
+            fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) |
+                         getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError:
             raise BadInput(f"image file {text!r} not found under the image root; restore it "
                            f"or pass --image-root with its folder", field="images") from None
-        except IsADirectoryError:
-            raise BadInput(f"image {i} path {text!r} is a folder, not an image file",
-                           field="images") from None
         except OSError as e:
             raise BadInput(f"cannot read image file {text!r}: {e.strerror or e}",
                            field="images") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise BadInput(f"image {i} path {text!r} is not a regular file (a folder, pipe or "
+                           f"device)", field="images")
+        with os.fdopen(fd, "rb") as f:
+            self._size(st.st_size, f"image file {text!r}")
+            try:
+                data = f.read(self.max_bytes + 1)
+            except OSError as e:
+                raise BadInput(f"cannot read image file {text!r}: {e.strerror or e}",
+                               field="images") from None
         self._size(len(data), f"image file {text!r}")
         return data
 
@@ -144,12 +154,17 @@ class ImageGuard:
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for non-images
             from pairforge.errors import first_line
 
-            raise BadInput(f"{what} is not a readable image ({first_line(e)})",
-                           field="images") from None
+            why = _stable(first_line(e))
+            raise BadInput(f"{what} is not a readable image ({why})", field="images") from None
         if w * h > self.max_pixels:
             raise BadInput(f"{what} is {w}x{h} = {w * h:,} pixels, above the limit of "
                            f"{self.max_pixels:,} (decompression bomb guard); drop the row",
                            field="images")
+
+
+def _stable(reason: str) -> str:
+    """``reason`` without the object addresses Pillow puts in its messages."""
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the bytes", reason)
 
 
 def image_columns(features: Mapping) -> dict[str, bool]:

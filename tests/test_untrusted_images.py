@@ -10,6 +10,7 @@ through a symlink that leaves the folder, and through ``..``."""
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +106,10 @@ def test_publish_refuses_non_images_and_oversized_files_inside_the_root(tmp_path
     (set_dir / "empty.png").write_bytes(b"")
     (set_dir / "big.png").write_bytes(png(1, (200, 200)))
     (set_dir / "sub").mkdir()
+    os.mkfifo(set_dir / "pipe.png")  # opening it for reading would block
     for name, reason in (("notes.png", "cannot be decoded"), ("empty.png", "empty"),
-                         ("sub", "not a regular file|folder"), ("gone.png", "not found")):
+                         ("sub", "not a regular file"), ("pipe.png", "not a regular file"),
+                         ("gone.png", "not found")):
         data = parquet_pointing_at(set_dir, [name])
         with pytest.raises(PairforgeError, match=reason):
             publish(data, "me/x", dry_run=True, staging=tmp_path / "hub", console=QUIET)
@@ -183,3 +186,17 @@ def test_train_refuses_to_read_outside_the_set(tmp_path, outside):
         load_pairs(data)
     ok = parquet_pointing_at(tmp_path / "ok", [None, None])
     assert len(load_pairs(ok)) == 2
+
+
+def test_embedded_bytes_that_are_no_image_get_a_stable_reason(tmp_path):
+    guard = safety.ImageGuard(tmp_path)
+    reasons = set()
+    for _ in range(2):
+        with pytest.raises(Exception) as e:
+            guard({"bytes": b"not an image at all", "path": None})
+        reasons.add(e.value.reason)
+    assert len(reasons) == 1 and "0x" not in reasons.pop()
+    (tmp_path / "a.png").write_bytes(b"not an image either")
+    with pytest.raises(Exception) as e:
+        guard("a.png")
+    assert "cannot be decoded" in e.value.reason and "0x" not in e.value.reason
