@@ -131,3 +131,25 @@ def test_the_recorded_command_has_no_path_and_no_key(monkeypatch):
     assert recorded_command() == ("pairforge build vapr --source <local>/train.json --editor "
                                   "'openai:gpt@https://x.example/v1?key=[redacted]' "
                                   "--out <local>/v1")
+
+
+def test_embedded_images_keep_only_their_file_name(tmp_path):
+    from datasets import Image as ImageFeature
+    from datasets import List as ListFeature
+
+    buf = io.BytesIO()
+    PILImage.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="PNG")
+    rows = [make_pair(prompt=f"Q{i}?", chosen=f"Answer {i} is right.",
+                      rejected=f"Answer {i} is wrong.",
+                      images=[{"bytes": buf.getvalue(),
+                               "path": f"{tmp_path}/alice-photos/img{i}.png"}])
+            for i in range(2)]
+    path = tmp_path / "rows.parquet"
+    to_dataset(rows).to_parquet(str(path))
+    result = publish(path, "me/x", dry_run=True, console=Console(file=io.StringIO()))
+    assert str(tmp_path) not in all_text(result.staging)
+    from datasets import load_dataset
+
+    ds = load_dataset(str(result.staging), split="train").cast_column(
+        "images", ListFeature(ImageFeature(decode=False)))
+    assert [r["images"][0]["path"] for r in ds] == ["img0.png", "img1.png"]

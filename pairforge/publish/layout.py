@@ -16,8 +16,8 @@ parquet under the staging name. A staging folder is replaced only when it is emp
 exactly what an earlier staging listed in its marker; any other folder is refused, never
 cleared.
 
-Shards hold at most :data:`MAX_SHARD_BYTES` of Arrow data each, as ``push_to_hub`` does.
-Images arrive embedded: :func:`pairforge.publish.pairset.open_pairset` read every image that
+Shards hold at most :data:`MAX_SHARD_BYTES` of Arrow data each, as ``push_to_hub`` does,
+and image paths are cut to file names (``embed_table_storage``). Images arrive embedded: :func:`pairforge.publish.pairset.open_pairset` read every image that
 rows only pointed to, inside the set's allowed root and checked
 (:func:`pairforge.safety.checked_images`), so nothing here opens a file a row names, the repo
 is self-contained and no local path leaks into it (paths are cut to file names).
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, Features
+from datasets.table import embed_table_storage
 
 from pairforge.errors import PairforgeError
 from pairforge.publish.pairset import SPLIT
@@ -193,8 +194,12 @@ def write_data(configs: Mapping[str, Dataset], folder: Path, *,
               unit=" rows", disable=not progress or None, mininterval=0.5) as bar:
         for ds, cf, i, n in plan:
             shard = ds.shard(num_shards=n, index=i, contiguous=True)
+            # every image has its bytes (open_pairset checked and embedded them), so this
+            # reads no file: it only cuts the images' paths to file names, as push_to_hub does
+            embedded = shard.with_format("arrow").map(
+                embed_table_storage, batched=True, batch_size=EMBED_BATCH, keep_in_memory=True)
             path = folder / cf.files[i]
-            shard.with_format(None).to_parquet(str(path))
+            embedded.with_format(None).to_parquet(str(path))
             cf.download_size += path.stat().st_size
             bar.update(len(shard))
     return out
