@@ -37,7 +37,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import io
 import json
 import os
 import queue
@@ -190,8 +189,6 @@ def _parse_message(m: Any, k: int) -> tuple[dict, list]:
 
 def _decode_data_url(url: Any, where: str):
     """A ``data:image/...;base64,...`` URL → an RGB PIL image."""
-    from PIL import Image
-
     if not isinstance(url, str) or not url.startswith("data:"):
         raise HTTPError(400, f"{where}: only data: URLs are supported (base64 images); "
                              f"pairforge serve does not fetch remote images", param="messages")
