@@ -72,7 +72,10 @@ def audit(
     """Audit preference sets for length and style shortcuts (text metrics, flags, report),
     and with --scorer / --policy for what a model already prefers (Δ_ref, IPS)."""
     from pairforge.diagnostics.audit import run_audit
+    from pairforge.models.base import resolve_device
 
+    if device is not None:  # before any set is read: a device this machine lacks is one line
+        resolve_device(device)
     run_audit(data, out, format=format, image_root=image_root, tokenizer=tokenizer,
               on_error=on_error.value, scorer=scorer, policy=policy, text_only=text_only,
               sample=sample, seed=seed, batch_size=batch_size, device=device,
@@ -84,7 +87,10 @@ def serve(
     model: Annotated[str, typer.Argument(help="Model to serve: tiny-vlm, smollm2, hf:PATH_OR_ID "
                                               "or a folder (run by transformers).")],
     port: Annotated[int, typer.Option("--port", help="Port (0 = any free port).")] = 8000,
-    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(
+        "--host", help="Interface to listen on. Any host but loopback (127.0.0.1, ::1, "
+                       "localhost) is refused without --api-key-env, unless --insecure.")
+    ] = "127.0.0.1",
     name: Annotated[str | None, typer.Option(
         "--name", help="Model name clients send (default: MODEL as given).")] = None,
     max_batch: Annotated[int, typer.Option(
@@ -95,12 +101,16 @@ def serve(
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ...")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16, float16.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No log line per request.")] = False,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Serve on a non-loopback --host without --api-key-env: anyone who "
+                           "can reach the port can use the model.")] = False,
 ) -> None:
     """Serve a model on an OpenAI-compatible /v1/chat/completions (+ /v1/models) endpoint."""
     from pairforge.serve import serve as run_server
 
     run_server(model, host=host, port=port, served_name=name, max_batch=max_batch,
-               api_key_env=api_key_env, device=device, dtype=dtype, quiet=quiet)
+               api_key_env=api_key_env, device=device, dtype=dtype, quiet=quiet,
+               insecure=insecure)
 
 
 @app.command()
@@ -128,13 +138,18 @@ def publish(
     tokenizer: Annotated[str, typer.Option(
         "--tokenizer", help="Length unit of the card's diagnostics: words, gpt2 or a "
                             "tokenizer folder / id.")] = "gpt2",
+    image_root: Annotated[Path | None, typer.Option(
+        "--image-root", help="Folder that image paths in the rows must lie in (default: the "
+                             "build dir or the set's folder); a row whose image is outside "
+                             "it, too big or not an image stops the publish.")] = None,
 ) -> None:
     """Publish a pair set to the Hugging Face Hub: parquet shards + card + plots, loaded back
     with datasets.load_dataset, pushed in one commit (token: HF_TOKEN or `hf auth login`)."""
     from pairforge.publish.hub import publish as run_publish
 
     run_publish(data, repo_id, private=private, revision=revision, create_pr=create_pr,
-                dry_run=dry_run, staging=staging, license=license, tokenizer=tokenizer)
+                dry_run=dry_run, staging=staging, license=license, tokenizer=tokenizer,
+                image_root=image_root)
 
 
 class ExportFormat(str, Enum):
@@ -158,11 +173,15 @@ def export(
     on_error: Annotated[OnError, typer.Option(
         "--on-error", help="skip: list rows the format cannot hold in NAME.skipped.jsonl; "
                            "fail: stop at the first.")] = OnError.skip,
+    image_root: Annotated[Path | None, typer.Option(
+        "--image-root", help="Folder that image paths in the rows must lie in (default: the "
+                             "build dir or the set's folder); other rows are skipped.")] = None,
 ) -> None:
     """Export pairs for LLaMA-Factory or ms-swift (images written once, named by content)."""
     from pairforge.publish.export import export as run_export
 
-    run_export(data, to.value, out, name=name, on_error=on_error.value, absolute=absolute)
+    run_export(data, to.value, out, name=name, on_error=on_error.value, absolute=absolute,
+               image_root=image_root)
 
 
 @app.command()
@@ -274,8 +293,6 @@ def build(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Build preference pairs from SFT examples with a recipe (checkpointed, resumable)."""
-    import shlex
-
     from pairforge.build import build as run_build
     from pairforge.build import load_config, parse_params
 
@@ -284,7 +301,7 @@ def build(
                       batch_size=batch_size, chunk_size=chunk_size, image_root=image_root,
                       max_pixels=max_pixels, overwrite=overwrite or None,
                       params=parse_params(param or []) or None)
-    run_build(cfg, command=shlex.join(["pairforge", *sys.argv[1:]]), progress=not quiet)
+    run_build(cfg, command=recorded_command(), progress=not quiet)
 
 
 @app.command()
@@ -296,11 +313,20 @@ def merge(
                             "beside other files (never removed).")] = False,
 ) -> None:
     """Join shard builds (same run, all shards, no overlap) into one build folder."""
-    import shlex
-
     from pairforge.build import merge as run_merge
 
-    run_merge(shards, out, overwrite=overwrite, command=shlex.join(["pairforge", *sys.argv[1:]]))
+    run_merge(shards, out, overwrite=overwrite, command=recorded_command())
+
+
+def recorded_command() -> str:
+    """The command line as the build records it (manifest, summary, published card): absolute
+    local paths are cut to ``<local>/name`` so that no folder of this machine is published, and
+    token- or key-shaped strings are cut out."""
+    import shlex
+
+    from pairforge.safety import redact_local_paths, redact_secrets
+
+    return redact_secrets(redact_local_paths(shlex.join(["pairforge", *sys.argv[1:]])))
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""`pairforge serve`: a small OpenAI-compatible HTTP server around :class:`~pairforge.models.hf.HFModel`.
+"""`pairforge serve`: a small OpenAI-compatible HTTP server around :class:`~pairforge.models.hf.HFModel`,
+a Starlette app run by uvicorn.
 
 Endpoints: ``GET /v1/models`` and ``POST /v1/chat/completions`` (no streaming). A chat
 request's image parts must be ``data:`` URLs (base64 PNG/JPEG/…); they become PIL images and
@@ -24,19 +25,24 @@ Conventions:
 - **Batching**: concurrent requests with the same sampling settings are decoded in one
   ``HFModel.generate`` call (up to ``max_batch``); per-request seeds make results independent of
   batching. One worker thread owns the model.
-- **Key**: with ``api_key_env`` set, requests must carry ``Authorization: Bearer $VAR``.
+- **Key**: with ``api_key_env`` set, requests must carry ``Authorization: Bearer $VAR``. A
+  host other than loopback is refused without a key unless ``insecure`` is set.
+- **Images**: at most the build's pixel limit (``DEFAULT_MAX_PIXELS``), checked from the
+  image header before the pixels are decoded; a larger one is a 400.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import io
+import contextlib
 import json
 import os
 import queue
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -44,7 +50,6 @@ import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from pairforge.errors import PairforgeError
@@ -184,19 +189,24 @@ def _parse_message(m: Any, k: int) -> tuple[dict, list]:
 
 def _decode_data_url(url: Any, where: str):
     """A ``data:image/...;base64,...`` URL → an RGB PIL image."""
-    from PIL import Image
-
     if not isinstance(url, str) or not url.startswith("data:"):
         raise HTTPError(400, f"{where}: only data: URLs are supported (base64 images); "
                              f"pairforge serve does not fetch remote images", param="messages")
     header, comma, payload = url.partition(",")
     if not comma or not header.endswith(";base64"):
         raise HTTPError(400, f"{where}: expected data:image/png;base64,<data>", param="messages")
+    from pairforge.errors import BadInput
+    from pairforge.sources.sft import DEFAULT_MAX_PIXELS, decode_image
+
     try:
-        img = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
-        img.load()
-    except (binascii.Error, ValueError, OSError) as e:
-        raise HTTPError(400, f"{where}: the data URL is not a readable image ({e})", param="messages") from None
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise HTTPError(400, f"{where}: the data URL is not valid base64 ({e})", param="messages") from None
+    try:  # the build's pixel limit, checked from the header before any pixel is decoded
+        img = decode_image({"bytes": data, "path": "the data URL image"}, 0, DEFAULT_MAX_PIXELS)
+    except BadInput as e:  # the build's fix ("raise --max-pixels ...") is not the client's
+        reason = e.reason.split("; ")[0]
+        raise HTTPError(400, f"{where}: {reason}; send a smaller image", param="messages") from None
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -344,128 +354,209 @@ class Batcher:
 # ----------------------------------------------------------------------------- HTTP
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: "ChatServer"
-    protocol_version = "HTTP/1.1"
+def _json(status: int, payload: dict):
+    from starlette.responses import JSONResponse
 
-    def log_message(self, format: str, *args: Any) -> None:  # one short line per request
-        if not self.server.quiet:
-            sys.stderr.write(f"pairforge serve: {self.address_string()} {format % args}\n")
+    return JSONResponse(payload, status_code=status)
 
-    def do_GET(self) -> None:
-        if self.path.rstrip("/") in ("/v1/models", "/models"):
-            if self._authorised():
-                self._send(200, {"object": "list", "data": [
-                    {"id": self.server.served_name, "object": "model", "created": self.server.started,
-                     "owned_by": "pairforge"}]})
-        else:
-            self._send_error(HTTPError(404, f"no such endpoint {self.path}; use /v1/models or "
-                                            f"/v1/chat/completions", type_="not_found_error"))
 
-    def do_POST(self) -> None:
+def make_app(server: "ChatServer"):
+    """The Starlette app: ``GET /v1/models``, ``POST /v1/chat/completions`` (also without the
+    ``/v1`` prefix); every error is an OpenAI-style JSON body."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    def denied(request):
+        if server.api_key is None:
+            return None
+        given = request.headers.get("authorization", "")
+        if secrets.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
+            return None
+        return _json(401, HTTPError(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                    type_="authentication_error").body())
+
+    async def models(request):
+        return denied(request) or _json(200, {"object": "list", "data": [
+            {"id": server.served_name, "object": "model", "created": server.started,
+             "owned_by": "pairforge"}]})
+
+    async def chat(request):
         try:
-            length = int(self.headers.get("Content-Length") or 0)
+            length = int(request.headers.get("content-length") or 0)
         except ValueError:
             length = -1
         if not 0 <= length <= MAX_BODY:
-            self.close_connection = True
-            self._send_error(HTTPError(413, f"Content-Length must be 0..{MAX_BODY} bytes"))
-            return
-        raw = self.rfile.read(length)
-        if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
-            self._send_error(HTTPError(404, f"no such endpoint {self.path}; use /v1/chat/completions",
-                                       type_="not_found_error"))
-            return
-        if not self._authorised():
-            return
+            return _json(413, HTTPError(413, f"Content-Length must be 0..{MAX_BODY} bytes").body())
+        refused = denied(request)
+        if refused is not None:
+            return refused
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY:
+                return _json(413, HTTPError(413, f"the body exceeds {MAX_BODY} bytes").body())
         try:
             try:
-                body = json.loads(raw)
+                body = json.loads(bytes(raw))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise HTTPError(400, f"the request body is not JSON ({e})") from None
-            job = parse_chat_request(body, self.server.served_name)
-            if job.request.images and not self.server.takes_images:
-                raise HTTPError(400, f"{self.server.served_name} is a text-only model; send no "
+            job = parse_chat_request(body, server.served_name)
+            if job.request.images and not server.takes_images:
+                raise HTTPError(400, f"{server.served_name} is a text-only model; send no "
                                      f"image_url parts", param="messages")
-            result = self.server.batcher.submit(job).result()
+            result = await asyncio.wrap_future(server.batcher.submit(job))
+            server.count_served()
             if job.score_response is not None:
                 scored, ids = result
-                self._send(200, score_response(scored, ids, self.server.served_name))
-            else:
-                self._send(200, chat_response(job, result, self.server.served_name))
-            self.server.count_served()
+                return _json(200, score_response(scored, ids, server.served_name))
+            return _json(200, chat_response(job, result, server.served_name))
         except HTTPError as e:
-            self._send_error(e)
+            return _json(e.status, e.body())
         except PairforgeError as e:  # a request the model cannot take (bad image count, template)
-            self._send_error(HTTPError(400, str(e)))
-        except Exception as e:  # a bug or a model failure: 500, one line
-            self._send_error(HTTPError(500, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                                       type_="server_error"))
+            return _json(400, HTTPError(400, str(e)).body())
+        except Exception as e:  # noqa: BLE001 - a bug or a model failure: 500, one line
+            line = str(e).splitlines()[0] if str(e) else ""
+            return _json(500, HTTPError(500, f"{type(e).__name__}: {line}",
+                                        type_="server_error").body())
 
-    def _authorised(self) -> bool:
-        key = self.server.api_key
-        if key is None:
-            return True
-        given = self.headers.get("Authorization", "")
-        if secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            return True
-        self._send_error(HTTPError(401, "missing or wrong API key (Authorization: Bearer ...)",
-                                   type_="authentication_error"))
-        return False
+    async def http_error(request, exc: HTTPException):
+        if exc.status_code == 404:
+            message = (f"no such endpoint {request.url.path}; use /v1/models or "
+                       f"/v1/chat/completions")
+            return _json(404, HTTPError(404, message, type_="not_found_error").body())
+        return _json(exc.status_code, HTTPError(exc.status_code, str(exc.detail)).body())
 
-    def _send_error(self, e: HTTPError) -> None:
-        self._send(e.status, e.body())
-
-    def _send(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    routes = [Route(path, models, methods=["GET"]) for path in ("/v1/models", "/models")]
+    routes += [Route(path, chat, methods=["POST"])
+               for path in ("/v1/chat/completions", "/chat/completions")]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 
-class ChatServer(ThreadingHTTPServer):
-    """The OpenAI-compatible server: one thread per connection, one :class:`Batcher` for the
-    model. ``server_address`` holds the bound port (pass port 0 for a free one)."""
-
-    daemon_threads = True
+class ChatServer:
+    """The OpenAI-compatible server: a Starlette app run by uvicorn, one :class:`Batcher` for
+    the model. The socket is bound on construction, so ``server_address`` holds the bound port
+    (pass port 0 for a free one); :meth:`serve_forever` runs until :meth:`shutdown` (or, in
+    the main thread, SIGINT / SIGTERM)."""
 
     def __init__(self, model: Any, *, host: str = "127.0.0.1", port: int = 8000,
                  served_name: str | None = None, max_batch: int = 8, api_key: str | None = None,
                  quiet: bool = False):
+        import uvicorn
+
         self.served_name = served_name or getattr(model, "name", "model")
         self.takes_images = Capability.IMAGES in getattr(model, "capabilities", ())
-        self.batcher = Batcher(model, max_batch=max_batch)
         self.api_key = api_key
         self.quiet = quiet
         self.started = int(time.time())
         self.n_served = 0
         self._count_lock = threading.Lock()
-        super().__init__((host, port), _Handler)
+        bind = host.strip("[]")
+        self.socket = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET,
+                                    socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((bind, port))
+            self.socket.listen(2048)
+        except OSError:
+            self.socket.close()
+            raise
+        self.server_address = self.socket.getsockname()
+        self.batcher = Batcher(model, max_batch=max_batch)
+        config = uvicorn.Config(make_app(self), log_level="warning", lifespan="off",
+                                access_log=not quiet)
+        self._uvicorn = _uvicorn_server_class()(config)
+        if not quiet:  # one line per request on stderr, as before (stdout has the URL line)
+            import logging
+
+            access = logging.getLogger("uvicorn.access")
+            access.setLevel(logging.INFO)
+            for handler in access.handlers:
+                if isinstance(handler, logging.StreamHandler):
+                    handler.setStream(sys.stderr)
+        self._stopped = threading.Event()
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}/v1"
 
     def count_served(self) -> None:
         with self._count_lock:
             self.n_served += 1
 
+    def serve_forever(self) -> None:
+        self._stopped.clear()
+        try:
+            self._uvicorn.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        self._uvicorn.should_exit = True
+        self._stopped.wait(timeout=10)
+
     def server_close(self) -> None:
-        super().server_close()
+        self.socket.close()
         self.batcher.close()
+
+
+def _uvicorn_server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but SIGINT / SIGTERM only stop it (no re-raise after shutdown),
+        so ``serve`` prints its summary and exits 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handlers = {sig: signal.signal(sig, self.handle_exit)
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` is this machine only: ``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host.strip().lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def check_exposure(host: str, api_key_env: str | None, insecure: bool) -> None:
+    """Refuse to serve on a non-loopback interface without a key, unless ``insecure``."""
+    if not is_loopback(host) and not api_key_env and not insecure:
+        raise PairforgeError(f"--host {host} serves the model to other machines without a key; "
+                             f"pass --api-key-env VAR (clients send 'Authorization: Bearer "
+                             f"$VAR'), or --insecure to serve anyone who can reach the port")
 
 
 def serve(model_spec: str, *, host: str = "127.0.0.1", port: int = 8000, served_name: str | None = None,
           max_batch: int = 8, api_key_env: str | None = None, device: str | None = None,
-          dtype: str | None = None, quiet: bool = False) -> None:
+          dtype: str | None = None, quiet: bool = False, insecure: bool = False) -> None:
     """Load ``model_spec`` with :class:`~pairforge.models.hf.HFModel` and serve it until
     interrupted. Prints ``pairforge serve: MODEL on URL`` to stdout once listening (with the
-    bound port when ``port`` is 0), and a summary on exit."""
+    bound port when ``port`` is 0), and a summary on exit. A non-loopback ``host`` needs
+    ``api_key_env`` or ``insecure=True``."""
+    from pairforge.models.base import resolve_device
     from pairforge.models.hf import HFModel
 
+    check_exposure(host, api_key_env, insecure)
+    resolve_device(device)  # a device this machine lacks: one line before the model loads
     api_key = None
     if api_key_env:
         api_key = os.environ.get(api_key_env)
@@ -481,8 +572,6 @@ def serve(model_spec: str, *, host: str = "127.0.0.1", port: int = 8000, served_
                              f"--port (0 = any free port)") from None
     print(f"pairforge serve: {model.name} on {server.url} (Ctrl+C to stop)", flush=True)
     t0 = time.monotonic()
-    if threading.current_thread() is threading.main_thread():  # SIGTERM stops it like Ctrl+C
-        signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -491,7 +580,3 @@ def serve(model_spec: str, *, host: str = "127.0.0.1", port: int = 8000, served_
         server.server_close()
         print(f"pairforge serve: stopped after {time.monotonic() - t0:.0f} s, "
               f"{server.n_served} request(s) served", file=sys.stderr, flush=True)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt

@@ -275,7 +275,7 @@ def test_p2dpo_build_publishes_one_config_per_kind_with_its_templates(tmp_path):
     for t in templates:  # the hash is that of the shipped template's text (P2-DPO strips it)
         assert t["sha256"] == template_hash(read_prompt(*t["name"].split("/")).strip())
         assert f"| {t['name']} | `{t['sha256']}` |" in text
-    assert f"| policy | `hf:{llava}` |" in text
+    assert "| policy | `hf:<local>/llava` |" in text and str(tmp_path) not in text  # issue 14
 
 
 def test_p2dpo_rows_saved_to_disk_load_by_config_name(tmp_path):

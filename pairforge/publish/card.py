@@ -31,6 +31,7 @@ from pairforge.errors import PairforgeError
 from pairforge.publish.layout import ConfigFiles
 from pairforge.publish.pairset import SPLIT, PairSet
 from pairforge.resources import resource_dir
+from pairforge.safety import SECRET, redact_local_paths
 from pairforge.schema import COLUMN_GROUPS, CORE_FEATURES, prompt_text, response_text
 from pairforge.world.scenes import WORLD_NAME
 
@@ -45,8 +46,6 @@ SIZE_CATEGORIES = [(10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K"),
                    (10**6, "100K<n<1M"), (10**7, "1M<n<10M"), (10**8, "10M<n<100M"),
                    (10**9, "100M<n<1B"), (10**10, "1B<n<10B"), (10**11, "10B<n<100B"),
                    (10**12, "100B<n<1T")]
-#: Secrets that must never reach a card, whatever a manifest holds (HF and OpenAI-style keys).
-SECRET = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,})\b")
 
 
 def size_category(n: int) -> str:
@@ -274,6 +273,10 @@ def render_card(pset: PairSet, staged: Sequence[ConfigFiles], features: Features
         version=__version__,
     )
     text = SECRET.sub("[redacted]", text)
+    # no local path leaves the machine: the body (commands, source, models) is cut to names;
+    # the YAML holds repo paths only and must round-trip as written
+    head, sep, body = text.partition("\n---\n")
+    text = head + sep + redact_local_paths(body) if sep else redact_local_paths(text)
     card = DatasetCard(text)
     if card.data.to_dict() != data.to_dict():  # the YAML must read back as written
         raise RuntimeError("the card's YAML does not round-trip; this is a pairforge bug")

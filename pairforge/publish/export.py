@@ -159,13 +159,11 @@ class ImageWriter:
 
 
 def _image_bytes(value: Any, i: int) -> bytes:
+    """The embedded bytes (open_pairset embedded every checked image; no path is opened here)."""
     if isinstance(value, Mapping) and value.get("bytes"):
         return bytes(value["bytes"])
-    path = value.get("path") if isinstance(value, Mapping) else None
-    if path and Path(path).is_file():
-        return Path(path).read_bytes()
-    raise BadInput(f"image {i} has no bytes and no readable file ({path!r}); rebuild the set "
-                   f"with embedded images", field="images")
+    raise BadInput(f"image {i} has no bytes; rebuild the set with embedded images",
+                   field="images")
 
 
 def _extension(data: bytes, i: int) -> str:
@@ -198,11 +196,13 @@ class ExportResult:
 
 def export(path: str | os.PathLike, to: str, out: str | os.PathLike, *, name: str | None = None,
            on_error: str = "skip", absolute: bool = False,
+           image_root: str | os.PathLike | None = None,
            console: Console | None = None) -> ExportResult:
     """Export the pair set at ``path`` (a build dir or a dataset of canonical rows) to the
-    ``to`` format in folder ``out``."""
+    ``to`` format in folder ``out``. Images that rows only point to must lie inside
+    ``image_root`` (default: the set's folder; see :func:`open_pairset`); a row whose image
+    does not is skipped with the reason (or stops the export with ``on_error="fail"``)."""
     from rich.console import Console
-    from tqdm import tqdm
 
     if to not in FORMATS:
         raise PairforgeError(f"--to {to!r}: choose one of {', '.join(FORMATS)}")
@@ -210,17 +210,36 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike, *, name: st
         raise PairforgeError(f"on_error={on_error!r}; use one of {', '.join(ON_ERROR)}")
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
-    pset = open_pairset(path)
+    pset = open_pairset(path, image_root=image_root, on_bad_image=on_error)
     name = re.sub(r"[^\w.-]+", "_", name or pset.name).strip("._") or "pairs"
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PairforgeError(f"--out {out}: exists and is not a folder; pass a folder")
+    try:
+        n, skipped, images, data_file = _write(
+            pset, to, out, name, on_error, absolute)
+    except OSError as e:  # read-only, under a file, disk full: one line, not a traceback
+        raise PairforgeError(f"--out {out}: cannot write there ({e.strerror or e}); pass "
+                             f"--out with a writable folder") from None
+    not_carried = [c for c in pset.dataset.column_names if c not in CORE_FEATURES]
+    result = ExportResult(out, data_file, n, images.n_refs, len(images.names), skipped,
+                          not_carried)
+    _print_summary(console, result, to, time.perf_counter() - t0)
+    return result
+
+
+def _write(pset, to: str, out: Path, name: str, on_error: str, absolute: bool):
+    """Write the data file, the skipped rows and dataset_info.json under ``out``."""
+    from tqdm import tqdm
+
     out.mkdir(parents=True, exist_ok=True)
     images = ImageWriter(out, absolute)
     record = RECORDS[to]
     data_file = out / f"{name}.jsonl"
-    skipped: list[BadInput] = []
-    skipped_ids: list[str] = []
+    skipped: list[BadInput] = [bad for _, _, bad in pset.image_skips]
+    skipped_ids: list[str] = [id_ for _, id_, _ in pset.image_skips]
+    dropped = {i for i, _, _ in pset.image_skips}
+    original = [i for i in range(len(pset.dataset) + len(dropped)) if i not in dropped]
     n = 0
     cols = pset.dataset.select_columns(list(CARRIED)).with_format("arrow")
     tmp = data_file.with_suffix(".jsonl.tmp")
@@ -235,7 +254,8 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike, *, name: st
                     f.write(json.dumps(record(row, paths), ensure_ascii=False) + "\n")
                     n += 1
                 except BadInput as e:
-                    bad = BadInput(e.reason, where=pset.where, row=index, field=e.field)
+                    bad = BadInput(e.reason, where=pset.where, row=original[index],
+                                   field=e.field)
                     if on_error == "fail":
                         raise bad from None
                     skipped.append(bad)
@@ -253,11 +273,7 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike, *, name: st
         skipped_file.unlink()
     if to == "llamafactory":
         _write_dataset_info(out, name, data_file.name)
-    not_carried = [c for c in pset.dataset.column_names if c not in CORE_FEATURES]
-    result = ExportResult(out, data_file, n, images.n_refs, len(images.names), skipped,
-                          not_carried)
-    _print_summary(console, result, to, time.perf_counter() - t0)
-    return result
+    return n, skipped, images, data_file
 
 
 def _write_dataset_info(out: Path, name: str, file_name: str) -> None:

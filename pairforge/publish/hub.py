@@ -27,11 +27,16 @@ from pairforge.publish.card import SECRET, write_card
 from pairforge.publish.layout import (
     MAX_SHARD_BYTES,
     ConfigFiles,
-    prepare_staging,
+    MARKER,
+    abandon_staging,
+    begin_staging,
+    finish_staging,
+    staging_error,
     verify,
     write_data,
 )
 from pairforge.publish.pairset import PairSet, is_build_dir, open_pairset
+from pairforge.safety import redacted_model_names
 from pairforge.sources.containers import _first_line
 
 if TYPE_CHECKING:
@@ -71,28 +76,48 @@ def stage(pset: PairSet, staging: Path, *, repo_id: str, license: str | None = N
           tokenizer: str = "gpt2", max_shard_bytes: int = MAX_SHARD_BYTES,
           progress: bool = True) -> list[ConfigFiles]:
     """Write the repo layout of ``pset`` into ``staging`` and verify it loads; returns the
-    staged configs."""
-    prepare_staging(staging)
-    configs = pset.configs()
-    staged = write_data(configs, staging, max_shard_bytes=max_shard_bytes, progress=progress)
-    features = pset.dataset.features
-    write_card(staging, pset, staged, features, repo_id=repo_id, license=license,
-               tokenizer=tokenizer, configs=configs)
-    verify(staging, staged, features, {name: list(ds["id"]) for name, ds in configs.items()})
+    staged configs. The layout is written into a temporary sibling folder and moved to
+    ``staging`` once verified, so a killed run leaves nothing half-written under that name;
+    ``staging`` itself must be new, empty, or an earlier pairforge staging
+    (:func:`~pairforge.publish.layout.check_staging`)."""
+    if not len(pset.dataset):
+        raise PairforgeError(f"{pset.where}: the set has no pairs, so there is nothing to "
+                             f"publish (see its summary.json / rejects.jsonl for why)")
+    tmp = begin_staging(staging)
+    try:
+        configs = {name: redacted_model_names(ds) for name, ds in pset.configs().items()}
+        staged = write_data(configs, tmp, max_shard_bytes=max_shard_bytes, progress=progress)
+        features = pset.dataset.features
+        write_card(tmp, pset, staged, features, repo_id=repo_id, license=license,
+                   tokenizer=tokenizer, configs=configs)
+        verify(tmp, staged, features, {name: list(ds["id"]) for name, ds in configs.items()})
+        finish_staging(tmp, staging)
+    except OSError as e:
+        abandon_staging(tmp)
+        raise staging_error(staging, e) from None
+    except BaseException:
+        abandon_staging(tmp)
+        raise
     return staged
 
 
 def staged_files(staging: Path) -> list[str]:
-    """Every file under ``staging`` as a repo path, sorted."""
-    return sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    """Every file under ``staging`` as a repo path, sorted (not the staging marker)."""
+    return sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*")
+                  if p.is_file() and p.name != MARKER)
 
 
 def publish(path: str | os.PathLike, repo_id: str, *, private: bool = False,
             revision: str | None = None, create_pr: bool = False, dry_run: bool = False,
             staging: str | os.PathLike | None = None, license: str | None = None,
             tokenizer: str = "gpt2", max_shard_bytes: int = MAX_SHARD_BYTES,
+            image_root: str | os.PathLike | None = None,
             console: Console | None = None) -> PublishResult:
-    """Stage, verify and (unless ``dry_run``) push the pair set at ``path`` to ``repo_id``."""
+    """Stage, verify and (unless ``dry_run``) push the pair set at ``path`` to ``repo_id``.
+
+    Images that rows only point to must lie inside ``image_root`` (default: the build dir,
+    or the set's own folder), be at most :data:`pairforge.safety.MAX_IMAGE_BYTES` and decode;
+    one row that fails stops the publish with a line naming it, before anything is staged."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -100,7 +125,7 @@ def publish(path: str | os.PathLike, repo_id: str, *, private: bool = False,
     if not REPO_ID.match(repo_id):
         raise PairforgeError(f"--repo-id {repo_id!r}: expected ORG/NAME (letters, digits, "
                              f"'-', '_', '.')")
-    pset = open_pairset(path)
+    pset = open_pairset(path, image_root=image_root)
     folder = Path(staging) if staging is not None else default_staging(path)
     staged = stage(pset, folder, repo_id=repo_id, license=license, tokenizer=tokenizer,
                    max_shard_bytes=max_shard_bytes)

@@ -8,14 +8,25 @@ loading the folder back with ``datasets.load_dataset``.
       images/*.png                                the audit's plots, shown in the card
       data/train-00000-of-00001.parquet           one ``default`` config, or
       data/<config>/train-00000-of-0000N.parquet  one folder per config (P2-DPO focus / robust)
+      .pairforge-staging                          the files pairforge wrote here (not pushed)
 
-Shards hold at most :data:`MAX_SHARD_BYTES` of Arrow data each, as ``push_to_hub`` does;
-image files that rows only point to are read into the parquet (``embed_table_storage``), so
-the repo is self-contained and no local path leaks into it (paths are cut to file names).
+The layout is written into a temporary sibling (``.STAGING.partial-*``) and moved into place
+once verified (:func:`begin_staging`, :func:`finish_staging`): a killed run leaves no truncated
+parquet under the staging name. A staging folder is replaced only when it is empty or holds
+exactly what an earlier staging listed in its marker; any other folder is refused, never
+cleared.
+
+Shards hold at most :data:`MAX_SHARD_BYTES` of Arrow data each, as ``push_to_hub`` does,
+and image paths are cut to file names (``embed_table_storage``). Images arrive embedded: :func:`pairforge.publish.pairset.open_pairset` read every image that
+rows only pointed to, inside the set's allowed root and checked
+(:func:`pairforge.safety.checked_images`), so nothing here opens a file a row names, the repo
+is self-contained and no local path leaks into it (paths are cut to file names).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -33,8 +44,9 @@ from pairforge.sources.containers import _first_line
 MAX_SHARD_BYTES = 500 * 1024 * 1024
 #: Rows per batch while embedding image files (bounds memory per step).
 EMBED_BATCH = 256
-#: What a staging folder may hold for :func:`prepare_staging` to clear it.
-STAGED_NAMES = {"README.md", "data", "images"}
+#: The file that marks a folder as a pairforge staging folder and lists what pairforge wrote
+#: in it (never pushed).
+MARKER = ".pairforge-staging"
 
 
 @dataclass
@@ -57,18 +69,102 @@ class ConfigFiles:
         return f"{self.data_dir}/{SPLIT}-*"
 
 
-def prepare_staging(folder: Path) -> None:
-    """Create ``folder``, or empty it when it holds only what staging writes."""
-    if folder.exists():
-        if not folder.is_dir():
-            raise PairforgeError(f"{folder}: exists and is not a folder; pass --staging elsewhere")
-        others = sorted(p.name for p in folder.iterdir() if p.name not in STAGED_NAMES)
-        if others:
-            raise PairforgeError(f"{folder}: not empty and not a pairforge staging folder (has "
-                                 f"{others[0]!r}); pass --staging with a new or staged folder")
-        for p in folder.iterdir():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
+def staging_error(folder: Path, e: OSError) -> PairforgeError:
+    """One line for a staging folder that cannot be written (read-only, under a file, full)."""
+    what = e.strerror or type(e).__name__
+    return PairforgeError(f"--staging {folder}: cannot write there ({what}); pass --staging "
+                          f"with a writable folder (for a read-only build dir: a folder "
+                          f"elsewhere)")
+
+
+def check_staging(folder: Path) -> list[str]:
+    """What may be replaced in ``folder``: ``[]`` for a folder that does not exist or is empty,
+    else the files a previous staging wrote (from its :data:`MARKER`). A folder pairforge did
+    not mark, or one that also holds files pairforge did not write, is refused: pairforge
+    never deletes a file it did not write."""
+    if not folder.exists():
+        return []
+    if not folder.is_dir():
+        raise PairforgeError(f"--staging {folder}: exists and is not a folder; pass --staging "
+                             f"elsewhere")
+    present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                     if not p.is_dir())
+    if not present:
+        return []
+    marker = folder / MARKER
+    try:
+        written = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        assert isinstance(written, list)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise PairforgeError(f"--staging {folder}: not empty and not a pairforge staging folder "
+                             f"(no valid {MARKER}; it holds {present[0]!r}); pass --staging with "
+                             f"a new or empty folder (pairforge never deletes files it did not "
+                             f"write)") from None
+    others = [f for f in present if f not in written and f != MARKER]
+    if others:
+        raise PairforgeError(f"--staging {folder}: holds {others[0]!r}, which pairforge did not "
+                             f"stage ({len(others)} such file(s)); move them out or pass "
+                             f"--staging with a new folder")
+    return written
+
+
+def begin_staging(folder: Path) -> Path:
+    """A fresh temporary sibling of ``folder`` to stage into (see :func:`finish_staging`);
+    left-overs of killed runs (marked, never finished) are removed first."""
+    check_staging(folder)
+    parent = folder.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for old in parent.glob(f".{folder.name}.partial-*"):
+            if (old / MARKER).is_file():
+                shutil.rmtree(old, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=parent))
+        (tmp / MARKER).write_text(json.dumps({"complete": False, "files": []}),
+                                  encoding="utf-8")
+    except OSError as e:
+        raise staging_error(folder, e) from None
+    return tmp
+
+
+def finish_staging(tmp: Path, folder: Path) -> None:
+    """Mark ``tmp`` complete (the list of its files) and move it to ``folder``: a previous
+    staging there (only what it listed) is replaced; a killed run leaves no partial file
+    under ``folder``."""
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                   if p.is_file() and p.name != MARKER)
+    written = check_staging(folder)  # again: the folder may have changed meanwhile
+    try:
+        marker = tmp / MARKER
+        marker.with_suffix(".tmp").write_text(json.dumps({"complete": True, "files": files}),
+                                              encoding="utf-8")
+        os.replace(marker.with_suffix(".tmp"), marker)
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            for f in written:
+                target = old / f
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(folder / f, target)
+            if (folder / MARKER).exists():
+                os.replace(folder / MARKER, old / MARKER)
+            _remove_empty_dirs(folder)
+            os.replace(tmp, folder)  # folder is empty now (check_staging refused anything else)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except OSError as e:
+        raise staging_error(folder, e) from None
+
+
+def abandon_staging(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_empty_dirs(folder: Path) -> None:
+    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
 
 
 def shard_count(num_bytes: int, n_rows: int, max_shard_bytes: int = MAX_SHARD_BYTES) -> int:
@@ -98,14 +194,10 @@ def write_data(configs: Mapping[str, Dataset], folder: Path, *,
               unit=" rows", disable=not progress or None, mininterval=0.5) as bar:
         for ds, cf, i, n in plan:
             shard = ds.shard(num_shards=n, index=i, contiguous=True)
-            try:
-                embedded = shard.with_format("arrow").map(
-                    embed_table_storage, batched=True, batch_size=EMBED_BATCH,
-                    keep_in_memory=True)
-            except FileNotFoundError as e:
-                raise PairforgeError(f"config {cf.name!r}: a row points to the image file "
-                                     f"{e.filename!r}, which does not exist; restore it or "
-                                     f"rebuild the set with embedded images") from None
+            # every image has its bytes (open_pairset checked and embedded them), so this
+            # reads no file: it only cuts the images' paths to file names, as push_to_hub does
+            embedded = shard.with_format("arrow").map(
+                embed_table_storage, batched=True, batch_size=EMBED_BATCH, keep_in_memory=True)
             path = folder / cf.files[i]
             embedded.with_format(None).to_parquet(str(path))
             cf.download_size += path.stat().st_size

@@ -29,6 +29,7 @@ from datasets import Dataset, Features
 from pairforge.build.manifest import MANIFEST, Manifest
 from pairforge.errors import PairforgeError
 from pairforge.recipes import RECIPES
+from pairforge.safety import checked_images
 from pairforge.schema import COLUMN_GROUPS, CORE_FEATURES, features
 from pairforge.sources.containers import _first_line
 from pairforge.sources.sft import reason_kind
@@ -65,6 +66,8 @@ class PairSet:
     manifest: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     rejects: Counter = field(default_factory=Counter)
+    #: rows dropped because of an image (``on_bad_image="skip"``): (row, id, BadInput)
+    image_skips: list = field(default_factory=list)
 
     @property
     def template(self) -> str:
@@ -81,12 +84,29 @@ def is_build_dir(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
 
 
-def open_pairset(path: str | os.PathLike) -> PairSet:
+def open_pairset(path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
+                 on_bad_image: str = "fail") -> PairSet:
     """Read a build dir, a ``save_to_disk`` folder or a ``.parquet`` file of canonical rows.
 
-    Problems a user can fix raise a one-line :class:`PairforgeError`."""
+    Every image is checked and embedded by :func:`pairforge.safety.checked_images`: a path must
+    resolve inside ``image_root`` (default: the build dir, the saved folder, the parquet
+    file's folder), stay under the size limit and decode. A row that fails stops the whole
+    read (``on_bad_image="fail"``, publish: nothing is staged) or is dropped and listed in
+    ``PairSet.image_skips`` (``"skip"``, export). Problems a user can fix raise a one-line
+    :class:`PairforgeError`."""
     where = os.fspath(path)
     p = Path(where)
+    pset = _open(p, where)
+    root = Path(image_root) if image_root is not None else (p.parent if p.is_file() else p)
+    if image_root is not None and not root.is_dir():
+        raise PairforgeError(f"--image-root {image_root}: not a folder; pass the folder the "
+                             f"set's image paths are relative to")
+    pset.dataset, pset.image_skips = checked_images(pset.dataset, root, where,
+                                                    on_bad=on_bad_image)
+    return pset
+
+
+def _open(p: Path, where: str) -> PairSet:
     if is_build_dir(p):
         return open_build_dir(p, where)
     if p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ class TrainConfig:
         def bad(name: str, why: str) -> PairforgeError:
             return PairforgeError(f"train setting {name}={getattr(self, name)!r}: {why}")
 
+        self._check_numbers(bad)
         if not self.data:
             raise bad("data", "give the pair set: a build folder, a save_to_disk folder or parquet")
         if not self.out:
@@ -110,7 +112,38 @@ class TrainConfig:
             raise bad("merge", "--merge merges a LoRA adapter; a full fine-tune already writes weights")
         if self.max_length is not None and self.max_length < 2:
             raise bad("max_length", "must be >= 2")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise bad("min_lr_ratio", "must be in [0, 1]")
+        if not 0 <= self.lora_dropout < 1:
+            raise bad("lora_dropout", "must be in [0, 1)")
+        if self.max_grad_norm <= 0:
+            raise bad("max_grad_norm", "must be > 0")
+        for name in ("weight_decay", "sftc_lambda", "lambda_calib"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+        if self.seed < 0:
+            raise bad("seed", "must be >= 0")
         return self
+
+    def _check_numbers(self, bad) -> None:
+        """Every numeric setting is a number of its type and finite (NaN or inf would train
+        an all-NaN model, or fail deep inside torch)."""
+        for f in dataclasses.fields(self):
+            kind = str(f.type).replace(" | None", "")
+            if kind not in ("int", "float", "bool"):
+                continue
+            value = getattr(self, f.name)
+            if value is None and "None" in str(f.type):
+                continue
+            if kind == "bool":
+                if not isinstance(value, bool):
+                    raise bad(f.name, "must be true or false")
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    (kind == "int" and not isinstance(value, int)):
+                raise bad(f.name, f"must be {'an integer' if kind == 'int' else 'a number'}")
+            if not math.isfinite(value):
+                raise bad(f.name, "must be a finite number (not nan or inf)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -51,10 +51,21 @@ def load_pairs(path: str | Path):
     """The pair set at ``path`` as a ``datasets.Dataset``: a build folder (through
     :func:`pairforge.build.load_build`, which checks the build finished; a bare ``DIR/dataset/``
     works too), a ``save_to_disk`` folder (``Dataset``, or ``DatasetDict`` → ``train``), a
-    parquet file or a folder of parquet files."""
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+    parquet file or a folder of parquet files. Images that rows only point to must lie inside
+    the set's folder (the parquet file's folder), be bounded and decode
+    (:func:`pairforge.safety.checked_images`); one that does not stops with a line naming the
+    row."""
+    from pairforge.safety import checked_images
 
     p = Path(path).expanduser()
+    ds = _load_pairs(p)
+    root = p.parent if p.is_file() else p
+    return checked_images(ds, root, str(p))[0]
+
+
+def _load_pairs(p: Path):
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
     if not p.exists():
         raise PairforgeError(f"{p}: no such file or folder; pass a build folder, a save_to_disk "
                              f"folder or parquet of canonical pairs")

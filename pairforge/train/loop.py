@@ -26,6 +26,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pairforge.errors import PairforgeError
+from pairforge.errors import PairforgeError, first_line
 from pairforge.schema import derive_seed
 from pairforge.train import losses as L
 from pairforge.train.config import TrainConfig
@@ -460,38 +462,94 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def _checkpoints(self) -> list[Path]:
+        """Finished checkpoints, oldest first: ``step-N`` folders with a state file (a folder is
+        renamed to ``step-N`` only once complete; ``step-N.partial`` is a killed save)."""
         root = self.out / "checkpoints"
-        found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
+        found = [p for p in root.glob("step-*") if re.fullmatch(r"step-\d+", p.name)
+                 and (p / STATE_FILE).is_file()] if root.is_dir() else []
         return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
     def save_checkpoint(self, step: int) -> None:
+        """Save into ``step-N.partial``, write the state file atomically, then rename the
+        folder to ``step-N``: a kill at any point leaves the previous checkpoints intact."""
         path = self.out / "checkpoints" / f"step-{step:06d}"
-        self.accelerator.save_state(str(path), safe_serialization=not self.config.full_finetune)
+        partial = path.with_name(path.name + ".partial")
+        if self._main:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(partial), safe_serialization=not self.config.full_finetune)
+        self.accelerator.wait_for_everyone()
         if self._main:
             state = {"step": step, "config_hash": self.config.semantic_hash(),
                      "stage1_hash": self.stage1_hash, "probe_baseline": self.probe_baseline,
                      "n_truncated": self.n_truncated}
-            (path / STATE_FILE).write_text(json.dumps(state))
+            write_atomic(partial / STATE_FILE, json.dumps(state))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(partial, path)
             for old in self._checkpoints()[:-self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
     def _resume(self) -> int:
+        """Load the newest readable checkpoint; a corrupt one (truncated state file or
+        weights) is skipped with a note for the one before it. None readable: one line."""
         found = self._checkpoints()
         if not found:
             self.notes.append(f"--resume: no checkpoint under {self.out / 'checkpoints'}; starting at step 0")
             return 0
-        path = found[-1]
-        state = json.loads((path / STATE_FILE).read_text())
-        if state["config_hash"] != self.config.semantic_hash():
-            raise PairforgeError(f"{path}: written with other training settings; resume with the "
-                                 f"same settings or use a new --out")
-        self.accelerator.load_state(str(path), strict=False)
-        self.stage1_hash = state["stage1_hash"]
-        self.probe_baseline = state["probe_baseline"]
-        self.n_truncated = state.get("n_truncated", 0)
-        self.notes.append(f"resumed from {path} (step {state['step']})")
-        return int(state["step"])
+        problems = []
+        for path in reversed(found):
+            try:
+                state = json.loads((path / STATE_FILE).read_text())
+                step = int(state["step"])
+                config_hash = state["config_hash"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                problems.append(f"{path.name}: {STATE_FILE} unreadable ({first_line(e)})")
+                continue
+            if config_hash != self.config.semantic_hash():
+                raise PairforgeError(f"{path}: written with other training settings; resume with the "
+                                     f"same settings or use a new --out")
+            try:
+                self.accelerator.load_state(str(path), strict=False)
+            except Exception as e:  # noqa: BLE001 - torch / safetensors raise many types for a bad file
+                problems.append(f"{path.name}: weights or optimizer state unreadable ({first_line(e)})")
+                continue
+            self.stage1_hash = state.get("stage1_hash", "")
+            self.probe_baseline = state.get("probe_baseline") or {}
+            self.n_truncated = state.get("n_truncated", 0)
+            for problem in problems:
+                self.notes.append(f"--resume: skipped the corrupt checkpoint {problem}")
+            self.notes.append(f"resumed from {path} (step {step})")
+            return step
+        raise PairforgeError(f"{self.out / 'checkpoints'}: no readable checkpoint to resume from "
+                             f"({'; '.join(problems)}); rerun without --resume, or with a new --out")
+
+    def _check_out(self) -> None:
+        """``--out`` can be created and written (before any data or model is loaded)."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / f".write-check-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise PairforgeError(f"--out {self.out}: cannot write there ({e.strerror or e}); "
+                                 f"pass --out with a writable folder") from None
+
+    def _truncate_log(self, log_path: Path, step: int) -> None:
+        """Keep the log records of steps up to ``step`` (the checkpoint resumed from): a run
+        killed after its last checkpoint logged steps that the resumed run logs again."""
+        if not log_path.is_file():
+            return
+        kept = []
+        for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                if int(record["step"]) <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut by the kill
+                continue
+        write_atomic(log_path, "".join(k + "\n" for k in kept))
 
     # ------------------------------------------------------------------------- the loop
 
@@ -500,9 +558,9 @@ class Trainer:
         t_start = time.perf_counter()
         self.n_truncated, self.ref_seconds, self.ref_hits = 0, 0.0, []
         self.stage1_hash, self.probe_baseline = "", {}
+        self._check_out()
         self._setup_data()
         self._setup_model()
-        self.out.mkdir(parents=True, exist_ok=True)
         start = self._resume() if c.resume else 0
         s1, s2 = self.stage_steps
         if not self.probe_baseline:
@@ -525,6 +583,8 @@ class Trainer:
         # else: Stage 1 runs first; the loop resets the reference at its end (step s1)
 
         log_path = self.out / "train_log.jsonl"
+        if self._main:
+            self._truncate_log(log_path, start)
         writer = _tensorboard(self.out / "tb") if self._main else None
         from tqdm.auto import tqdm
 
@@ -560,7 +620,7 @@ class Trainer:
         outputs = self.save_outputs()
         summary = self._summary(history, start, train_seconds, time.perf_counter() - t_start, outputs)
         if self._main:
-            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_atomic(self.out / "train_summary.json", json.dumps(summary, indent=2) + "\n")
         if writer is not None:
             writer.close()
         return summary
@@ -666,6 +726,16 @@ class Trainer:
             "final": final, "probe": probes[-1] if probes else None,
             "outputs": outputs, "notes": self.notes,
         }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _reduce(accelerator, value: float) -> float:
