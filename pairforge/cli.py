@@ -149,8 +149,12 @@ def export(
     name: Annotated[str | None, typer.Option(
         "--name", help="Data file and dataset_info entry name (default: the set's name).")
     ] = None,
-    absolute: Annotated[bool, typer.Option(
-        "--absolute", help="Write absolute image paths (default: relative to OUT).")] = False,
+    absolute: Annotated[bool | None, typer.Option(
+        "--absolute/--relative",
+        help="Image paths in the data file: absolute, or relative to OUT. Default: absolute "
+             "for swift (ms-swift resolves relative paths against its working directory, or "
+             "ROOT_IMAGE_DIR when set), relative for llamafactory (resolved against its "
+             "dataset_dir, which is OUT).", show_default=False)] = None,
     on_error: Annotated[OnError, typer.Option(
         "--on-error", help="skip: list rows the format cannot hold in NAME.skipped.jsonl; "
                            "fail: stop at the first.")] = OnError.skip,

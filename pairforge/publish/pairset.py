@@ -28,9 +28,9 @@ from datasets import Dataset, Features
 
 from pairforge.build.manifest import MANIFEST, Manifest
 from pairforge.errors import PairforgeError
+from pairforge.errors import first_line as _first_line
 from pairforge.recipes import RECIPES
 from pairforge.schema import COLUMN_GROUPS, CORE_FEATURES, features
-from pairforge.sources.containers import _first_line
 from pairforge.sources.sft import reason_kind
 
 #: recipe → (column, {column value: config name}); a row with another value is an error.

@@ -1,5 +1,5 @@
 """SFT examples for the build engine: any supported source → a lazy stream of
-:class:`~pairforge.recipes.base.Example` s, each bad one a :class:`ReadReject` in its place.
+:class:`~pairforge.contract.Example` s, each bad one a :class:`ReadReject` in its place.
 
 Source specs (``--source``)::
 
@@ -54,7 +54,7 @@ from urllib.parse import parse_qsl
 from PIL import Image as PILImage
 
 from pairforge.errors import BadInput, PairforgeError
-from pairforge.recipes.base import Example
+from pairforge.contract import Example
 from pairforge.schema import count_image_parts
 from pairforge.sources.containers import open_container
 from pairforge.sources.formats import SHAREGPT_ROLES, _content, from_trl, place_images
