@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Features
 
-from pairforge.diagnostics.lengths import LengthUnit, length_unit
+from pairforge.diagnostics.lengths import CharacterLengths, LengthUnit, length_unit
 from pairforge.diagnostics.model_based import ModelAuditor, ModelResult, model_table_columns
 from pairforge.diagnostics.stats import repeated, set_summary
-from pairforge.diagnostics.text import pair_metrics
+from pairforge.diagnostics.text import choose_edit_unit, pair_metrics, unspaced
 from pairforge.errors import PairforgeError
 from pairforge.schema import COLUMN_GROUPS, prompt_text, response_text
 
@@ -70,10 +70,18 @@ class SetResult:
 
 
 class SetAudit:
-    """Accumulates one set chunk by chunk: ``add`` texts, then ``finish``."""
+    """Accumulates one set chunk by chunk: ``add`` texts, then ``finish``.
 
-    def __init__(self, name: str, unit: LengthUnit, n_examples: int = N_EXAMPLES):
+    ``edit_unit``: ``words``, ``characters``, or ``None`` to choose from the first chunk
+    (:func:`~pairforge.diagnostics.text.choose_edit_unit`: characters when enough pairs are
+    in scripts written without spaces); the whole set then uses that one unit. With
+    characters, whitespace-word lengths become character lengths too."""
+
+    def __init__(self, name: str, unit: LengthUnit, n_examples: int = N_EXAMPLES,
+                 edit_unit: str | None = None):
         self.name, self.unit, self.n_examples = name, unit, n_examples
+        self.edit_unit = edit_unit
+        self.n_unspaced = 0
         self._metrics: list[dict[str, np.ndarray]] = []
         self._ids: list[pa.Array] = []
         self._prompt_keys: list[np.ndarray] = []
@@ -83,7 +91,13 @@ class SetAudit:
     def add(self, ids: Sequence[str], prompt_keys: Sequence[int], prompts: Sequence[str],
             chosen: Sequence[str], rejected: Sequence[str]) -> None:
         """One chunk of pairs. ``prompt_keys``: equal for pairs with the same prompt."""
-        m = pair_metrics(chosen, rejected, self.unit)
+        is_unspaced = unspaced(chosen) | unspaced(rejected)
+        self.n_unspaced += int(is_unspaced.sum())
+        if self.edit_unit is None:
+            self.edit_unit = choose_edit_unit(is_unspaced)
+        if self.edit_unit == "characters" and self.unit.name == "words":
+            self.unit = CharacterLengths()
+        m = pair_metrics(chosen, rejected, self.unit, edit_unit=self.edit_unit)
         self._metrics.append(m)
         self._ids.append(pa.array(ids, type=pa.string()))
         self._prompt_keys.append(np.asarray(prompt_keys, dtype=np.int64))
@@ -106,7 +120,8 @@ class SetAudit:
         metrics = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
         keys = self._prompt_keys or [np.zeros(0, dtype=np.int64)]
         metrics["prompt_repeated"] = repeated(np.concatenate(keys))
-        summary = set_summary(metrics, n_skipped=n_skipped, length_unit=self.unit.name)
+        summary = set_summary(metrics, n_skipped=n_skipped, length_unit=self.unit.name,
+                              edit_unit=self.edit_unit or "words", n_unspaced=self.n_unspaced)
         ids = pa.concat_arrays(self._ids) if self._ids else pa.array([], type=pa.string())
         return SetResult(self.name, summary, metrics, ids, self._different, self._similar)
 
@@ -119,13 +134,15 @@ def pairs_schema(model_fields: Sequence[pa.Field] = ()) -> pa.Schema:
     the model-based columns when a scorer was given."""
     diagnostics = Features(COLUMN_GROUPS["diagnostics"]).arrow_schema
     return pa.schema([pa.field("set", pa.string()), pa.field("id", pa.string()),
-                      *diagnostics, pa.field("prompt_repeated", pa.bool_()), *model_fields])
+                      *diagnostics, pa.field("edit_unit", pa.string()),
+                      pa.field("prompt_repeated", pa.bool_()), *model_fields])
 
 
 def pairs_table(result: SetResult, schema: pa.Schema, model_fields: Sequence[pa.Field] = ()) -> pa.Table:
     m, n = result.metrics, len(result.ids)
     columns = {"set": pa.array([result.name] * n, type=pa.string()), "id": result.ids,
                "length_unit": pa.array([result.summary["length_unit"]] * n, type=pa.string()),
+               "edit_unit": pa.array([result.summary["edit_unit"]] * n, type=pa.string()),
                **model_table_columns(result.model, model_fields, n)}
     for f in schema:
         if f.name not in columns:
