@@ -27,7 +27,7 @@ from datasets import Features
 from pairforge.diagnostics.lengths import CharacterLengths, LengthUnit, length_unit
 from pairforge.diagnostics.model_based import ModelAuditor, ModelResult, model_table_columns
 from pairforge.diagnostics.stats import repeated, set_summary
-from pairforge.diagnostics.text import choose_edit_unit, pair_metrics, unspaced
+from pairforge.diagnostics.text import EDIT_UNITS, choose_edit_unit, pair_metrics, unspaced
 from pairforge.errors import PairforgeError
 from pairforge.schema import COLUMN_GROUPS, prompt_text, response_text
 
@@ -161,7 +161,7 @@ def unique_name(name: str, taken: set[str]) -> str:
 
 def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str | None = None,
               image_root: str | os.PathLike | None = None, tokenizer: str = "gpt2",
-              on_error: str = "skip", console: Console | None = None,
+              edit_unit: str | None = None, on_error: str = "skip", console: Console | None = None,
               scorer: str | None = None, policy: str | None = None, text_only: bool = False,
               sample: int | None = None, seed: int = 0, batch_size: int = 8,
               device: str | None = None) -> list[SetResult]:
@@ -172,7 +172,8 @@ def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str |
     text-only sets) add the model-based metrics (see
     :class:`~pairforge.diagnostics.model_based.ModelAuditor`): ``text_only`` also scores
     without the image, ``sample`` scores a ``seed``-ed random sample of that many pairs per
-    set, ``batch_size`` / ``device`` go to the models."""
+    set, ``batch_size`` / ``device`` go to the models. ``edit_unit``: words or characters for
+    every set; ``None`` chooses per set by script (:class:`SetAudit`)."""
     from rich.console import Console
     from tqdm import tqdm
 
@@ -182,6 +183,9 @@ def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str |
     console = console or Console()
     t0 = time.perf_counter()
     unit = length_unit(tokenizer)
+    if edit_unit is not None and edit_unit not in EDIT_UNITS:
+        raise PairforgeError(f"--edit-unit {edit_unit!r}: use one of {', '.join(EDIT_UNITS)} "
+                             f"(or leave it out to choose by script)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if text_only and scorer is None and policy is None:
@@ -201,7 +205,7 @@ def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str |
             stream = read_pairs(spec, format=format, image_root=image_root, on_error=on_error,
                                 load_images=False)
             name = unique_name(stream.name, {r.name for r in results})
-            audit = SetAudit(name, unit)
+            audit = SetAudit(name, unit, edit_unit=edit_unit)
             chunk: list[tuple[str, int, str, str, str]] = []
             n_pairs = n_with_images = 0
             with tqdm(total=stream.total, desc=f"audit {name}", unit=" rows", mininterval=0.5,

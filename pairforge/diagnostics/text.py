@@ -94,12 +94,17 @@ def unspaced(texts: Sequence[str] | pa.Array) -> np.ndarray:
     """Per text: is at least :data:`UNSPACED_TEXT_SHARE` of its non-whitespace characters in
     a script written without spaces (:data:`UNSPACED_SCRIPTS`)?"""
     arr = texts if isinstance(texts, pa.Array) else pa.array(list(texts), type=pa.string())
-    if not len(arr):
-        return np.zeros(0, dtype=bool)
-    script = pc.count_substring_regex(arr, UNSPACED_SCRIPTS).to_numpy(zero_copy_only=False)
-    spaces = pc.count_substring_regex(arr, r"\s").to_numpy(zero_copy_only=False)
-    visible = pc.utf8_length(arr).to_numpy(zero_copy_only=False) - spaces
-    return (script > 0) & (script >= UNSPACED_TEXT_SHARE * visible)
+    out = np.zeros(len(arr), dtype=bool)
+    # only texts with a non-ASCII character can hold those scripts (a cheap vectorised test)
+    candidates = np.flatnonzero(~pc.string_is_ascii(arr).to_numpy(zero_copy_only=False))
+    if not candidates.size:
+        return out
+    sub = arr.take(pa.array(candidates))
+    script = pc.count_substring_regex(sub, UNSPACED_SCRIPTS).to_numpy(zero_copy_only=False)
+    spaces = pc.count_substring_regex(sub, r"\s").to_numpy(zero_copy_only=False)
+    visible = pc.utf8_length(sub).to_numpy(zero_copy_only=False) - spaces
+    out[candidates] = (script > 0) & (script >= UNSPACED_TEXT_SHARE * visible)
+    return out
 
 
 def choose_edit_unit(unspaced_pairs: np.ndarray) -> str:
