@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
+from pairforge.errors import BadInput
 from pairforge.publish.export import export, llamafactory_record, swift_record
 from pairforge.schema import prompt_text, response_text, to_dataset
 from pairforge.sources import detect_format, read_pairs
@@ -261,3 +262,51 @@ def test_swift_export_paths_resolve_from_any_working_directory(tmp_path, monkeyp
     assert not relative.absolute
     (line,) = (tmp_path / "rel" / "set.jsonl").read_text().splitlines()
     assert not Path(json.loads(line)["images"][0]).is_absolute()
+
+
+# ----------------------------------------------------------------------------- the plain TRL path
+
+
+def test_plain_trl_rows_equal_the_general_converter(tmp_path):
+    """The reader's direct path for plain TRL-standard rows builds exactly the row the general
+    converter (from_trl + make_pair + validate_row) builds, and leaves every other record,
+    bad ones included, to the general path."""
+    for name, data in (("a.png", CAT), ("b.png", DOG)):
+        (tmp_path / name).write_bytes(data)
+    plain = [
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+        {"prompt": "<image>Who are they?", "chosen": "Kane.", "rejected": "Two referees.",
+         "images": ["a.png"]},
+        {"prompt": "Compare <image> and\n<image>.", "chosen": "Same.", "rejected": "Different.",
+         "images": ["a.png", "b.png"], "id": 7},
+        {"prompt": "What is it?", "chosen": "A cat.", "rejected": "A dog.", "image": "a.png",
+         "idx": "r9", "extra": 1},
+        {"prompt": "", "chosen": "A cat.", "rejected": "A dog.", "images": ["a.png", "b.png"]},
+    ]
+    general_only = [
+        {"prompt": "   ", "chosen": "a", "rejected": "b"},  # no prompt text, no image
+        {"prompt": "Q", "chosen": " ", "rejected": "b"},  # blank answer
+        {"prompt": "<image>Q", "chosen": "a", "rejected": "b"},  # tag without image
+        {"prompt": "Q", "chosen": "a", "rejected": "b", "images": ["a.png"], "image": "b.png"},
+        {"prompt": [{"role": "user", "content": "Q"}], "chosen": "a", "rejected": "b"},
+        {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+    ]
+    escaping = {"prompt": "Q", "chosen": "a", "rejected": "b", "images": ["../outside.png"]}
+    f = _jsonl(tmp_path / "plain.jsonl", plain + general_only + [escaping])
+    for load in (True, False):
+        stream = read_pairs(f, load_images=load)
+        for i, rec in enumerate(plain):
+            row = stream._plain_trl_row(i, rec)
+            assert row is not None and row == stream._general_row(i, rec), i
+        for i, rec in enumerate(general_only, start=len(plain)):
+            assert stream._plain_trl_row(i, rec) is None, i
+        errors = []
+        for path in (stream._plain_trl_row, stream._general_row):
+            with pytest.raises(BadInput) as e:
+                path(0, escaping)
+            errors.append(str(e.value))
+        assert errors[0] == errors[1] and "escapes the image root" in errors[0]
+        rows = list(stream)
+        assert len(rows) == len(plain) + 2  # the conversational and implicit-prompt rows are fine
+        assert [b.field for b in stream.skipped] == ["prompt", "chosen", "images", "images",
+                                                     "images"]
