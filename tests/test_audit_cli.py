@@ -251,3 +251,25 @@ def test_hostile_set_name_and_texts_are_escaped_in_the_report(tmp_path):
     assert "<script>" not in page and "<img src=x" not in page and "<b>bold" not in page
     assert "<h3>&lt;script&gt;alert(1)</h3>" in page  # the set name, escaped
     assert "&lt;b&gt;bold&lt;/b&gt;" in page  # a text, escaped
+
+
+def test_progress_has_a_total_for_jsonl_and_names_each_stage(tmp_path, monkeypatch):
+    import tqdm as tqdm_module
+
+    from pairforge.diagnostics.audit import run_audit
+
+    seen = {"totals": [], "stages": []}
+
+    class Recorder(tqdm_module.tqdm):
+        def __init__(self, *a, **kw):
+            seen["totals"].append(kw.get("total"))
+            super().__init__(*a, **{**kw, "disable": True})
+
+        def set_postfix_str(self, s="", refresh=True):
+            seen["stages"].append(s)
+
+    monkeypatch.setattr(tqdm_module, "tqdm", Recorder)
+    data = write_set(tmp_path / "d", MINIMAL + STYLE, extra_lines=["", "not json"])
+    run_audit([data], tmp_path / "out", tokenizer="words")
+    assert seen["totals"] == [len(MINIMAL) + len(STYLE) + 2]  # lines of the JSONL file
+    assert seen["stages"] == ["text metrics of 7 pairs", "done"]

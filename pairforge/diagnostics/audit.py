@@ -150,6 +150,11 @@ def pairs_table(result: SetResult, schema: pa.Schema, model_fields: Sequence[pa.
     return pa.table([columns[f.name] for f in schema], schema=schema)
 
 
+def _stage(bar, stage: str) -> None:
+    """Show the phase the set's audit is in after its progress bar (reading, metrics)."""
+    bar.set_postfix_str(stage, refresh=True)
+
+
 def unique_name(name: str, taken: set[str]) -> str:
     """``name``, or ``name#2``, ``name#3``, ... when already taken."""
     out, k = name, 1
@@ -208,8 +213,8 @@ def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str |
             audit = SetAudit(name, unit, edit_unit=edit_unit)
             chunk: list[tuple[str, int, str, str, str]] = []
             n_pairs = n_with_images = 0
-            with tqdm(total=stream.total, desc=f"audit {name}", unit=" rows", mininterval=0.5,
-                      disable=None) as bar:
+            with tqdm(total=stream.estimated_total(), desc=f"audit {name}", unit=" rows",
+                      mininterval=0.5, disable=None, postfix="reading") as bar:
                 for row in stream:
                     prompt = prompt_text(row["prompt"])
                     n_with_images += bool(row["images"])
@@ -218,12 +223,16 @@ def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str |
                     if len(chunk) % 1024 == 0:
                         bar.update(n_pairs + len(chunk) + len(stream.skipped) - bar.n)
                     if len(chunk) == CHUNK_PAIRS:
+                        _stage(bar, f"text metrics of {len(chunk):,} pairs")
                         audit.add(*zip(*chunk))
                         n_pairs, chunk = n_pairs + len(chunk), []
+                        _stage(bar, "reading")
+                bar.update(stream.n_read - bar.n)
                 if chunk:
+                    _stage(bar, f"text metrics of {len(chunk):,} pairs")
                     audit.add(*zip(*chunk))
                     n_pairs += len(chunk)
-                bar.update(stream.n_read - bar.n)
+                _stage(bar, "done")
             if stream.n_read != n_pairs + len(stream.skipped):
                 raise RuntimeError(f"{name}: read {stream.n_read} rows but got {n_pairs} pairs "
                                    f"and {len(stream.skipped)} skipped; this is a pairforge bug")
@@ -243,6 +252,8 @@ def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str |
     summary = {r.name: r.summary for r in results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
                                       encoding="utf-8")
+    console.print("writing summary.json, plots and report.html ...", style="dim",
+                  highlight=False)
     plots = report.write_plots(out, results)
     report.write_html(out, results, plots)
     report.print_summary(results, console)

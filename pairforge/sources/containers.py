@@ -51,6 +51,19 @@ class Container:
     total: int | None
     records: Callable[[], Records]
     arrow: bool = False
+    file: Path | None = None  # the data file, for a JSON Lines container
+
+    def estimated_total(self) -> int | None:
+        """``total``, or for JSON Lines the number of lines (a cheap pass over the bytes;
+        blank lines, which are skipped, count too), for progress bars."""
+        if self.total is not None or self.file is None:
+            return self.total
+        n, last = 0, b"\n"
+        with open(self.file, "rb") as f:
+            while block := f.read(1 << 24):
+                n += block.count(b"\n")
+                last = block[-1:]
+        return n + (last != b"\n")
 
 
 def open_container(spec: str | os.PathLike, *, split: str | None = None,
@@ -64,7 +77,8 @@ def open_container(spec: str | os.PathLike, *, split: str | None = None,
                                  f"not to a single file; drop it")
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            return Container(path.stem, where, path.parent, None, lambda: _jsonl(path, where))
+            return Container(path.stem, where, path.parent, None, lambda: _jsonl(path, where),
+                             file=path)
         if suffix == ".json":
             return Container(path.stem, where, path.parent, None, lambda: _json(path, where))
         if suffix == ".parquet":

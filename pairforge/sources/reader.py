@@ -175,6 +175,11 @@ class PairStream:
 
     # -- reporting
 
+    def estimated_total(self) -> int | None:
+        """Rows in the set when the container knows or can cheaply count them (JSON Lines:
+        its lines), for progress bars; ``None`` otherwise."""
+        return self._container.estimated_total()
+
     @property
     def n_kept(self) -> int:
         return self.n_read - len(self.skipped)
