@@ -15,7 +15,6 @@ from pairforge import __version__
 from pairforge.errors import PairforgeError
 
 
-
 class _Commands(TyperGroup):
     """The command list shows each command's first sentence whole (wrapped), where click
     would cut it to one line mid-sentence ("... (text...")."""

@@ -333,17 +333,17 @@ def split_conversations(chosen: list, rejected: list,
         raise _bad(fields[1], f"{fields[0]} and {fields[1]} differ from their first message on, "
                               f"so they share no prompt; a pair needs one prompt")
     rest = {fields[0]: chosen[n:], fields[1]: rejected[n:]}
-    for field, turns in rest.items():
+    for name, turns in rest.items():
         if not turns:
-            raise _bad(field, f"{fields[0]} and {fields[1]} are the same conversation, or one "
-                              f"ends where the other goes on: {field} has no answer after the "
-                              f"shared prompt")
+            raise _bad(name, f"{fields[0]} and {fields[1]} are the same conversation, or one "
+                             f"ends where the other goes on: {name} has no answer after the "
+                             f"shared prompt")
         if any(msg(m)["role"] != "assistant" for m in turns):
-            raise _bad(field, f"{fields[0]} and {fields[1]} differ before their last user turn "
-                              f"(different prompts); a pair shares one prompt, so only the "
-                              f"assistant's answer may differ")
+            raise _bad(name, f"{fields[0]} and {fields[1]} differ before their last user turn "
+                             f"(different prompts); a pair shares one prompt, so only the "
+                             f"assistant's answer may differ")
         if count_image_parts([msg(m) for m in turns]):
-            raise _bad(field, "an answer must be text only, found an image part")
+            raise _bad(name, "an answer must be text only, found an image part")
     return chosen[:n], rest[fields[0]], rest[fields[1]]
 
 

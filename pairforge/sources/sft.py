@@ -53,8 +53,8 @@ from urllib.parse import parse_qsl
 
 from PIL import Image as PILImage
 
-from pairforge.errors import BadInput, PairforgeError
 from pairforge.contract import Example
+from pairforge.errors import BadInput, PairforgeError
 from pairforge.schema import count_image_parts
 from pairforge.sources.containers import open_container
 from pairforge.sources.formats import SHAREGPT_ROLES, _content, from_trl, place_images
