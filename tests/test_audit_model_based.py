@@ -264,7 +264,7 @@ def test_audit_with_smollm2_on_a_sample_equals_direct_scores(tmp_path):
     assert lo < s["delta_ref_mean"] < hi
     page = (out / "report.html").read_text()
     assert "Model-based metrics" in page and "scored 20 of 30 pairs" in page
-    assert "src='delta_ref.png'" in page and (out / "delta_ref.png").read_bytes()[:4] == b"\x89PNG"
+    assert 'src="delta_ref.png"' in page and (out / "delta_ref.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,9 @@ SUFFIXES = (".jsonl", ".json", ".parquet")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 Records = Iterator[tuple[int, Any]]
+#: The former private copy's name, now the one in ``pairforge.errors`` (code written against
+#: ``containers._first_line`` keeps working).
+_first_line = first_line
 
 
 @dataclass
