@@ -9,11 +9,31 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from pairforge import __version__
 from pairforge.errors import PairforgeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+class _Commands(TyperGroup):
+    """The command list shows each command's first sentence whole (wrapped), where click
+    would cut it to one line mid-sentence ("... (text...")."""
+
+    def format_commands(self, ctx, formatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+# Plain click help: boolean options show as switches (no "<bool>" value), and docstrings are
+# reflowed as paragraphs instead of keeping their source line breaks.
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
+                  rich_markup_mode=None,
                   help="Build, audit, publish and train on vision-language preference pairs.")
 
 
@@ -35,8 +55,15 @@ def audit(
     out: Annotated[Path, typer.Option("--out", help="Folder for summary.json, pairs.parquet, "
                                       "report.html, plots and skipped.jsonl.")],
     format: Annotated[str | None, typer.Option(
-        "--format", help="Input format, one of pairforge.sources.FORMATS; detected from the "
-                         "first record when omitted.")] = None,
+        "--format", help="Input format: canonical, trl (prompt/chosen/rejected, or an implicit "
+                         "prompt in chosen/rejected), rlaif-v, llava, llamafactory (ranking "
+                         "sharegpt or v1 chosen_messages/rejected_messages), swift "
+                         "(rejected_response or rejected_messages); detected from the first "
+                         "record when omitted.")] = None,
+    edit_unit: Annotated[str | None, typer.Option(
+        "--edit-unit", help="Unit of the edit distance: words or characters (default: "
+                            "characters for sets in scripts written without spaces, such as "
+                            "Chinese, Japanese or Thai; words otherwise).")] = None,
     image_root: Annotated[Path | None, typer.Option(
         "--image-root", help="Folder image paths are relative to (default: the data file's "
                              "folder).")] = None,
@@ -77,6 +104,7 @@ def audit(
     if device is not None:  # before any set is read: a device this machine lacks is one line
         resolve_device(device)
     run_audit(data, out, format=format, image_root=image_root, tokenizer=tokenizer,
+              edit_unit=edit_unit,
               on_error=on_error.value, scorer=scorer, policy=policy, text_only=text_only,
               sample=sample, seed=seed, batch_size=batch_size, device=device,
               max_pixels=max_pixels)
@@ -168,8 +196,12 @@ def export(
     name: Annotated[str | None, typer.Option(
         "--name", help="Data file and dataset_info entry name (default: the set's name).")
     ] = None,
-    absolute: Annotated[bool, typer.Option(
-        "--absolute", help="Write absolute image paths (default: relative to OUT).")] = False,
+    absolute: Annotated[bool | None, typer.Option(
+        "--absolute/--relative",
+        help="Image paths in the data file: absolute, or relative to OUT. Default: absolute "
+             "for swift (ms-swift resolves relative paths against its working directory, or "
+             "ROOT_IMAGE_DIR when set), relative for llamafactory (resolved against its "
+             "dataset_dir, which is OUT).", show_default=False)] = None,
     on_error: Annotated[OnError, typer.Option(
         "--on-error", help="skip: list rows the format cannot hold in NAME.skipped.jsonl; "
                            "fail: stop at the first.")] = OnError.skip,
@@ -330,6 +362,11 @@ def recorded_command() -> str:
 
 
 def main() -> None:
+    import os
+
+    # datasets' own "Map" / "Creating parquet" bars would interleave with pairforge's progress
+    # bars; a user who wants them sets HF_DATASETS_DISABLE_PROGRESS_BARS=0
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except PairforgeError as e:  # errors a user can cause: one line, no traceback

@@ -1,7 +1,17 @@
-"""Benchmark of the audit's text metrics against a plain pure-Python implementation.
+"""Benchmark of ``pairforge audit``: end to end on a TRL JSONL against a pandas + rapidfuzz
+script, and its text metrics against a plain pure-Python implementation.
 
-    python scripts/bench_audit.py                      # 200k pairs + a 1M-pair memory run
+    python scripts/bench_audit.py --end-to-end 200000 --pairs 0       # end to end only
+    python scripts/bench_audit.py                      # metrics: 200k pairs + a 1M-pair memory run
     python scripts/bench_audit.py --pairs 20000 --memory-pairs 0   # quick
+
+End to end (``--end-to-end N``): writes N synthetic pairs as a TRL-standard JSONL
+(``prompt``/``chosen``/``rejected`` strings, as written by ``json.dumps``), then runs, each in
+its own process, ``python -m pairforge audit FILE --tokenizer words`` and ``--tokenizer gpt2``
+and the baseline: a pandas + rapidfuzz script (``pandas.read_json(lines=True)``, whitespace
+words, ``rapidfuzz.distance.Levenshtein`` on the word lists, lengths, the same set rates).
+Each is reported with its wall time, its CPU time (user + sys: what the work costs when the
+machine is shared) and its peak resident memory (``ru_maxrss`` of that process alone).
 
 Measures, in one run on the same synthetic pairs (30–120 words per answer, minimal edits and
 style-different pairs mixed):
@@ -88,6 +98,81 @@ def _sentence(words: list[str]) -> str:
     return " ".join([words[0].capitalize(), *words[1:]]).rstrip(",") + "."
 
 
+# ----------------------------------------------------------------------------- end to end
+
+#: The baseline: what a user would write with pandas and rapidfuzz (run as its own process).
+BASELINE = r"""
+import json, sys
+import numpy as np, pandas as pd
+from rapidfuzz.distance import Levenshtein
+df = pd.read_json(sys.argv[1], lines=True)
+c = df["chosen"].str.lower().str.split()
+r = df["rejected"].str.lower().str.split()
+lev = np.array([Levenshtein.distance(a, b) for a, b in zip(c, r)])
+lc, lr = c.str.len().to_numpy(), r.str.len().to_numpy()
+norm = lev / np.maximum(np.maximum(lc, lr), 1)
+print(json.dumps({"n": len(df), "lev_median": float(np.median(lev)),
+                  "chosen_longer": float(np.mean((lc > lr) + 0.5 * (lc == lr))),
+                  "near_dup": float(np.mean(norm <= 0.05))}))
+"""
+
+#: Runs a command as a child and reports the child's own wall time, CPU time and peak RSS.
+MEASURE = r"""
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+wall = time.perf_counter() - t
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"wall_s": wall, "cpu_s": u.ru_utime + u.ru_stime,
+                  "peak_mb": u.ru_maxrss / 1024}))
+"""
+
+
+def write_trl_jsonl(path: Path, n: int, seed: int, chunk: int = 50_000) -> int:
+    """``n`` synthetic pairs as TRL-standard JSONL (no images); returns the file size."""
+    gen = Synthetic(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for start in range(0, n, chunk):
+            c, r = gen.pairs(min(chunk, n - start))
+            f.writelines(json.dumps({"prompt": f"Describe image {start + i}.", "chosen": a,
+                                     "rejected": b}) + "\n" for i, (a, b) in enumerate(zip(c, r)))
+    return path.stat().st_size
+
+
+def measure(cmd: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True,
+                         check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def end_to_end(n: int, seed: int) -> dict:
+    """Audit of an ``n``-pair TRL JSONL (words, gpt2) against the pandas + rapidfuzz baseline."""
+    with tempfile.TemporaryDirectory() as d:
+        data = Path(d) / "trl.jsonl"
+        print(f"writing {n:,} pairs as TRL JSONL ...", file=sys.stderr)
+        size = write_trl_jsonl(data, n, seed)
+        runs = {}
+        for name, cmd in (
+                ("pairforge audit --tokenizer words",
+                 [sys.executable, "-m", "pairforge", "audit", str(data), "--out",
+                  str(Path(d) / "words"), "--tokenizer", "words"]),
+                ("pairforge audit --tokenizer gpt2",
+                 [sys.executable, "-m", "pairforge", "audit", str(data), "--out",
+                  str(Path(d) / "gpt2"), "--tokenizer", "gpt2"]),
+                ("pandas + rapidfuzz script (words)", [sys.executable, "-c", BASELINE, str(data)])):
+            print(f"running {name} ...", file=sys.stderr)
+            runs[name] = measure(cmd)
+    print(f"\nend to end: {n:,} pairs, {size / 2**20:,.0f} MiB of TRL JSONL, {os.cpu_count()} "
+          f"CPU(s), load average {os.getloadavg()[0]:.2f} after")
+    print(f"{'':40} {'wall s':>8} {'pairs/s':>9} {'CPU s':>8} {'pairs/CPU-s':>12} "
+          f"{'peak MB':>8}")
+    for name, m in runs.items():
+        print(f"{name:40} {m['wall_s']:>8.1f} {n / m['wall_s']:>9,.0f} {m['cpu_s']:>8.1f} "
+              f"{n / m['cpu_s']:>12,.0f} {m['peak_mb']:>8,.0f}")
+    return {"pairs": n, "file_mib": round(size / 2**20, 1),
+            **{name: {k: round(v, 2) for k, v in m.items()} for name, m in runs.items()}}
+
+
 # ----------------------------------------------------------------------------- measurements
 
 
@@ -134,10 +219,16 @@ def main() -> None:
     ap.add_argument("--memory-pairs", type=int, default=1_000_000, help="0 skips the memory run")
     ap.add_argument("--chunk", type=int, default=32_768)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--end-to-end", type=int, default=0, metavar="N",
+                    help="also audit an N-pair TRL JSONL end to end against pandas + rapidfuzz")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         memory_child(args.pairs, args.chunk)
+        return
+    e2e = end_to_end(args.end_to_end, args.seed) if args.end_to_end else None
+    if not args.pairs:
+        print(json.dumps({"end_to_end": e2e}))
         return
 
     load = os.getloadavg()[0]
@@ -199,6 +290,7 @@ def main() -> None:
         "speedup_gpt2_vs_naive_bpe": round(rate["gpt2"] / rate["naive_bpe"], 1),
         "baseline_equal": same,
         "memory_run": memory,
+        "end_to_end": e2e,
     }))
 
 

@@ -74,7 +74,10 @@ def two_sets(tmp_path_factory):
     """Audit of a minimal-edit set and a style-different set, side by side (words unit)."""
     root = tmp_path_factory.mktemp("two")
     a = write_set(root / "minimal", MINIMAL)
-    b = write_set(root / "style", STYLE)
+    # three views of each style pair: 9 pairs, enough for the flags' 95% CIs to clear the
+    # thresholds (3 pairs would be "inconclusive")
+    b = write_set(root / "style", [(f"{q} (view {k})", c, r) for k in range(3)
+                                   for q, c, r in STYLE])
     out = root / "out"
     result = audit(a, b, "--out", out, "--tokenizer", "words")
     return out, result
@@ -88,7 +91,7 @@ def test_summary_json_per_set_with_disambiguated_names(two_sets):
         assert SUMMARY_KEYS <= set(s)
         assert s["length_unit"] == "words" and s["format"] == "trl" and s["n_skipped"] == 0
     minimal, style = summary["pairs"], summary["pairs#2"]
-    assert minimal["n_pairs"] == 4 and style["n_pairs"] == 3
+    assert minimal["n_pairs"] == 4 and style["n_pairs"] == 9
     assert minimal["lev_words_mean"] == 1.0 and minimal["chosen_longer_rate"] == 0.5
     assert minimal["flags"] == []  # minimal edits: no shortcut, no style difference
     assert {"length_shortcut", "style_different"} <= {f["id"] for f in style["flags"]}
@@ -99,13 +102,14 @@ def test_pairs_parquet_columns_match_the_schema(two_sets):
     out, _ = two_sets
     table = pq.read_table(out / "pairs.parquet")
     diag = list(COLUMN_GROUPS["diagnostics"])
-    assert table.column_names == ["set", "id", *diag, "prompt_repeated", "id_repeated",
-                                  "images_unresolved"]
+    assert table.column_names == ["set", "id", *diag, "edit_unit", "prompt_repeated",
+                                  "id_repeated", "images_unresolved"]
     assert str(table.schema.field("lev_norm").type) == "float"
     assert str(table.schema.field("lev_words").type) == "int32"
     df = table.to_pandas()
-    assert df["set"].tolist() == ["pairs"] * 4 + ["pairs#2"] * 3
+    assert df["set"].tolist() == ["pairs"] * 4 + ["pairs#2"] * 9
     assert df["id"].is_unique and (df["length_unit"] == "words").all()
+    assert (df["edit_unit"] == "words").all()
     assert df["lev_words"].tolist()[:4] == [1, 1, 1, 1]
     np.testing.assert_allclose(df["lev_norm"][:4], [1 / 7, 1 / 7, 1 / 10, 1 / 10], rtol=1e-6)
     assert not df["prompt_repeated"].any()
@@ -116,10 +120,10 @@ def test_report_html_plots_and_escaping(two_sets):
     for png in ("lev_norm.png", "len_gap.png", "compare.png"):  # compare: several sets
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     page = (out / "report.html").read_text()
-    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script>" not in page
     assert page.index("<h2>Flags</h2>") < page.index("<h2>Summary</h2>") < page.index("<h2>Plots")
     for png in ("lev_norm.png", "len_gap.png", "compare.png"):
-        assert f"src='{png}'" in page
+        assert f'src="{png}"' in page
     assert "most different" in page and "most similar" in page
     assert "<mark>red.</mark>" in page  # the changed word of a minimal edit is highlighted
     assert "differ in style" in page  # the style flag's sentence
@@ -201,3 +205,72 @@ def test_set_audit_keeps_most_different_and_most_similar_across_chunks():
     assert [e.id for e in result.most_different] == ["p3", "p2"]  # 4/4 beats 2/2 on lev_words
     assert [e.id for e in result.most_similar] == ["p0", "p4"]    # 0, then 1/5 < 1/4
     assert result.summary["n_pairs"] == 5 and result.ids.to_pylist()[0] == "p0"
+
+
+# LLaMA-Factory's dpo_zh_demo.json layout (ranking ShareGPT), written by hand: answers that
+# differ by one or two characters, in a script without spaces between words
+ZH = [
+    ("这是什么动物？", "这是一只小猫咪。", "这是一只小狗。"),
+    ("天空是什么颜色的？", "天空是蓝色的。", "天空是绿色的。"),
+    ("图中有几个圆？", "图中有三个圆。", "图中有四个圆。"),
+    ("正方形在哪里？", "正方形在图片的左上角。", "正方形在图片的右上角。"),
+    ("三角形是什么颜色？", "三角形是红色的。", "三角形是黄色的。"),
+    ("星星在哪里？", "星星在图片中间。", "星星在图片下面。"),
+    ("有多少个方块？", "一共有两个方块。", "一共有五个方块。"),
+    ("背景是什么颜色？", "背景是白色的。", "背景是黑色的。"),
+    ("圆形大还是小？", "圆形很大。", "圆形很小。"),
+    ("线是什么方向？", "线从左下到右上。", "线从左上到右下。"),
+]
+
+
+def test_unspaced_script_is_measured_in_characters(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": q}], "chosen": {"from": "gpt", "value": c},
+             "rejected": {"from": "gpt", "value": r}} for q, c, r in ZH]
+    data = tmp_path / "dpo_zh_demo.json"
+    data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "out"
+    audit(data, "--out", out, "--tokenizer", "words")
+    s = json.loads((out / "summary.json").read_text())["dpo_zh_demo"]
+    # whitespace words would call every pair "100% of words changed" (one token each)
+    assert s["edit_unit"] == "characters" and s["length_unit"] == "characters"
+    assert s["unspaced_rate"] == 1.0
+    assert s["lev_norm_median"] < 0.35 and s["lev_words_median"] <= 2
+    assert "style_different" not in {f["id"] for f in s["flags"]}
+    table = pq.read_table(out / "pairs.parquet").to_pandas()
+    assert (table["edit_unit"] == "characters").all()
+    assert table["lev_words"].tolist()[:3] == [2, 1, 1]  # 猫咪→狗, 蓝→绿, 三→四
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "edits in characters" in page and "<mark>猫咪</mark>" in page
+
+
+def test_hostile_set_name_and_texts_are_escaped_in_the_report(tmp_path):
+    data = write_set(tmp_path / "d", MINIMAL + [("<img src=x onerror=alert(2)>?", "<b>bold</b> yes",
+                                                 "no")], name="<script>alert(1).jsonl")
+    out = tmp_path / "out"
+    audit(data, "--out", out, "--tokenizer", "words")
+    page = (out / "report.html").read_text()
+    assert "<script>" not in page and "<img src=x" not in page and "<b>bold" not in page
+    assert "<h3>&lt;script&gt;alert(1)</h3>" in page  # the set name, escaped
+    assert "&lt;b&gt;bold&lt;/b&gt;" in page  # a text, escaped
+
+
+def test_progress_has_a_total_for_jsonl_and_names_each_stage(tmp_path, monkeypatch):
+    import tqdm as tqdm_module
+
+    from pairforge.diagnostics.audit import run_audit
+
+    seen = {"totals": [], "stages": []}
+
+    class Recorder(tqdm_module.tqdm):
+        def __init__(self, *a, **kw):
+            seen["totals"].append(kw.get("total"))
+            super().__init__(*a, **{**kw, "disable": True})
+
+        def set_postfix_str(self, s="", refresh=True):
+            seen["stages"].append(s)
+
+    monkeypatch.setattr(tqdm_module, "tqdm", Recorder)
+    data = write_set(tmp_path / "d", MINIMAL + STYLE, extra_lines=["", "not json"])
+    run_audit([data], tmp_path / "out", tokenizer="words")
+    assert seen["totals"] == [len(MINIMAL) + len(STYLE) + 2]  # lines of the JSONL file
+    assert seen["stages"] == ["text metrics of 7 pairs", "done"]

@@ -89,14 +89,22 @@ def test_model_summary_has_intervals_only_for_a_sample():
 
 def test_model_flags_near_zero_and_vision_agnostic():
     t = Thresholds()
-    s = model_summary({"delta_ref": np.array([0.0, 0.05, 2.0, 3.0]),
-                       "ips": np.array([0.0, 0.05, 2.0, 3.0]),
-                       "text_only_delta_ref": np.array([1.0, 2.0, 3.0, 4.0]),
-                       "text_only_ips": np.array([1.0, 2.0, 3.0, 4.0])}, n_pairs=40)
+    # 20 of 80 pairs scored: half near zero (CI 30-70% > 10%), all 20 text-only positive
+    # (CI 84-100% >= 75%)
+    s = model_summary({"delta_ref": np.repeat([0.0, 0.05, 2.0, 3.0], 5),
+                       "ips": np.repeat([0.0, 0.05, 2.0, 3.0], 5),
+                       "text_only_delta_ref": np.repeat([1.0, 2.0, 3.0, 4.0], 5),
+                       "text_only_ips": np.repeat([1.0, 2.0, 3.0, 4.0], 5)}, n_pairs=80)
     ids = {f["id"]: f for f in model_flags(s, has_images=True, t=t)}
     assert set(ids) == {"near_zero_delta_ref", "vision_agnostic"}
     assert ids["near_zero_delta_ref"]["value"] == 0.5
-    assert "4 of 40" in ids["vision_agnostic"]["message"] and "95% CI" in ids["vision_agnostic"]["message"]
+    assert "20 of 80" in ids["vision_agnostic"]["message"] and "95% CI" in ids["vision_agnostic"]["message"]
+    # the same rates on 4 scored pairs: text-only 4/4 has a CI of 51-100%, no flag
+    s4 = model_summary({"delta_ref": np.array([0.0, 0.05, 2.0, 3.0]),
+                        "ips": np.array([0.0, 0.05, 2.0, 3.0]),
+                        "text_only_delta_ref": np.array([1.0, 2.0, 3.0, 4.0]),
+                        "text_only_ips": np.array([1.0, 2.0, 3.0, 4.0])}, n_pairs=40)
+    assert "vision_agnostic" not in {f["id"] for f in model_flags(s4, has_images=True, t=t)}
     # a set without images cannot be vision-agnostic; 50 % text-only accuracy is no shortcut
     assert {f["id"] for f in model_flags(s, has_images=False, t=t)} == {"near_zero_delta_ref"}
     s2 = model_summary({"delta_ref": np.array([1.0, -1.0]), "ips": np.array([1.0, -1.0]),
@@ -104,8 +112,16 @@ def test_model_flags_near_zero_and_vision_agnostic():
                         "text_only_ips": np.array([1.0, -1.0])}, n_pairs=2)
     assert model_flags(s2, has_images=True, t=t) == []
     # the low side: the text-only scorer prefers the rejected answer almost always
-    s3 = dict(s2, text_only_delta_ref_positive_rate=0.1)
+    s3 = dict(s2, model_n_scored=40, text_only_delta_ref_positive_rate=0.05)
     assert [f["id"] for f in model_flags(s3, has_images=True, t=t)] == ["vision_agnostic"]
+    # ... but on 2 scored pairs nothing can be told: the 95% CI spans the thresholds
+    assert model_flags(dict(s2, text_only_delta_ref_positive_rate=0.0), has_images=True,
+                       t=t) == []
+    # 1 of 4 near zero: 25% > 10%, but the CI (5-70%) reaches below the threshold
+    tiny = model_summary({"delta_ref": np.array([0.0, 1.0, 2.0, 3.0]),
+                          "ips": np.array([0.0, 1.0, 2.0, 3.0])}, n_pairs=4)
+    assert tiny["delta_ref_near_zero_rate"] == 0.25
+    assert model_flags(tiny, has_images=False, t=t) == []
 
 
 def test_sample_positions_seeded_sorted_without_replacement():
@@ -248,7 +264,7 @@ def test_audit_with_smollm2_on_a_sample_equals_direct_scores(tmp_path):
     assert lo < s["delta_ref_mean"] < hi
     page = (out / "report.html").read_text()
     assert "Model-based metrics" in page and "scored 20 of 30 pairs" in page
-    assert "src='delta_ref.png'" in page and (out / "delta_ref.png").read_bytes()[:4] == b"\x89PNG"
+    assert 'src="delta_ref.png"' in page and (out / "delta_ref.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.fixture(scope="module")

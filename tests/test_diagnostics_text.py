@@ -164,3 +164,38 @@ def test_word_codes_survive_a_cache_reset(monkeypatch):
 def test_split_texts_whitespace_counts():
     texts = ["", " ", "a", " a b ", "a\n\nb\tc", "\u00a0x\u3000y "]
     assert SplitTexts.of(texts).whitespace_counts().tolist() == [len(t.split()) for t in texts]
+
+
+# ----------------------------------------------------------------------------- unspaced scripts
+
+
+def test_unspaced_scripts_are_detected_by_share_of_characters():
+    texts = ["这是一只小猫咪。", "これはペンです。", "ฉันชอบกินข้าวผัด", "The cat sat.",
+             "The name 王 appears once in this long English sentence.", ""]
+    assert text.unspaced(texts).tolist() == [True, True, True, False, False, False]
+    assert text.choose_edit_unit(np.array([True] * 1 + [False] * 9)) == "characters"  # 10%
+    assert text.choose_edit_unit(np.array([True] * 1 + [False] * 10)) == "words"
+    assert text.choose_edit_unit(np.array([], dtype=bool)) == "words"
+
+
+def test_character_edits_by_hand():
+    """这是一只小猫咪。 vs 这是一只小狗。: characters 这是一只小猫咪 (7) vs 这是一只小狗 (6);
+    猫→狗 and delete 咪: distance 2, normalised 2/7. Thai keeps its combining vowels."""
+    from pairforge.diagnostics.lengths import CharacterLengths
+
+    assert text.characters("这是一只小猫咪。") == "这是一只小猫咪"
+    assert text.characters("The Cat, sat!") == "thecatsat"
+    assert text.characters("กินข้าว") == "กินข้าว"  # marks (ิ ้) kept
+    c = ["这是一只小猫咪。", "ฉันชอบกินข้าวผัด", "The cat sat."]
+    r = ["这是一只小狗。", "ฉันชอบกินข้าวต้ม", "The dog sat."]
+    m = text.pair_metrics(c, r, CharacterLengths(), edit_unit="characters")
+    assert m["lev_words"].tolist() == [2, 3, 3]
+    assert m["lev_norm"][0] == pytest.approx(2 / 7)
+    assert m["len_chosen"].tolist() == [7, 16, 9] and m["words_rejected"].tolist() == [6, 16, 9]
+    ref = text.reference_pair_metrics(c, r, edit_unit="characters")
+    for k in ref:
+        np.testing.assert_array_equal(m[k], ref[k])
+    # in words the first pair is one token each: "everything changed"
+    assert text.pair_metrics(c, r, WordLengths())["lev_norm"][0] == 1.0
+    with pytest.raises(Exception, match="edit unit"):
+        text.pair_metrics(c, r, WordLengths(), edit_unit="bytes")

@@ -102,7 +102,10 @@ def test_round_trip_through_the_projects_loaders(saved, tmp_path, fmt, data_key)
         turns = rec[data_key]
         texts = [t["value"] if fmt == "llamafactory" else t["content"] for t in turns]
         assert _image_tags(texts) == len(rec["images"]) == len(row["images"])
-        assert all(not Path(p).is_absolute() and (out / p).is_file() for p in rec["images"])
+        # default paths: relative to OUT for LLaMA-Factory (its dataset_dir), absolute for
+        # ms-swift (which resolves relative paths against its working directory)
+        assert all(Path(p).is_absolute() == (fmt == "swift") and (out / p).is_file()
+                   for p in rec["images"])
     back = list(read_pairs(out / "pairs.jsonl", format=fmt, on_error="fail"))
     assert len(back) == len(original)
     for got, want in zip(back, original):
@@ -175,7 +178,12 @@ def test_records_place_one_tag_per_image_part():
                                                          text_part("B")]}],
                     chosen="yes", rejected="no", images=[image(1)])
     lf = llamafactory_record(row, ["images/x.png"])
-    assert lf["conversations"] == [{"from": "human", "value": "A\n<image>\nB"}]
+    # tags go in place with nothing added around them; adjacent text parts get a newline
+    assert lf["conversations"] == [{"from": "human", "value": "A<image>B"}]
+    two = make_pair(prompt=[{"role": "user", "content": [text_part("A"), text_part("B"),
+                                                         image_part()]}],
+                    chosen="yes", rejected="no", images=[image(1)])
+    assert llamafactory_record(two, ["x.png"])["conversations"][0]["value"] == "A\nB<image>"
     assert lf["chosen"] == {"from": "gpt", "value": "yes"}
     sw = swift_record(row, ["images/x.png"])
     assert sw["messages"][-1] == {"role": "assistant", "content": "yes"}

@@ -167,8 +167,9 @@ def test_card_yaml_round_trips_and_matches_the_files(vapr_build, vapr_staged):
     data = DatasetCard(text).data.to_dict()
     # what huggingface_hub parses from the file is exactly the metadata that was rendered
     assert data == card_data(pset, staged, pset.dataset.features,
-                             repo_id="me/vapr-shapes").to_dict()
+                             repo_id="me/vapr-shapes", language=["en"]).to_dict()
     assert data["license"] == "apache-2.0"
+    assert data["language"] == ["en"]  # detected from the answers
     assert data["task_categories"] == ["image-text-to-text"]
     assert {"dpo", "vapr", "synthetic"} <= set(data["tags"])
     assert data["size_categories"] == ["n<1K"]
@@ -195,14 +196,18 @@ def test_card_body_has_diagnostics_provenance_rejects_and_snippets(vapr_build, v
     m = pair_metrics([response_text(r) for r in rows["chosen"]],
                      [response_text(r) for r in rows["rejected"]], length_unit("gpt2"))
     # diagnostics computed independently from the same rows
-    assert f"| word edits (median) | {np.median(m['lev_words']):.1f} |" in text
-    assert f"| share of words changed (median) | {np.median(m['lev_norm']):.2f} |" in text
+    assert f"| edits (median) | {np.median(m['lev_words']):.1f} |" in text
+    assert f"| share changed (median) | {np.median(m['lev_norm']):.2f} |" in text
+    assert "| edit unit | words |" in text
     longer = np.mean((m["len_chosen"] > m["len_rejected"])
                      + 0.5 * (m["len_chosen"] == m["len_rejected"]))
     assert f"| 'longer is chosen' accuracy | {longer:.1%} |" in text
     # the card's flags are those of the build's own audit (summary.json) of the same rows
     flags = re.findall(r"^- \*\*vapr-build\*\* `(\w+)`", text, flags=re.MULTILINE)
     assert flags == [f["id"] for f in summary["diagnostics"]["flags"]]
+    # "its near-duplicate flag is expected" only when that flag was raised
+    assert ("near-duplicate flag is" in text) == ("near_duplicates" in flags)
+    assert "VaPR replacement values:" in text and "## Bias, Risks, and Limitations" in text
     assert ("No flags" in text) == (not flags)
     assert "![" in text and "(images/lev_norm.png)" in text and "(images/len_gap.png)" in text
     # provenance: the models that made the rows, with revisions; the configured LLM editor
@@ -232,9 +237,15 @@ def test_card_body_has_diagnostics_provenance_rejects_and_snippets(vapr_build, v
     for stage_, _, n in rejects:
         by_stage[stage_] += int(n)
     assert by_stage == {k: v["n"] for k, v in summary["rejects_by_stage"].items()}
+    # the summary counts reasons by kind (numbers masked as N); the card puts the numbers back
+    # (or their ranges), never a bare N
+    as_kind = Counter()
+    for stage_, reason, n in rejects:
+        assert not re.search(r"\bN\b", reason), reason
+        as_kind[(stage_, re.sub(r"\d[\d,.]*(–\d[\d,.]*)?", "N", reason))] += int(n)
     for stage_, v in summary["rejects_by_stage"].items():
         for reason, n in v["reasons"].items():
-            assert [stage_, reason.replace("|", "\\|"), str(n)] in rejects
+            assert as_kind[(stage_, reason.replace("|", "\\|"))] == n
     built = dict(table_rows(text, "| count | value |"))
     assert built["examples_in"] == str(counts["examples_in"]) == "24"
     assert built["pairs"] == str(counts["pairs"]) and built["rejected"] == str(counts["rejected"])
@@ -339,7 +350,7 @@ def test_cwdpo_stages_become_configs_and_bad_kinds_are_named():
 def test_plain_parquet_gets_the_audit_card(tmp_path):
     rows = [make_pair(prompt=f"Describe image {i}.", chosen="A long and detailed description "
                       f"of the picture with many words {i}.", rejected="Short.",
-                      images=[image(i)], source_dataset="RLAIF-V") for i in range(5)]
+                      images=[image(i)], source_dataset="RLAIF-V") for i in range(12)]
     path = tmp_path / "rlaifv.parquet"
     to_dataset(rows).to_parquet(str(path))
     result = publish(path, "me/rlaifv-audited", dry_run=True)
@@ -351,6 +362,19 @@ def test_plain_parquet_gets_the_audit_card(tmp_path):
     assert "pairforge did not make these pairs" in text
     assert "length_shortcut" in text  # chosen is always longer: the audit flags it
     assert "Rejected examples" not in text and "## Provenance" in text
+    # the Hub template's sections, filled from what was measured on these rows
+    for heading in ("## Uses", "### Direct use", "### Out-of-scope use",
+                    "## Bias, Risks, and Limitations"):
+        assert heading in text
+    risks = text.split("## Bias, Risks, and Limitations")[1].split("\n## ")[0]
+    assert "the chosen one in 100% of 12 pairs (95% CI 76%–100%): a length shortcut" in risks
+    assert "pairforge did not make these pairs" in risks and "license" in text
+    assert data["language"] == ["en"]
+    # too few pairs for a flag: said so, not flagged
+    to_dataset(rows[:3]).to_parquet(str(tmp_path / "few.parquet"))
+    few = publish(tmp_path / "few.parquet", "me/few", dry_run=True)
+    few_text = (few.staging / "README.md").read_text()
+    assert "length_shortcut`:" not in few_text and "too few to tell" in few_text
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -72,7 +72,8 @@ def test_trl_standard_jsonl_placeholders_become_parts_in_order(tmp_path):
     stream = read_pairs(f)
     assert (stream.name, stream.format) == ("pairs", "trl")
     rows = list(stream)
-    assert _parts(rows[0]["prompt"][0]) == ["Compare", "image", "with", "image", "please."]
+    # the text between tags is kept exactly (an export writes it back unchanged)
+    assert _parts(rows[0]["prompt"][0]) == ["Compare ", "image", " with\n", "image", "  please."]
     assert [i["bytes"] for i in rows[0]["images"]] == [RED, BLUE]
     assert rows[0]["images"][0]["path"] == "img/a.png"
     # no placeholder but two images: the images go first
@@ -147,7 +148,7 @@ def test_llava_json_preference_multiturn_and_data_wrapper(tmp_path):
     assert stream.format == "llava" and len(rows) == 3
     prompt = rows[0]["prompt"]
     assert [m["role"] for m in prompt] == ["user", "assistant", "user"]
-    assert _parts(prompt[0]) == ["image", "What is it?"] and prompt_text(prompt) == "Which colour?"
+    assert _parts(prompt[0]) == ["image", "\nWhat is it?"] and prompt_text(prompt) == "Which colour?"
     assert [response_text(r["chosen"]) for r in rows] == ["Red.", "Blue.", "Red."]
     assert [response_text(r["rejected"]) for r in rows] == ["Blue.", "Red.", "Blue."]
     # a record id keeps ids unique across sets
@@ -192,7 +193,7 @@ def test_swift_jsonl_last_assistant_is_chosen(tmp_path):
     (row,) = list(stream)
     assert stream.format == "swift"
     assert [m["role"] for m in row["prompt"]] == ["system", "user", "assistant", "user"]
-    assert _parts(row["prompt"][3]) == ["And this one?", "image"]
+    assert _parts(row["prompt"][3]) == ["And this one? ", "image"]
     assert response_text(row["chosen"]) == "Blue." and response_text(row["rejected"]) == "Green."
     assert [i["bytes"] for i in row["images"]] == [RED, BLUE]
 

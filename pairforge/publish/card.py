@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,102 @@ def diagnostics_table(results: Sequence[SetResult]) -> list[tuple[str, list[str]
     unreadable rows: published rows are all read)."""
     return [(label, [fmt(r.summary.get(key), pattern) for r in results], meaning)
             for key, label, meaning, pattern in ROWS if key != "n_skipped"]
+
+
+# ----------------------------------------------------------------------------- languages, risks
+
+#: Texts looked at to name a card's languages.
+LANGUAGE_SAMPLE = 500
+#: Scripts that name a language by themselves (ISO 639-1), checked in this order.
+_SCRIPTS = (("ja", re.compile(r"[\u3040-\u30ff]")), ("zh", re.compile(r"[\u4e00-\u9fff]")),
+            ("ko", re.compile(r"[\uac00-\ud7af]")), ("th", re.compile(r"[\u0e00-\u0e7f]")))
+#: Common English words; Latin-script texts are English when enough of their words are these.
+_ENGLISH = frozenset("the a an is are was were of in on at to and or it this that there with "
+                     "for as by be has have what which who how".split())
+
+
+def languages(texts: Sequence[str]) -> list[str]:
+    """ISO 639-1 codes of the languages of ``texts`` (a sample of answers): a script that
+    names one language (kana → ja, Han without kana → zh, Hangul → ko, Thai → th) counts when
+    at least 5 % of the texts use it; Latin-script text counts as ``en`` when at least 15 % of
+    its words are common English words. Nothing is guessed beyond that: an empty list means
+    the card leaves ``language`` out."""
+    texts = [t for t in texts if t]
+    if not texts:
+        return []
+    found = []
+    for code, pattern in _SCRIPTS:
+        share = sum(bool(pattern.search(t)) for t in texts) / len(texts)
+        if share >= 0.05 and not (code == "zh" and "ja" in found):
+            found.append(code)
+    latin = [w.lower().strip(".,;:!?") for t in texts for w in t.split() if w.isascii()]
+    if latin and sum(w in _ENGLISH for w in latin) / len(latin) >= 0.15:
+        found.insert(0, "en")
+    return found
+
+
+def sample_texts(configs: Mapping[str, Dataset], n: int = LANGUAGE_SAMPLE) -> list[str]:
+    """Up to ``n`` chosen answers from the first rows of the first config."""
+    for ds in configs.values():
+        rows = ds.select_columns(["chosen"]).select(range(min(n, len(ds))))
+        return [response_text(m) for m in rows["chosen"]]
+    return []
+
+
+def replacement_spread(ds: Dataset, top: int = 3) -> dict | None:
+    """VaPR's replacement values (``edit_replacement``): how many edits, how many distinct
+    values, and the ``top`` most frequent with their share of all edits. ``None`` without the
+    column."""
+    if "edit_replacement" not in ds.column_names:
+        return None
+    values = [v.strip().lower() for v in ds["edit_replacement"] if v]
+    if not values:
+        return None
+    counts = Counter(values).most_common()
+    head = counts[:top]
+    return {"n": len(values), "distinct": len(counts), "top": [v for v, _ in head],
+            "top_share": sum(c for _, c in head) / len(values)}
+
+
+def measured_risks(results: Sequence[SetResult], pset: PairSet) -> list[str]:
+    """Sentences for the card's "Bias, Risks, and Limitations", from the numbers measured on
+    these rows: the length shortcut with its CI, near-duplicates, style differences, rates too
+    uncertain to flag, and (VaPR) how concentrated the replacement values are."""
+    out = []
+    for r in results:
+        s = r.summary
+        if not s["n_pairs"]:
+            continue
+        ci = s.get("chosen_longer_rate_ci95")
+        ci_text = f" (95% CI {ci[0]:.0%}–{ci[1]:.0%})" if ci else ""
+        ids = {f["id"] for f in s["flags"]}
+        length = (f"**{r.name}**: the longer answer (in {s['length_unit']}) is the chosen one "
+                  f"in {s['chosen_longer_rate']:.0%} of {s['n_pairs']:,} pairs{ci_text}")
+        out.append(length + (": a length shortcut a model can learn instead of content."
+                             if "length_shortcut" in ids else
+                             "; no length shortcut at the audit's thresholds."))
+        if "near_duplicates" in ids:
+            out.append(f"**{r.name}**: {s['near_duplicate_rate']:.0%} of pairs differ in a "
+                       f"{'character' if s.get('edit_unit') == 'characters' else 'word'} or "
+                       f"two: the preference rests on those edits, so an edit that does not "
+                       f"make the answer wrong teaches the wrong thing.")
+        if "style_different" in ids:
+            out.append(f"**{r.name}**: chosen and rejected differ in most of their "
+                       f"{s.get('edit_unit', 'words')} (median {s['lev_norm_median']:.0%}): "
+                       f"a model can learn the style of the chosen answers instead of the facts.")
+        for x in s.get("inconclusive", []):
+            out.append(f"**{r.name}**: `{x['key']}` = {x['value']:.2f} is past its threshold but "
+                       f"rests on {x['n_pairs']:,} pairs, too few to tell (95% CI reaches back "
+                       f"over the threshold).")
+    spread = replacement_spread(pset.dataset)
+    if spread:
+        out.append(f"VaPR replacement values: {spread['distinct']:,} distinct values over "
+                   f"{spread['n']:,} edits; the {len(spread['top'])} most frequent ("
+                   + ", ".join(_code(v) for v in spread["top"])
+                   + f") make up {spread['top_share']:.0%} of them. The more concentrated they "
+                   f"are, the more a model can learn to avoid those words rather than the error "
+                   f"(the penalty lists exist to spread them).")
+    return out
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -195,9 +292,11 @@ def build_counts(summary: Mapping) -> list[tuple[str, str]]:
 
 
 def card_data(pset: PairSet, staged: Sequence[ConfigFiles], features: Features, *,
-              repo_id: str, license: str | None = None) -> DatasetCardData:
+              repo_id: str, license: str | None = None,
+              language: Sequence[str] = ()) -> DatasetCardData:
     """The card's YAML metadata. ``license`` defaults to apache-2.0 for sets built from the
-    offline world (generated by pairforge) and ``other`` otherwise (set it with --license)."""
+    offline world (generated by pairforge) and ``other`` otherwise (set it with --license);
+    ``language``: ISO 639-1 codes (:func:`languages`), left out when empty."""
     synthetic = is_synthetic(pset)
     tags = ["dpo", "preference", "vision-language", "pairforge"]
     tags.insert(1, pset.recipe or "audit")
@@ -210,6 +309,7 @@ def card_data(pset: PairSet, staged: Sequence[ConfigFiles], features: Features, 
         size_categories=[size_category(sum(c.n_rows for c in staged))],
         source_datasets=sources(pset) or None,
         pretty_name=repo_id.split("/")[-1],
+        language=list(language) or None,
     )
     MetadataConfigs({c.name: {"data_files": [{"split": SPLIT, "path": c.pattern}]}
                      for c in staged}).to_dataset_card_data(data)
@@ -227,7 +327,8 @@ def card_data(pset: PairSet, staged: Sequence[ConfigFiles], features: Features, 
 
 def render_card(pset: PairSet, staged: Sequence[ConfigFiles], features: Features,
                 results: Sequence[SetResult], plots: Sequence[tuple[str, str]], *,
-                repo_id: str, license: str | None = None) -> DatasetCard:
+                repo_id: str, license: str | None = None,
+                language: Sequence[str] = ()) -> DatasetCard:
     """The card: YAML from :func:`card_data`, body from ``dataset_cards/<template>.md``."""
     import jinja2
 
@@ -240,7 +341,8 @@ def render_card(pset: PairSet, staged: Sequence[ConfigFiles], features: Features
                              lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["cell"] = _cell
     env.filters["code"] = _code
-    data = card_data(pset, staged, features, repo_id=repo_id, license=license)
+    data = card_data(pset, staged, features, repo_id=repo_id, license=license,
+                     language=language)
     total, reject_rows, reject_rest = rejects_table(pset)
     prov = provenance(pset)
     multi = [c.name for c in staged] != ["default"]
@@ -264,6 +366,8 @@ def render_card(pset: PairSet, staged: Sequence[ConfigFiles], features: Features
         diag_rows=diagnostics_table(results),
         diag_unit=results[0].summary["length_unit"] if results else "",
         flags=[(r.name, f) for r in results for f in r.summary["flags"]],
+        flag_ids={f["id"] for r in results for f in r.summary["flags"]},
+        risks=measured_risks(results, pset),
         plots=plots,
         prov=prov,
         build_counts=build_counts(pset.summary),
@@ -294,7 +398,8 @@ def write_card(folder: Path, pset: PairSet, staged: Sequence[ConfigFiles], featu
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
     plots = [(f"images/{name}", caption) for name, caption in write_plots(images, results)]
-    card = render_card(pset, staged, features, results, plots, repo_id=repo_id, license=license)
+    card = render_card(pset, staged, features, results, plots, repo_id=repo_id, license=license,
+                       language=languages(sample_texts(configs)))
     (folder / "README.md").write_text(str(card), encoding="utf-8")
     return card
 

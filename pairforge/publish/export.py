@@ -12,10 +12,13 @@ LLaMA-Factory, ranking ShareGPT: ``conversations`` (``from``/``value`` turns, th
 first when there is one), ``chosen`` / ``rejected`` (one ``gpt`` turn each), ``images``.
 ms-swift: ``messages`` (role/content, the chosen answer last), ``rejected_response``,
 ``images``. Both carry ``id``. In prompt texts every image part becomes an ``<image>`` tag in
-place, so tags and images match one to one; image paths are relative to ``OUT`` (LLaMA-Factory
-resolves them against its dataset dir, which is ``OUT``; run ms-swift from ``OUT`` or pass
-absolute paths with ``--absolute``). Image bytes are written as they are: pixels and file
-format stay those of the original.
+place, with nothing added around it, so tags and images match one to one and a prompt read
+from one of these formats is written back exactly. Image paths: for LLaMA-Factory relative
+to ``OUT`` (it resolves them against its ``dataset_dir``, which is ``OUT``); for ms-swift
+absolute by default, so the file works from any working directory (ms-swift resolves a
+relative path against its working directory, or against ``ROOT_IMAGE_DIR`` when that is set:
+with ``--relative``, run it with ``ROOT_IMAGE_DIR=OUT``). Image bytes are written as they
+are: pixels and file format stay those of the original.
 
 The row converters (:func:`llamafactory_record`, :func:`swift_record`) are pure; a row a
 format cannot hold (a literal ``<image>`` in a text, turns that do not alternate) raises
@@ -44,6 +47,8 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 FORMATS = ("llamafactory", "swift")
+#: Default image path style per format: the one that resolves without extra settings.
+DEFAULT_ABSOLUTE = {"llamafactory": False, "swift": True}
 ON_ERROR = ("skip", "fail")
 #: Rows read per batch (image bytes come along, so this bounds memory).
 BATCH_ROWS = 256
@@ -66,20 +71,24 @@ CARRIED = ("id", "prompt", "chosen", "rejected", "images")
 
 
 def tagged_text(content: Sequence[Mapping], field: str) -> str:
-    """Message parts as one text: image parts become ``<image>`` tags in place, text parts
-    are joined by newlines."""
-    pieces = []
+    """Message parts as one text: image parts become ``<image>`` tags in place, with nothing
+    added around them (``[image, "Who are they?"]`` → ``"<image>Who are they?"``, the exact
+    inverse of :func:`pairforge.sources.formats.tagged_parts`); two text parts in a row are
+    joined by a newline."""
+    out, prev_text = [], False
     for p in content:
         if p.get("type") == "image":
-            pieces.append(IMAGE_TAG)
-        else:
-            text = p.get("text") or ""
-            if IMAGE_TAG in text:
-                raise BadInput(f"a text contains the literal tag {IMAGE_TAG!r}, which the "
-                               f"format reads as an image placeholder; edit the text",
-                               field=field)
-            pieces.append(text)
-    return "\n".join(pieces)
+            out.append(IMAGE_TAG)
+            prev_text = False
+            continue
+        text = p.get("text") or ""
+        if IMAGE_TAG in text:
+            raise BadInput(f"a text contains the literal tag {IMAGE_TAG!r}, which the "
+                           f"format reads as an image placeholder; edit the text",
+                           field=field)
+        out.append("\n" + text if prev_text else text)
+        prev_text = True
+    return "".join(out)
 
 
 def check_turns(prompt: Sequence[Mapping]) -> None:
@@ -192,16 +201,19 @@ class ExportResult:
     n_image_files: int
     skipped: list[BadInput] = field(default_factory=list)
     not_carried: list[str] = field(default_factory=list)
+    absolute: bool = False  # image paths absolute (else relative to ``out``)
 
 
 def export(path: str | os.PathLike, to: str, out: str | os.PathLike, *, name: str | None = None,
-           on_error: str = "skip", absolute: bool = False,
+           on_error: str = "skip", absolute: bool | None = None,
            image_root: str | os.PathLike | None = None,
            console: Console | None = None) -> ExportResult:
     """Export the pair set at ``path`` (a build dir or a dataset of canonical rows) to the
-    ``to`` format in folder ``out``. Images that rows only point to must lie inside
-    ``image_root`` (default: the set's folder; see :func:`open_pairset`); a row whose image
-    does not is skipped with the reason (or stops the export with ``on_error="fail"``)."""
+    ``to`` format in folder ``out``. ``absolute``: image paths absolute or relative to
+    ``out``; ``None`` picks what resolves by default (absolute for swift, relative for
+    llamafactory). Images that rows only point to must lie inside ``image_root`` (default:
+    the set's folder; see :func:`open_pairset`); a row whose image does not is skipped with
+    the reason (or stops the export with ``on_error="fail"``)."""
     from rich.console import Console
 
     if to not in FORMATS:
@@ -223,16 +235,18 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike, *, name: st
                              f"--out with a writable folder") from None
     not_carried = [c for c in pset.dataset.column_names if c not in CORE_FEATURES]
     result = ExportResult(out, data_file, n, images.n_refs, len(images.names), skipped,
-                          not_carried)
+                          not_carried, images.absolute)
     _print_summary(console, result, to, time.perf_counter() - t0)
     return result
 
 
-def _write(pset, to: str, out: Path, name: str, on_error: str, absolute: bool):
+def _write(pset, to: str, out: Path, name: str, on_error: str, absolute: bool | None):
     """Write the data file, the skipped rows and dataset_info.json under ``out``."""
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
+    if absolute is None:
+        absolute = DEFAULT_ABSOLUTE[to]
     images = ImageWriter(out, absolute)
     record = RECORDS[to]
     data_file = out / f"{name}.jsonl"
@@ -298,6 +312,16 @@ def _print_summary(console: Console, r: ExportResult, to: str, seconds: float) -
     console.print(f"exported {r.n_rows:,} pairs to {r.data_file} ({to}); {r.n_image_refs:,} "
                   f"image references, {r.n_image_files:,} distinct image files; in "
                   f"{seconds:.1f} s", highlight=False)
+    if r.n_image_refs:
+        if r.absolute:
+            where = "absolute image paths (the file works from any folder while they exist)"
+        elif to == "swift":
+            where = (f"image paths relative to {r.out}: run ms-swift with "
+                     f"ROOT_IMAGE_DIR={r.out.resolve()} (or from that folder)")
+        else:
+            where = (f"image paths relative to {r.out}: LLaMA-Factory resolves them with "
+                     f"dataset_dir: {r.out.resolve()}")
+        console.print(where, highlight=False)
     if r.skipped:
         by_field: dict[str, int] = {}
         for b in r.skipped:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from pairforge import __version__
 from pairforge.errors import PairforgeError
+from pairforge.errors import first_line as _first_line
 from pairforge.publish.card import SECRET, write_card
 from pairforge.publish.layout import (
     MAX_SHARD_BYTES,
@@ -37,7 +38,6 @@ from pairforge.publish.layout import (
 )
 from pairforge.publish.pairset import PairSet, is_build_dir, open_pairset
 from pairforge.safety import redacted_model_names
-from pairforge.sources.containers import _first_line
 
 if TYPE_CHECKING:
     from rich.console import Console

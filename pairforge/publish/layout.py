@@ -37,8 +37,8 @@ from datasets import Dataset, Features
 from datasets.table import embed_table_storage
 
 from pairforge.errors import PairforgeError
+from pairforge.errors import first_line as _first_line
 from pairforge.publish.pairset import SPLIT
-from pairforge.sources.containers import _first_line
 
 #: Arrow bytes per parquet shard (the ``push_to_hub`` default).
 MAX_SHARD_BYTES = 500 * 1024 * 1024

@@ -28,11 +28,11 @@ from datasets import Dataset, Features
 
 from pairforge.build.manifest import MANIFEST, Manifest
 from pairforge.errors import PairforgeError
+from pairforge.errors import first_line as _first_line
 from pairforge.recipes import RECIPES
 from pairforge.safety import checked_images
 from pairforge.schema import COLUMN_GROUPS, CORE_FEATURES, features
-from pairforge.sources.containers import _first_line
-from pairforge.sources.sft import reason_kind
+from pairforge.sources.sft import fill_numbers, reason_pieces
 
 #: recipe → (column, {column value: config name}); a row with another value is an error.
 CONFIG_COLUMNS = {
@@ -209,12 +209,13 @@ def split_configs(ds: Dataset, recipe: str | None, where: str) -> dict[str, Data
 
 
 def read_rejects(path: Path) -> Counter:
-    """``(stage, reason kind) → count`` of a ``rejects.jsonl`` (empty when the file is absent);
-    reasons are grouped by :func:`~pairforge.sources.sft.reason_kind`, as the build summary
-    groups them."""
-    counts: Counter = Counter()
+    """``(stage, reason) → count`` of a ``rejects.jsonl`` (empty when the file is absent).
+    Reasons are grouped by kind (:func:`~pairforge.sources.sft.reason_kind`, as the build
+    summary groups them) and shown with their numbers put back: the number when every reason
+    of the kind has it, else its range (``answer has 3–7 words``), never a bare ``N``."""
+    kinds: dict[tuple[str, tuple[str, ...]], list] = {}  # → [count, numbers per slot]
     if not path.is_file():
-        return counts
+        return Counter()
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f):
             if not line.strip():
@@ -226,7 +227,15 @@ def read_rejects(path: Path) -> Counter:
                                      f"(every rejected example is one JSON object)") from None
             if not isinstance(rec, dict):
                 raise PairforgeError(f"{path}: line {i + 1} is not a JSON object")
-            counts[(str(rec.get("stage", "?")), reason_kind(str(rec.get("reason", "?"))))] += 1
+            pieces, numbers = reason_pieces(str(rec.get("reason", "?")))
+            entry = kinds.setdefault((str(rec.get("stage", "?")), pieces),
+                                     [0, [set() for _ in numbers]])
+            entry[0] += 1
+            for slot, number in zip(entry[1], numbers):
+                slot.add(number)
+    counts: Counter = Counter()
+    for (stage, pieces), (n, slots) in kinds.items():
+        counts[(stage, fill_numbers(pieces, slots))] += n
     return counts
 
 

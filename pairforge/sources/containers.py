@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pairforge.errors import BadInput, PairforgeError
+from pairforge.errors import BadInput, PairforgeError, first_line
 
 BATCH_ROWS = 64  # rows per Arrow batch: bounds memory when rows carry image bytes
 JSON_CHUNK = 1 << 20  # characters read at a time from a .json file
@@ -36,6 +36,9 @@ SUFFIXES = (".jsonl", ".json", ".parquet")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 Records = Iterator[tuple[int, Any]]
+#: The former private copy's name, now the one in ``pairforge.errors`` (code written against
+#: ``containers._first_line`` keeps working).
+_first_line = first_line
 
 
 @dataclass
@@ -51,6 +54,19 @@ class Container:
     total: int | None
     records: Callable[[], Records]
     arrow: bool = False
+    file: Path | None = None  # the data file, for a JSON Lines container
+
+    def estimated_total(self) -> int | None:
+        """``total``, or for JSON Lines the number of lines (a cheap pass over the bytes;
+        blank lines, which are skipped, count too), for progress bars."""
+        if self.total is not None or self.file is None:
+            return self.total
+        n, last = 0, b"\n"
+        with open(self.file, "rb") as f:
+            while block := f.read(1 << 24):
+                n += block.count(b"\n")
+                last = block[-1:]
+        return n + (last != b"\n")
 
 
 def open_container(spec: str | os.PathLike, *, split: str | None = None,
@@ -64,7 +80,8 @@ def open_container(spec: str | os.PathLike, *, split: str | None = None,
                                  f"not to a single file; drop it")
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            return Container(path.stem, where, path.parent, None, lambda: _jsonl(path, where))
+            return Container(path.stem, where, path.parent, None, lambda: _jsonl(path, where),
+                             file=path)
         if suffix == ".json":
             return Container(path.stem, where, path.parent, None, lambda: _json(path, where))
         if suffix == ".parquet":
@@ -139,7 +156,7 @@ def _jsonl(path: Path, where: str) -> Records:
             try:
                 value = json.loads(line)
             except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-                yield i, BadInput(f"broken JSON line ({_first_line(e)}); fix or remove the line",
+                yield i, BadInput(f"broken JSON line ({first_line(e)}); fix or remove the line",
                                   where=where, row=i)
                 continue
             # a surrogate can only come from a \\uXXXX escape: look only at lines that have one
@@ -246,7 +263,7 @@ def _parquet(path: Path, where: str, load_images: bool) -> Container:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise PairforgeError(f"{where}: not a readable parquet file ({_first_line(e)}); "
+        raise PairforgeError(f"{where}: not a readable parquet file ({first_line(e)}); "
                              f"re-create or re-download it") from None
     columns = None if load_images else _columns_without_image_bytes(pf.schema)
 
@@ -272,7 +289,7 @@ def _saved(path: Path, where: str, split: str | None, load_images: bool) -> Cont
         ds = load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001 - any failure of a third-party loader is a file-level error
         raise PairforgeError(f"{where}: cannot load this save_to_disk folder "
-                             f"({_first_line(e)}); re-save it with Dataset.save_to_disk") from None
+                             f"({first_line(e)}); re-save it with Dataset.save_to_disk") from None
     if isinstance(ds, DatasetDict):
         ds = ds[choose_split(list(ds), split, where)]
     table_ds = ds.with_format("arrow")
@@ -299,7 +316,7 @@ def _streamed(where: str, name: str, root: Path | None, split: str | None,
     except PairforgeError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of a third-party loader is a file-level error
-        raise PairforgeError(f"{where}: cannot {what} ({_first_line(e)}); {fix}") from None
+        raise PairforgeError(f"{where}: cannot {what} ({first_line(e)}); {fix}") from None
     info = ds.info.splits.get(ds.split) if ds.info and ds.info.splits and ds.split else None
     table_ds = ds.with_format("arrow")
 
@@ -336,7 +353,7 @@ def _rows(batches: Iterator[pa.RecordBatch | pa.Table], where: str) -> Records:
                 return
             records = batch.to_pylist()
         except Exception as e:  # noqa: BLE001 - a failure inside the reader is a file-level error
-            raise PairforgeError(f"{where}: cannot read past row {i} ({_first_line(e)}); the data "
+            raise PairforgeError(f"{where}: cannot read past row {i} ({first_line(e)}); the data "
                                  f"may be truncated or corrupt, re-create or re-download it"
                                  ) from None
         for rec in records:
@@ -360,8 +377,3 @@ def _without_bytes(t: pa.DataType) -> pa.DataType:
         inner = t.value_field.with_type(_without_bytes(t.value_type))
         return pa.list_(inner) if pa.types.is_list(t) else pa.large_list(inner)
     return t
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

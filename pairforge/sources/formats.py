@@ -8,21 +8,36 @@ raises :class:`~pairforge.errors.BadInput` naming the field; the reader adds fil
 Detection looks at the keys of the first record; the first rule that matches wins:
 
 1. ``canonical``    every column of ``pairforge.schema.CORE_FEATURES``
-2. ``swift``        ``messages`` and ``rejected_response``
+2. ``swift``        ``messages`` and one of ``rejected_response``, ``rejected_messages``,
+                    ``rejected_images`` (ms-swift's RLHF layouts)
 3. ``llava``        ``conversations`` with ``output_1`` and ``output_2``; or ``conversations``,
                     ``chosen``, ``rejected`` with ``image`` (singular) and no ``images``
-4. ``llamafactory`` ``conversations``, ``chosen``, ``rejected``
+4. ``llamafactory`` ``conversations``, ``chosen``, ``rejected`` (ShareGPT ranking); or
+                    ``chosen_messages`` and ``rejected_messages`` (LLaMA-Factory v1 JSONL)
 5. ``rlaif-v``      ``question``, ``chosen``, ``rejected``
-6. ``trl``          ``prompt``, ``chosen``, ``rejected``
+6. ``trl``          ``prompt``, ``chosen``, ``rejected``; or only ``chosen`` and ``rejected``
+                    (TRL's implicit prompt: the prompt is their common prefix)
 
-``<image>`` tags in prompt texts become image parts in order (text around them kept and
-stripped, empty pieces dropped). The number of image parts must equal the number of images,
-except that a prompt with no image part at all gets the images first, in its first user turn.
+Implicit prompts follow TRL's ``extract_prompt``: conversational rows split at the first
+message where chosen and rejected differ; standard (string) rows at the first character, a
+space just before it going to the answers (``"The sky is blue."`` / ``"The sky is green."``
+→ prompt ``"The sky is"``, answers ``" blue."`` / ``" green."``). What follows the shared
+prompt must be assistant turns only; LLaMA-Factory v1 and ms-swift ``rejected_messages`` rows
+are split the same way.
+
+``<image>`` tags in prompt texts become image parts in order; the text between tags is kept
+exactly as written (only empty pieces are dropped), so an export writes the same text back.
+The number of image parts must equal the number of images, except that a prompt with no
+image part at all gets the images first, in its first user turn.
+
+A canonical pair holds one image list for both answers, so a row whose rejected answer comes
+with other images (ms-swift ``rejected_images`` that differ from ``images``, e.g. pairs where
+only the image differs) is skipped with that reason (field ``rejected_images``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +57,9 @@ IMAGE_TAG = "<image>"
 
 #: RLAIF-V columns kept as provenance in ``source_meta``.
 RLAIFV_META = ("ds_name", "origin_dataset", "origin_split", "idx", "image_path")
+
+#: ms-swift's columns for the rejected side (any one makes a ``messages`` record ms-swift's).
+SWIFT_REJECTED = ("rejected_response", "rejected_messages", "rejected_images")
 
 #: ShareGPT speaker names (LLaVA, LLaMA-Factory) → roles.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -69,8 +87,10 @@ def detect_format(record: Mapping, *, where: str | None = None) -> str:
     keys = set(record)
     if set(CORE_FEATURES) <= keys:
         return "canonical"
-    if {"messages", "rejected_response"} <= keys:
+    if "messages" in keys and keys & set(SWIFT_REJECTED):
         return "swift"
+    if {"chosen_messages", "rejected_messages"} <= keys:
+        return "llamafactory"
     if "conversations" in keys:
         if {"output_1", "output_2"} <= keys:
             return "llava"
@@ -78,8 +98,8 @@ def detect_format(record: Mapping, *, where: str | None = None) -> str:
             return "llava" if "image" in keys and "images" not in keys else "llamafactory"
     if {"question", "chosen", "rejected"} <= keys:
         return "rlaif-v"
-    if {"prompt", "chosen", "rejected"} <= keys:
-        return "trl"
+    if {"chosen", "rejected"} <= keys and not keys & {"messages", "conversations"}:
+        return "trl"  # with a prompt, or with the prompt implicit in both answers
     prefix = f"{where}: " if where else ""
     raise PairforgeError(f"{prefix}cannot detect the format from the first record's keys "
                          f"{sorted(keys)}; pass --format, one of {', '.join(FORMATS)}")
@@ -116,13 +136,14 @@ def _list(value: Any, field: str) -> list:
 
 def tagged_parts(text: str) -> list[dict]:
     """Content parts of a text: each ``<image>`` tag becomes an image part, in order; the
-    text between tags is stripped and dropped when empty."""
+    text between tags is kept exactly (``"<image>\\nQ"`` → image, ``"\\nQ"``), empty pieces
+    are dropped. ``pairforge.publish.export.tagged_text`` is the inverse."""
     parts: list[dict] = []
     for i, piece in enumerate(text.split(IMAGE_TAG)):
         if i:
             parts.append(image_part())
-        if piece.strip():
-            parts.append(text_part(piece.strip()))
+        if piece:
+            parts.append(text_part(piece))
     return parts
 
 
@@ -255,17 +276,81 @@ def _draft(rec: Mapping, prompt: list[dict], chosen: list[dict], rejected: list[
 
 
 def from_trl(rec: Mapping) -> Draft:
-    """TRL standard (strings) or conversational (message lists); ``images`` or ``image``."""
+    """TRL standard (strings) or conversational (message lists); ``images`` or ``image``; the
+    prompt explicit (``prompt``) or implicit in ``chosen`` and ``rejected``."""
+    if rec.get("images") is not None and rec.get("image") is not None:
+        raise _bad("images", "the record has both 'image' and 'images'; keep one")
+    images = _images(rec, "images") if rec.get("images") is not None else _images(rec, "image")
+    if "prompt" not in rec:
+        prompt, chosen, rejected = _implicit_prompt(_require(rec, "chosen"),
+                                                    _require(rec, "rejected"))
+        return _draft(rec, prompt, chosen, rejected, images)
     raw = _require(rec, "prompt")
     if isinstance(raw, str):
         prompt = [{"role": "user", "content": tagged_parts(_text(raw, "prompt", allow_empty=True))}]
     else:
         prompt = _messages(raw, "prompt", tags=True)
-    if rec.get("images") is not None and rec.get("image") is not None:
-        raise _bad("images", "the record has both 'image' and 'images'; keep one")
-    images = _images(rec, "images") if rec.get("images") is not None else _images(rec, "image")
     return _draft(rec, prompt, _response(_require(rec, "chosen"), "chosen"),
                   _response(_require(rec, "rejected"), "rejected"), images)
+
+
+def shared_prefix(chosen: Sequence, rejected: Sequence) -> int:
+    """Length of the common prefix of two sequences (TRL ``extract_prompt``'s split point,
+    before its space rule)."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _implicit_prompt(chosen: Any, rejected: Any) -> tuple[list[dict], list[dict], list[dict]]:
+    """TRL implicit prompt: (prompt, chosen, rejected) from two full texts or conversations."""
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = shared_prefix(chosen, rejected)
+        if n and chosen[n - 1] == " ":  # TRL: the space before the split goes to the answers
+            n -= 1
+        if n == min(len(chosen), len(rejected)):
+            raise _bad("rejected", "chosen and rejected are the same text, or one is a prefix "
+                                   "of the other, so no prompt can be split off; fix the row "
+                                   "or give a 'prompt' column")
+        if not chosen[:n].strip():
+            raise _bad("prompt", "no 'prompt' column and chosen and rejected share no prefix, "
+                                 "so the prompt is empty; give a 'prompt' column")
+        prompt = [{"role": "user", "content": tagged_parts(chosen[:n])}]
+        return prompt, [assistant_message(chosen[n:])], [assistant_message(rejected[n:])]
+    return split_conversations(_messages(chosen, "chosen", tags=True),
+                               _messages(rejected, "rejected", tags=True),
+                               ("chosen", "rejected"))
+
+
+def split_conversations(chosen: list, rejected: list,
+                        fields: tuple[str, str]) -> tuple[list, list, list]:
+    """(shared prompt, chosen answer turns, rejected answer turns) of two full conversations,
+    split where they first differ; what follows must be assistant turns, text only. The items
+    may be messages or ``(message, raw images)`` pairs (then compared with their images)."""
+    n = shared_prefix(chosen, rejected)
+
+    def msg(m: Any) -> dict:
+        return m[0] if isinstance(m, tuple) else m
+
+    if n == 0:
+        raise _bad(fields[1], f"{fields[0]} and {fields[1]} differ from their first message on, "
+                              f"so they share no prompt; a pair needs one prompt")
+    rest = {fields[0]: chosen[n:], fields[1]: rejected[n:]}
+    for name, turns in rest.items():
+        if not turns:
+            raise _bad(name, f"{fields[0]} and {fields[1]} are the same conversation, or one "
+                             f"ends where the other goes on: {name} has no answer after the "
+                             f"shared prompt")
+        if any(msg(m)["role"] != "assistant" for m in turns):
+            raise _bad(name, f"{fields[0]} and {fields[1]} differ before their last user turn "
+                             f"(different prompts); a pair shares one prompt, so only the "
+                             f"assistant's answer may differ")
+        if count_image_parts([msg(m) for m in turns]):
+            raise _bad(name, "an answer must be text only, found an image part")
+    return chosen[:n], rest[fields[0]], rest[fields[1]]
 
 
 def from_rlaifv(rec: Mapping) -> Draft:
@@ -304,7 +389,10 @@ def from_llava(rec: Mapping) -> Draft:
 
 
 def from_llamafactory(rec: Mapping) -> Draft:
-    """LLaMA-Factory ranking ShareGPT: conversations, chosen/rejected turns, images, system."""
+    """LLaMA-Factory ranking ShareGPT (conversations, chosen/rejected turns, images, system),
+    or its v1 JSONL (``chosen_messages`` / ``rejected_messages``)."""
+    if "conversations" not in rec and ("chosen_messages" in rec or "rejected_messages" in rec):
+        return _from_llamafactory_v1(rec)
     prompt = _prompt_ends_with_user(_sharegpt(_require(rec, "conversations"), "conversations"),
                                     "conversations", "conversations")
     if rec.get("system") is not None:
@@ -313,16 +401,82 @@ def from_llamafactory(rec: Mapping) -> Draft:
                   _response(_require(rec, "rejected"), "rejected"), _images(rec, "images"))
 
 
+#: LLaMA-Factory v1 content part types that carry an image (its value is the path or URL).
+V1_IMAGE_TYPES = ("image_url", "image")
+
+
+def _v1_message(m: Any, j: int, field: str) -> tuple[dict, tuple]:
+    """One LLaMA-Factory v1 message → (canonical message, its raw image values). Content is a
+    list of ``{"type": "text" | "image_url", "value": ...}`` parts (or a plain string);
+    ``loss_weight`` and other keys are ignored."""
+    if not isinstance(m, Mapping):
+        raise _bad(field, f"message {j} is {type(m).__name__}, expected a dict with role and "
+                          f"content")
+    if m.get("role") not in ROLES:
+        raise _bad(field, f"message {j} has role {m.get('role')!r}; expected one of {ROLES}")
+    content = m.get("content")
+    if isinstance(content, str):
+        return {"role": m["role"], "content": [text_part(content)]}, ()
+    parts, images = [], []
+    for p in _list(content, field):
+        kind = p.get("type") if isinstance(p, Mapping) else None
+        value = p.get("value", p.get("text")) if isinstance(p, Mapping) else None
+        if kind == "text" and isinstance(value, str):
+            parts.append(text_part(value))
+        elif kind in V1_IMAGE_TYPES and value is not None:
+            parts.append(image_part())
+            images.append(value)
+        else:
+            raise _bad(field, f"message {j} has a content part {p!r:.60} that is not "
+                              f"{{'type': 'text', 'value': str}} or {{'type': 'image_url', "
+                              f"'value': path}} (pairforge pairs hold text and images)")
+    return {"role": m["role"], "content": parts}, tuple(images)
+
+
+def _from_llamafactory_v1(rec: Mapping) -> Draft:
+    turns = {f: [_v1_message(m, j, f) for j, m in enumerate(_list(_require(rec, f), f))]
+             for f in ("chosen_messages", "rejected_messages")}
+    prompt, chosen, rejected = split_conversations(turns["chosen_messages"],
+                                                   turns["rejected_messages"],
+                                                   ("chosen_messages", "rejected_messages"))
+    images = [v for _, imgs in prompt for v in imgs]
+    prompt = _prompt_ends_with_user([m for m, _ in prompt], "chosen_messages",
+                                    "the shared messages before the answers")
+    return _draft(rec, prompt, [m for m, _ in chosen], [m for m, _ in rejected], images)
+
+
 def from_swift(rec: Mapping) -> Draft:
-    """ms-swift: messages (the last assistant turn is chosen), rejected_response, images."""
+    """ms-swift: messages (the last assistant turn is chosen) with ``rejected_response`` (the
+    rejected answer) or ``rejected_messages`` (the whole rejected conversation), images;
+    ``rejected_images`` must equal ``images`` (one image list per pair)."""
     msgs = _list(_require(rec, "messages"), "messages")
     if not msgs or not isinstance(msgs[-1], Mapping) or msgs[-1].get("role") != "assistant":
         raise _bad("messages", "the last message must be the assistant's (chosen) answer")
+    images = _images(rec, "images")
+    if rec.get("rejected_images") is not None:
+        rejected_images = _images(rec, "rejected_images")
+        if rejected_images != images:
+            only = "rejected_response" not in rec and "rejected_messages" not in rec
+            raise _bad("rejected_images",
+                       ("only the images differ (same text, other rejected_images): an "
+                        if only else "the rejected answer comes with other images than the "
+                        "chosen one: an ") + "image-contrast pair, which a canonical pair (one "
+                       "image list for both answers) cannot hold; the row is skipped")
+    if rec.get("rejected_messages") is not None and "rejected_response" not in rec:
+        c = _messages(msgs, "messages", tags=True)
+        r = _messages(rec["rejected_messages"], "rejected_messages", tags=True)
+        prompt, chosen, rejected = split_conversations(c, r, ("messages", "rejected_messages"))
+        prompt = _prompt_ends_with_user(prompt, "messages",
+                                        "the shared messages before the answers")
+        return _draft(rec, prompt, chosen, rejected, images)
     prompt = _prompt_ends_with_user(_messages(msgs[:-1], "messages", tags=True), "messages",
                                     "the messages before the last assistant answer")
     chosen = _response(msgs[-1].get("content"), "messages")
+    if "rejected_response" not in rec:
+        raise _bad("rejected_response", "missing (and no rejected_messages); ms-swift DPO rows "
+                                        "need one of them")
     rejected = _response(_require(rec, "rejected_response"), "rejected_response")
-    return _draft(rec, prompt, chosen, rejected, _images(rec, "images"))
+    return _draft(rec, prompt, chosen, rejected, images)
 
 
 #: Converters of the non-canonical formats (canonical rows pass through the reader).

@@ -17,9 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from pairforge.errors import BadInput, PairforgeError
-from pairforge.schema import make_pair, stable_id, validate_row
+from pairforge.schema import image_part, make_pair, stable_id, validate_row
 from pairforge.sources.containers import Container, Records, open_container
-from pairforge.sources.formats import CONVERTERS, check_format, detect_format
+from pairforge.sources.formats import (
+    CONVERTERS,
+    IMAGE_TAG,
+    check_format,
+    detect_format,
+    tagged_parts,
+)
 from pairforge.sources.images import ImageResolver
 
 ON_ERROR = ("skip", "fail")
@@ -51,6 +57,8 @@ class PairStream:
         self._images = ImageResolver(_image_root(image_root, self._container), load=load_images,
                                      structs_unread=self._container.arrow)
         self._first_pass: Records | None = self._peek()
+        #: The constant columns of a row read from this set (make_pair's own defaults).
+        self._template = make_pair(prompt="-", chosen="-", rejected="-", source_dataset=self.name)
         if format is None:
             format = self._detect()
         self.format: str = format
@@ -102,6 +110,54 @@ class PairStream:
         if not isinstance(record, Mapping):
             raise BadInput(f"record is {type(record).__name__}, expected an object with the "
                            f"{self.format} fields")
+        if self.format == "trl":
+            row = self._plain_trl_row(index, record)
+            if row is not None:
+                return row
+        return self._general_row(index, record)
+
+    def _plain_trl_row(self, index: int, rec: Mapping) -> dict | None:
+        """The row of a plain TRL-standard record (``prompt``, ``chosen``, ``rejected``
+        strings, answers not blank, ``images`` / ``image`` paths matching the ``<image>``
+        tags), built directly: the row :meth:`_general_row` makes of it (same dict, tested),
+        at a fraction of the cost, which is most of the read time of large TRL JSONL files.
+        Anything else, bad rows included, returns ``None`` for the general path."""
+        prompt, chosen, rejected = rec.get("prompt"), rec.get("chosen"), rec.get("rejected")
+        if not (type(prompt) is str and type(chosen) is str and type(rejected) is str
+                and chosen.strip() and rejected.strip()):
+            return None
+        images, image = rec.get("images"), rec.get("image")
+        if image is not None:
+            if images is not None:
+                return None
+            images = image if isinstance(image, list) else [image]
+        elif images is None:
+            images = []
+        elif not isinstance(images, list):
+            return None
+        parts = tagged_parts(prompt)
+        n_tags = prompt.count(IMAGE_TAG)
+        if n_tags != len(images):
+            if n_tags:
+                return None
+            parts = [image_part() for _ in images] + parts
+        text = "\n".join(p["text"] for p in parts if p["text"])  # prompt_text of the row
+        if not images and not text.strip():
+            return None
+        rid, idx = rec.get("id"), rec.get("idx")
+        source_id = str(rid) if rid is not None else (str(idx) if idx is not None else index)
+        row = dict(self._template)
+        row.update(
+            id=(stable_id(self.name, str(rid)) if rid is not None else
+                stable_id(self.name, source_id, text, chosen, rejected)),
+            prompt=[{"role": "user", "content": parts}],
+            chosen=[{"role": "assistant", "content": [{"type": "text", "text": chosen}]}],
+            rejected=[{"role": "assistant", "content": [{"type": "text", "text": rejected}]}],
+            images=self._images(images), source_id=str(source_id), source_meta=[], models=[],
+            prompt_templates=[])
+        return row
+
+    def _general_row(self, index: int, record: Mapping) -> dict:
         if self.format == "canonical":
             row = dict(record)
             if isinstance(row.get("images"), list):
@@ -125,6 +181,11 @@ class PairStream:
         return sum(self._images.unresolved(im) for im in images or ())
 
     # -- reporting
+
+    def estimated_total(self) -> int | None:
+        """Rows in the set when the container knows or can cheaply count them (JSON Lines:
+        its lines), for progress bars; ``None`` otherwise."""
+        return self._container.estimated_total()
 
     @property
     def n_kept(self) -> int:

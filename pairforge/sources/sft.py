@@ -1,5 +1,5 @@
 """SFT examples for the build engine: any supported source → a lazy stream of
-:class:`~pairforge.recipes.base.Example` s, each bad one a :class:`ReadReject` in its place.
+:class:`~pairforge.contract.Example` s, each bad one a :class:`ReadReject` in its place.
 
 Source specs (``--source``)::
 
@@ -45,7 +45,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,8 @@ from urllib.parse import parse_qsl
 
 from PIL import Image as PILImage
 
+from pairforge.contract import Example
 from pairforge.errors import BadInput, PairforgeError, first_line
-from pairforge.recipes.base import Example
 from pairforge.schema import count_image_parts
 from pairforge.sources.containers import open_container
 from pairforge.sources.formats import SHAREGPT_ROLES, _content, from_trl, place_images
@@ -503,11 +503,40 @@ def _one_line(e: BadInput, where: str, index: int) -> str:
 def reason_kind(reason: str) -> str:
     """A reason with its particulars masked (the 'file, row n' prefix, quoted names, numbers),
     so that reasons can be counted by kind: ``images: '…' cannot be decoded (…)``."""
+    pieces, _ = reason_pieces(reason)
+    return "N".join(pieces)[:160]
+
+
+_NUMBER = re.compile(r"\d[\d,.]*")
+
+
+def reason_pieces(reason: str) -> tuple[tuple[str, ...], list[str]]:
+    """A reason as :func:`reason_kind` masks it, split at its numbers: (the text around the
+    numbers, the numbers). ``"N".join(pieces)`` is the kind; :func:`fill_numbers` puts
+    numbers (or their ranges over a kind's reasons) back where a reader wants to see them."""
     m = _PREFIX.match(reason)
     if m:
         reason = (f"{m.group(1)}: " if m.group(1) else "") + reason[m.end():]
     reason = re.sub(r"'[^']*'|\"[^\"]*\"|\([^)]*\)", "…", reason)
-    return re.sub(r"\d[\d,.]*", "N", reason)[:160]
+    return tuple(_NUMBER.split(reason)), _NUMBER.findall(reason)
+
+
+def fill_numbers(pieces: Sequence[str], slots: Sequence[Iterable[str]]) -> str:
+    """The reason of a kind with each number slot filled: the number when all its reasons
+    agree, else the range ``lo–hi`` (never a bare ``N``), at most 160 characters."""
+    out = [pieces[0]]
+    for piece, values in zip(pieces[1:], slots):
+        vals = sorted(set(values), key=_number_value)
+        out.append(vals[0] if len(vals) == 1 else f"{vals[0]}–{vals[-1]}")
+        out.append(piece)
+    return "".join(out)[:160]
+
+
+def _number_value(text: str) -> float:
+    try:
+        return float(text.replace(",", "").rstrip("."))
+    except ValueError:
+        return float("inf")
 
 
 _PREFIX = re.compile(r"^.*?, row [^,:]+(?:, field '([^']*)')?: ")
@@ -515,4 +544,4 @@ _PREFIX = re.compile(r"^.*?, row [^,:]+(?:, field '([^']*)')?: ")
 
 __all__ = ["DEFAULT_MAX_PIXELS", "Entry", "ExampleStream", "ReadReject", "SourceSpec",
            "build_dataset", "decode_image", "is_pair_record", "parse_source", "read_examples",
-           "reason_kind", "source_bytes"]
+           "fill_numbers", "reason_kind", "reason_pieces", "source_bytes"]
