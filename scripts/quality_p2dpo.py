@@ -161,6 +161,15 @@ def crop_quality(rec, policy, examples, attention_on: str) -> dict:
             "seconds": seconds, "per_example_s": seconds / max(1, len(examples))}
 
 
+def _quantiles(values: list[float]) -> dict:
+    import numpy as np
+
+    if not values:
+        return {"n": 0}
+    q = np.percentile(values, [0, 2.5, 50, 97.5, 100])
+    return {"n": len(values), **{k: float(v) for k, v in zip(("min", "p2.5", "median", "p97.5", "max"), q)}}
+
+
 def build_report(rec_params: dict, policy, clip, examples) -> dict:
     """Run the whole recipe on ``examples``, then pass two (the margin window fitted on their
     own margins, :meth:`P2DPO.filter_rows`, as the build does when it finishes)."""
@@ -182,6 +191,13 @@ def build_report(rec_params: dict, policy, clip, examples) -> dict:
     candidates = [r for o in outcomes for r in o.rows]
     rows, fit = rec.filter_rows(candidates)
     out.update(fit)
+    paper = P2DPO.from_params({**rec_params, "margin_window": "fixed", "margin_low": -0.174,
+                               "margin_high": 0.208}).filter_rows(candidates)[1]
+    out["paper_window_kept_rate"] = paper["margin_kept_rate"]  # the same margins, App. D's numbers
+    margins = sorted(r["p2dpo_margin"] for r in candidates)
+    out["margins_by_kind"] = {k: _quantiles([r["p2dpo_margin"] for r in candidates if r["p2dpo_kind"] == k])
+                              for k in ("focus", "robust")}
+    out["margins_all"] = _quantiles(margins)
     gone = {r["id"] for r in candidates} - {r["id"] for r in rows}
     for r in candidates:
         if r["id"] in gone:
@@ -270,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"build on {args.build} examples: {b['rows']} rows, {b['rejected_examples']} examples "
                       f"rejected, stats {b['stats']}, {b['build_seconds']:.1f} s; margin window "
                       f"({b['margin_window_rule']}) {window}, kept "
-                      f"{'n/a' if rate is None else f'{rate:.1%}'} of {b['margin_window_n']} margins")
+                      f"{'n/a' if rate is None else f'{rate:.1%}'} of {b['margin_window_n']} margins "
+                      f"(the paper's fixed [-0.174, 0.208] would keep "
+                      f"{'n/a' if b['paper_window_kept_rate'] is None else format(b['paper_window_kept_rate'], '.1%')})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

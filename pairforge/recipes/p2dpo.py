@@ -512,8 +512,9 @@ class P2DPO:
     """The P2-DPO recipe (see the module docstring). Roles: ``policy`` (a VLM with attention
     maps and contrastive decoding) and ``clip`` (an :class:`~pairforge.models.ImageTextScorer`
     for DDW). One example yields up to one row per kind in ``kinds``; kinds dropped by the
-    filter are counted in the outcome's stats, and an example with no row left is a
-    :class:`~pairforge.recipes.Reject` naming each kind's reason."""
+    pass-one filters (empty, identical, perplexity) are counted in the outcome's stats, and an
+    example with no row left is a :class:`~pairforge.recipes.Reject` naming each kind's reason.
+    The margin window is pass two (:meth:`run_pass`), applied when the build finishes."""
 
     name: ClassVar[str] = "p2dpo"
     groups: ClassVar[tuple[str, ...]] = ("p2dpo",)
