@@ -559,12 +559,12 @@ def test_noise_is_seeded_per_example_and_run_seed():
 
 
 def test_robust_pairs_default_to_gaussian_noise_diffusion_as_option():
-    """§4.1.2: I_noise = I + Gaussian noise (σ = 0.1 in [0, 1] pixel units, paper silent on σ);
+    """§4.1.2: I_noise = I + Gaussian noise (σ = 0.2 in [0, 1] pixel units, paper silent on σ);
     diffusion-style noise (DDPM step t) is an option."""
     ex = _world_example()
     ctx = _ctx(FakePolicy())
     seed = ctx.seed_for(ex, "p2dpo-noise")
-    for params, want in (({}, add_noise(ex.images[0], "gaussian", 0.1, seed)),
+    for params, want in (({}, add_noise(ex.images[0], "gaussian", 0.2, seed)),
                          ({"noise": "diffusion"}, add_noise(ex.images[0], "diffusion", 165, seed))):
         pol = FakePolicy()
         (out,) = P2DPO.from_params({"kinds": ["robust"], **params}).process([ex], _ctx(pol))
