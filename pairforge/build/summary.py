@@ -105,7 +105,8 @@ def finish(out: Path, manifest: Manifest, *, console: Any, wall_s: float | None 
     }
     if second is not None:  # the fitted rule's numbers at the top level (margin_window_lo, ...)
         summary.update(second.fitted)
-        summary["run_pass"] = {"columns": list(second.columns), "rows_in": second.rows_in,
+        summary["run_pass"] = {"columns": list(second.columns), "fitted": list(second.fitted),
+                               "rows_in": second.rows_in,
                                "rows_dropped": len(second.dropped),
                                "examples_rejected": second.examples_rejected}
     write_json(out / "summary.json", summary)
@@ -329,6 +330,13 @@ def print_summary(summary: dict, console: Any) -> None:
         if d.get(k) is not None:
             table.add_row(f"{k} ({d['length_unit']})" if k.startswith("len_") else k,
                           f"{d[k]:.3g}")
+    second = summary.get("run_pass") or {}
+    for k in second.get("fitted", ()):  # pass two's fitted rule (margin window, cooling floor)
+        v = summary.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            table.add_row(escape(k), f"{v:.4g}")
+    if second.get("rows_dropped"):
+        table.add_row("  pairs dropped in pass two", f"{second['rows_dropped']:,}")
     rate = c["examples_in"] / summary["wall_s"] if summary["wall_s"] else 0.0
     table.add_row("wall time", f"{summary['wall_s']:.1f} s ({rate:.1f} ex/s)")
     console.print(table)

@@ -23,9 +23,10 @@ PRECISIONS = ("auto", "bf16", "fp16", "no")
 @dataclass
 class TrainConfig:
     """Everything that shapes a training run. ``steps`` (optimizer steps) overrides
-    ``epochs``; ``batch_size`` is pairs per device per micro-batch, ``grad_accum`` micro-batches
-    per optimizer step; ``warmup`` is in optimizer steps. CW-DPO's Stage 1 runs
-    ``cw_stage1_epochs`` epochs over the Stage-1 rows before ``epochs``/``steps`` of Stage 2."""
+    ``epochs``; ``batch_size`` is pairs per device per micro-batch (P2-DPO: samples (I, P),
+    each with up to two pairs, Eq. 8), ``grad_accum`` micro-batches per optimizer step;
+    ``warmup`` is in optimizer steps. CW-DPO's Stage 1 runs ``cw_stage1_epochs`` epochs over
+    the Stage-1 rows before ``epochs``/``steps`` of Stage 2."""
 
     data: str = ""
     model: str = "tiny-vlm"
