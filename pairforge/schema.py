@@ -70,16 +70,23 @@ COLUMN_GROUPS: dict[str, dict[str, Any]] = {
         "rejected_logp": Value("float64"),
         "m3p_score": Value("float64"),
     },
-    # P2-DPO: focus / robust pairs, the crop box (x0, y0, x1, y1 in pixels), DDW weights, and
-    # the extra images the calibration loss needs.
+    # P2-DPO: focus / robust pairs, the crop box (x0, y0, x1, y1 in pixels), DDW weights, the
+    # extra inputs the calibration loss needs (the enhanced input Combine(I, crop) with the
+    # enhancement prompt, exactly as y_w was generated from it; the degraded and noisy images),
+    # the example both pairs of one (I, P) came from (Eq. 8 sums them per sample) and the
+    # log-prob margin the run's margin window judged (App. D).
     "p2dpo": {
         "p2dpo_kind": Value("string"),
+        "p2dpo_example": Value("string"),
+        "p2dpo_margin": Value("float64"),
         "crop_box": List(Value("float32")),
         "ddw_focus": Value("float32"),
         "ddw_robust": Value("float32"),
         "crop_image": Image(),
         "degraded_image": Image(),
         "noisy_image": Image(),
+        "enhanced_prompt": MESSAGES,
+        "enhanced_images": List(Image()),
     },
     # CW-DPO: the rejected answer's mean token log-prob (ℓ̄) for the cooling weight, and stage.
     "cwdpo": {

@@ -15,13 +15,14 @@ perfect, separating the search from the policy's attention. For two-object quest
 counts either object.
 
 ``--build N`` also runs the whole recipe (pairs, filter, DDW) on N examples and reports what
-it kept and why it dropped the rest; ``--margins`` first runs the two-pass margin window
-(:meth:`P2DPO.margins` + :func:`central_interval`) on those examples.
+it kept and why it dropped the rest, including pass two: the margin window fitted on those
+examples' own margins (:meth:`P2DPO.run_pass`, the central 95 % by default; ``--param
+margin_window=fixed`` for the paper's −0.174 / 0.208), its bounds and the share kept.
 
 ``--param key=value`` sets any recipe parameter (as ``pairforge build --param``).
 
     OMP_NUM_THREADS=1 python scripts/quality_p2dpo.py --n 300
-    OMP_NUM_THREADS=1 python scripts/quality_p2dpo.py --n 300 --build 40 --margins
+    OMP_NUM_THREADS=1 python scripts/quality_p2dpo.py --n 300 --build 40
     OMP_NUM_THREADS=1 python scripts/quality_p2dpo.py --n 40 --build 40 --param noise_step=500
 """
 
@@ -119,14 +120,11 @@ def crop_quality(rec, policy, examples, attention_on: str) -> dict:
     """Crop measures and baselines, overall and per task."""
     from tqdm.auto import tqdm
 
-    from pairforge.models import Request, SamplingParams
-    from pairforge.recipes.p2dpo import _turn, adaptive_crop
+    from pairforge.recipes.p2dpo import adaptive_crop
 
     responses = [ex.answer for ex in examples]
-    if attention_on == "policy":
-        reqs = [Request(_turn(ex, ex.question, 1), ex.images, f"{ex.id}/plain") for ex in examples]
-        responses = [c[0].text.strip() or ex.question for c, ex in
-                     zip(policy.generate(reqs, 1, SamplingParams(temperature=0, max_new_tokens=48)), examples)]
+    if attention_on == "policy":  # the recipe's own predicted answers (on the localisation prompt)
+        responses = rec.predicted_answers(policy, [(ex, ex.images[0]) for ex in examples], seed=0)
     sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     ratios: Counter = Counter()
     t0 = time.perf_counter()
@@ -163,25 +161,24 @@ def crop_quality(rec, policy, examples, attention_on: str) -> dict:
             "seconds": seconds, "per_example_s": seconds / max(1, len(examples))}
 
 
-def build_report(rec_params: dict, policy, clip, examples, margins: bool) -> dict:
-    """Run the whole recipe on ``examples`` (optionally after the two-pass margin window)."""
+def _quantiles(values: list[float]) -> dict:
+    import numpy as np
+
+    if not values:
+        return {"n": 0}
+    q = np.percentile(values, [0, 2.5, 50, 97.5, 100])
+    return {"n": len(values), **{k: float(v) for k, v in zip(("min", "p2.5", "median", "p97.5", "max"), q)}}
+
+
+def build_report(rec_params: dict, policy, clip, examples) -> dict:
+    """Run the whole recipe on ``examples``, then pass two (the margin window fitted on their
+    own margins, :meth:`P2DPO.filter_rows`, as the build does when it finishes)."""
     from pairforge.recipes import BuildContext
-    from pairforge.recipes.p2dpo import P2DPO, central_interval
+    from pairforge.recipes.p2dpo import P2DPO
 
     ctx = BuildContext(seed=0, models={"policy": policy, "clip": clip})
     out: dict = {}
-    params = dict(rec_params)
-    if margins:
-        t0 = time.perf_counter()
-        ms = P2DPO.from_params(params).margins(examples, ctx)
-        values = [v for d in ms for v in d.values()]
-        if values:
-            lo, hi = central_interval(values, 0.95)
-            params.update(margin_low=lo, margin_high=hi)
-            out["margin_window"] = [lo, hi]
-        out["margins_n"] = len(values)
-        out["margins_seconds"] = time.perf_counter() - t0
-    rec = P2DPO.from_params(params)
+    rec = P2DPO.from_params(rec_params)
     rec.check(ctx)
     t0 = time.perf_counter()
     outcomes = rec.process(examples, ctx)
@@ -191,10 +188,26 @@ def build_report(rec_params: dict, policy, clip, examples, margins: bool) -> dic
         stats.update(o.stats)
         if o.reject and not o.stats:
             stats["unusable"] += 1
-    rows = [r for o in outcomes for r in o.rows]
+    candidates = [r for o in outcomes for r in o.rows]
+    rows, fit = rec.filter_rows(candidates)
+    out.update(fit)
+    paper = P2DPO.from_params({**rec_params, "margin_window": "fixed", "margin_low": -0.174,
+                               "margin_high": 0.208}).filter_rows(candidates)[1]
+    out["paper_window_kept_rate"] = paper["margin_kept_rate"]  # the same margins, App. D's numbers
+    margins = sorted(r["p2dpo_margin"] for r in candidates)
+    out["margins_by_kind"] = {k: _quantiles([r["p2dpo_margin"] for r in candidates if r["p2dpo_kind"] == k])
+                              for k in ("focus", "robust")}
+    out["margins_all"] = _quantiles(margins)
+    gone = {r["id"] for r in candidates} - {r["id"] for r in rows}
+    for r in candidates:
+        if r["id"] in gone:
+            stats[f"{r['p2dpo_kind']}_kept"] -= 1
+            stats[f"{r['p2dpo_kind']}_dropped_margin"] += 1
+    left = {r["p2dpo_example"] for r in rows}
+    out["rejected_after_window"] = len({r["p2dpo_example"] for r in candidates} - left)
     out["stats"] = dict(sorted(stats.items()))
     out["rows"] = len(rows)
-    out["rejected_examples"] = sum(o.reject is not None for o in outcomes)
+    out["rejected_examples"] = sum(o.reject is not None for o in outcomes) + out["rejected_after_window"]
     if rows:
         out["ddw_focus_mean"] = sum(r["ddw_focus"] for r in rows) / len(rows)
     out["examples"] = [{"kind": r["p2dpo_kind"], "question": r["prompt"][-1]["content"][-1]["text"],
@@ -214,10 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="validation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-window", type=float, default=0.4)
-    ap.add_argument("--attention-on", choices=("answer", "policy"), default="answer")
+    ap.add_argument("--attention-on", choices=("answer", "policy"), default="policy")
     ap.add_argument("--layers", default=None, help="comma-separated attention layers (default all)")
     ap.add_argument("--build", type=int, default=0, help="also run the whole recipe on this many")
-    ap.add_argument("--margins", action="store_true", help="two-pass margin window before --build")
     ap.add_argument("--param", action="append", default=[], help="recipe parameter key=value (repeatable)")
     ap.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     args = ap.parse_args(argv)
@@ -266,11 +278,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.build:
         clip = load_model(args.clip or default_clip(), role="clip", progress=False)
-        report["build"] = build_report(rec.params(), policy, clip, examples[:args.build], args.margins)
+        report["build"] = build_report(rec.params(), policy, clip, examples[:args.build])
         b = report["build"]
+        lo, hi = b["margin_window_lo"], b["margin_window_hi"]
+        window = "none" if lo is None or hi is None else f"[{lo:.4f}, {hi:.4f}]"
+        rate = b["margin_kept_rate"]
         console.print(f"build on {args.build} examples: {b['rows']} rows, {b['rejected_examples']} examples "
-                      f"rejected, stats {b['stats']}, {b['build_seconds']:.1f} s"
-                      + (f"; margin window {b.get('margin_window')}" if args.margins else ""))
+                      f"rejected, stats {b['stats']}, {b['build_seconds']:.1f} s; margin window "
+                      f"({b['margin_window_rule']}) {window}, kept "
+                      f"{'n/a' if rate is None else f'{rate:.1%}'} of {b['margin_window_n']} margins "
+                      f"(the paper's fixed [-0.174, 0.208] would keep "
+                      f"{'n/a' if b['paper_window_kept_rate'] is None else format(b['paper_window_kept_rate'], '.1%')})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -373,3 +374,48 @@ def test_file_source_read_rejects_and_original_image_bytes(tmp_path):
     raw = load_build(tmp_path / "b").cast_column("images", List(Image(decode=False)))
     assert raw[0]["images"][0]["bytes"] == (src / "a.jpg").read_bytes()  # not re-encoded
     assert raw[0]["source_dataset"] == "d" and raw[0]["source_id"] == "r0"
+
+
+def test_run_pass_fits_the_margin_window_on_the_whole_run_and_resumes(tmp_path):
+    """P2-DPO's margin window (App. D) as pass two: fitted once on every committed margin (the
+    central 95 %), the rows outside dropped, an example left without rows rejected; counts,
+    rejects, dataset and stats agree; a rerun is complete; a merge of shards refits globally."""
+    import numpy as np
+
+    from pairforge.recipes.p2dpo import central_interval
+    from test_build_fakes import fake_margin
+
+    s = run(tmp_path / "b", recipe="windowed", source="shapes?n=40", chunk_size=8)
+    ids = [f"shapes-train-0-{i:07d}" for i in range(40)]
+    margins = {(i, k): fake_margin(i, k) for i in ids for k in ("focus", "robust")}
+    lo, hi = central_interval(list(margins.values()), 0.95)
+    assert (s["margin_window_lo"], s["margin_window_hi"]) == (pytest.approx(lo), pytest.approx(hi))
+    inside = {key for key, m in margins.items() if lo <= m <= hi}
+    assert s["margin_kept_rate"] == pytest.approx(len(inside) / 80) and 0 < 80 - len(inside) <= 6
+    rows = rows_of(tmp_path / "b")
+    assert {(r["p2dpo_example"], r["p2dpo_kind"]) for r in rows} == inside
+    c = s["counts"]
+    gone = [i for i in ids if not any((i, k) in inside for k in ("focus", "robust"))]
+    assert c["pairs"] == len(rows) == len(inside)
+    assert c["rejected"] == len(gone) and c["examples_with_pairs"] + c["rejected"] == c["examples_in"] == 40
+    rejects = rejects_of(tmp_path / "b")
+    assert sorted(r["id"] for r in rejects) == sorted(gone)
+    assert all(r["stage"] == "filter" and "outside" in r["reason"] for r in rejects)
+    kept = Counter(k for _, k in inside)
+    assert s["recipe_stats"]["focus_kept"] == kept["focus"] and s["recipe_stats"]["robust_kept"] == kept["robust"]
+    assert s["recipe_stats"].get("focus_dropped_margin", 0) + s["recipe_stats"].get("robust_dropped_margin", 0) \
+        == 80 - len(inside)
+    assert s["steps"]["run_pass"] == {"in": 40, "forwarded": 40 - len(gone), "dropped": len(gone)}
+    again = run(tmp_path / "b", recipe="windowed", source="shapes?n=40", chunk_size=8)
+    assert again["margin_window_lo"] == s["margin_window_lo"] and again["counts"] == c
+    # the fixed window of the paper's data instead
+    f = run(tmp_path / "f", recipe="windowed", source="shapes?n=40", params={"margin_window": "fixed"})
+    assert (f["margin_window_lo"], f["margin_window_hi"]) == (-0.174, 0.208)
+    assert f["margin_kept_rate"] == pytest.approx(np.mean([-0.174 <= m <= 0.208 for m in margins.values()]))
+    # shards fit their own windows; the merge refits on all rows: the unsharded build's window
+    quiet = Console(file=io.StringIO())
+    for i in range(2):
+        run(tmp_path / f"s{i}", recipe="windowed", source="shapes?n=40", shard=(i, 2))
+    m = merge([tmp_path / "s0", tmp_path / "s1"], tmp_path / "m", console=quiet)
+    assert (m["margin_window_lo"], m["margin_window_hi"]) == (pytest.approx(lo), pytest.approx(hi))
+    assert m["counts"]["pairs"] == c["pairs"] and m["counts"]["rejected"] == c["rejected"]

@@ -7,6 +7,8 @@ own files); registered in ``RECIPES`` by :func:`register`, also inside a subproc
   RuntimeError, which stops the build) and a data error on others (env
   ``PAIRFORGE_FAKE_BAD_IDS``, comma-separated: a ZeroDivisionError, a per-example reject);
 - ``crops``: two rows per example (P2-DPO-like), with single-image columns;
+- ``windowed``: two P2-DPO rows per example with a known ``p2dpo_margin`` each (from a hash of
+  the example id), and P2-DPO's own whole-run margin window as its ``run_pass``;
 - ``invalid``: every third example's row has an empty rejected answer;
 - ``short``: returns one outcome too few;
 - ``judged``: needs a judge model; ``undeclared``: writes a column of an undeclared group;
@@ -36,7 +38,7 @@ def register() -> None:
         sys.path.insert(0, str(HERE))
     for name, cls in (("echo", "Echo"), ("crops", "Crops"), ("invalid", "Invalid"),
                       ("short", "Short"), ("judged", "Judged"), ("undeclared", "Undeclared"),
-                      ("lazy", "Lazy")):
+                      ("lazy", "Lazy"), ("windowed", "Windowed")):
         RECIPES[name] = f"test_build_fakes:{cls}"
 
 
@@ -107,6 +109,32 @@ class Crops(Echo):
                           models=[{"role": "annotator", "name": "fake-annotator"}])
                 for kind in ("focus", "robust")]
         return Outcome(rows=rows)
+
+
+def fake_margin(example_id: str, kind: str) -> float:
+    """The ``windowed`` recipe's margin of a pair: uniform in [−0.5, 0.5) from the id, doubled
+    for robust pairs."""
+    from pairforge.schema import derive_seed
+
+    m = (derive_seed("fake-margin", example_id) % 1000) / 1000 - 0.5
+    return m if kind == "focus" else 2 * m
+
+
+class Windowed(Echo):
+    name = "windowed"
+    groups = ("p2dpo",)
+
+    def one(self, ex, ctx):
+        rows = [make_pair(prompt=ex.prompt_messages, chosen=ex.answer, rejected=f"{kind} no",
+                          images=ex.images, id=f"{ex.id}-{kind}", p2dpo_kind=kind, p2dpo_example=ex.id,
+                          p2dpo_margin=fake_margin(ex.id, kind))
+                for kind in ("focus", "robust")]
+        return Outcome(rows=rows, stats={"focus_kept": 1, "robust_kept": 1})
+
+    def run_pass(self):
+        from pairforge.recipes.p2dpo import P2DPO
+
+        return P2DPO.from_params({k: v for k, v in self.p.items() if k.startswith("margin")}).run_pass()
 
 
 class Lazy(Echo):

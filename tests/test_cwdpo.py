@@ -161,6 +161,23 @@ def test_stage2_pairs_easy_and_duplicate_negatives_counted():
     assert ds.features["cwdpo_stage"].dtype == "int8" and ds[0]["rejected_n_tokens"] == 3
 
 
+def test_run_pass_fits_the_cooling_weight_on_the_rows():
+    """Pass two of a cwdpo build: ℓ_floor, τ and C fitted on every row's ℓ̄, token count and
+    stage (cooling_calibration; hand vector in test_losses.py); no row is dropped."""
+    from pairforge.recipes.cwdpo import cooling_calibration
+
+    exs = colour_examples(3)
+    ctx, _ = _ctx(exs, seed=1)
+    recipe = CWDPO(CWDPOParams(k=6, stage1_share=0.0))
+    rows = [r for o in recipe.process(exs, ctx) for r in o.rows]
+    rp = recipe.run_pass()
+    assert rp.judge is None and rp.group is None
+    cols = {c: [r[c] for r in rows] for c in rp.columns}
+    got = rp.fit(cols)
+    assert got == cooling_calibration(cols["rejected_mean_logp"], cols["rejected_n_tokens"], cols["cwdpo_stage"])
+    assert got["cooling_n"] == len(rows) and got["cooling_floor"] == pytest.approx(-1.0)  # ℓ̄ −1, −0.5 per example
+
+
 def test_easy_threshold_is_a_parameter():
     ex, = colour_examples(1)
     ctx, _ = _ctx([ex])

@@ -50,8 +50,22 @@ def test_sft_c_hand_vector():
     assert math.isclose(loss.item(), 1.0, abs_tol=1e-6) and stats["sftc_hinge"].item() == 0
 
 
+def test_sft_c_on_sequence_nll_hand_vector():
+    """CW-DPO Eq. 4.2 with −log π(y|x) the sequence NLL. Positives: 10 and 3 tokens, summed
+    log-probs −5 and −9 (per-token means −0.5 and −3); negatives: 4 and 20 tokens, sums −6 and
+    −10 (means −1.5, −0.5). C = 9 nats, λ = 0.1:
+    E[−log π(y⁺)] = (5 + 9)/2 = 7; E[−log π(y⁻)] = (6 + 10)/2 = 8 → ReLU(9 − 8) = 1 → 7.1.
+    On per-token means the same numbers give 1.75 + 0.1·ReLU(9 − 1) = 2.55: a different loss."""
+    pos, neg = torch.tensor([-5.0, -9.0]), torch.tensor([-6.0, -10.0])
+    loss, stats = L.sft_c_loss(pos, neg, lam=0.1, margin=9.0)
+    assert math.isclose(loss.item(), 7.1, abs_tol=1e-6)
+    assert math.isclose(stats["nll_rejected"].item(), 8.0, abs_tol=1e-6)
+    means, _ = L.sft_c_loss(torch.tensor([-0.5, -3.0]), torch.tensor([-1.5, -0.5]), lam=0.1, margin=9.0)
+    assert math.isclose(means.item(), 2.55, abs_tol=1e-6)
+
+
 def test_cooling_weight_hand_vector():
-    w = L.cooling_weight(torch.tensor([-2.0, -1.0, -4.0]), floor=-2.0, tau=0.5)
+    w = L.cooling_weight(torch.tensor([-2.0, -1.0, -4.0]), floor=-2.0, tau=0.5)  # Eq. 4.4
     # σ(0), σ(2), σ(−4)
     assert close(w, [0.5, 0.8807970779778823, 0.01798620996209156], tol=1e-7)
 
@@ -73,7 +87,30 @@ def test_cwdpo_hand_vector_and_detached_weight():
 
 def test_cwdpo_with_weight_one_is_dpo():
     hot = torch.tensor([100.0, 100.0], dtype=torch.float64)  # ℓ̄ ≫ floor → w_c = 1
-    assert close(L.cwdpo_loss(PC, PR, RC, RR, hot).losses, L.dpo_loss(PC, PR, RC, RR).losses)
+    assert close(L.cwdpo_loss(PC, PR, RC, RR, hot, floor=-3.0, tau=0.5).losses, L.dpo_loss(PC, PR, RC, RR).losses)
+
+
+def test_cooling_calibration_from_data_by_hand():
+    """ℓ_floor and τ from the Stage-2 negatives' ℓ̄ (quartiles, τ = IQR / ln 9), C from the
+    Stage-1 negatives' sequence NLL. Stage-2 ℓ̄ = −1.0, −0.8, −0.6, −0.4, −0.2: numpy's linear
+    quartiles −0.8 and −0.4 → ℓ_floor = −0.8, τ = 0.4 / ln 9; w_c(−0.8) = σ(0) = 0.5,
+    w_c(−0.4) = σ(ln 9) = 0.9. Stage 1: ℓ̄ −0.5 × 4 tokens, −1.0 × 6 → NLL 2 and 6 → C = 4
+    (per token: (0.5 + 1.0)/2 = 0.75)."""
+    from pairforge.recipes.cwdpo import cooling_calibration
+
+    lbar = [-1.0, -0.8, -0.6, -0.4, -0.2, -0.5, -1.0]
+    n = [5, 5, 5, 5, 5, 4, 6]
+    stage = [2, 2, 2, 2, 2, 1, 1]
+    got = cooling_calibration(lbar, n, stage)
+    assert got["cooling_floor"] == pytest.approx(-0.8) and got["cooling_tau"] == pytest.approx(0.4 / math.log(9))
+    assert (got["sftc_margin"], got["sftc_margin_token"]) == (pytest.approx(4.0), pytest.approx(0.75))
+    w = L.cooling_weight(torch.tensor([-0.8, -0.4, -1.0], dtype=torch.float64), floor=got["cooling_floor"],
+                         tau=got["cooling_tau"])
+    # σ(0), σ(ln 9) = 9/10, σ(−0.2·ln 9/0.4) = σ(−ln 3) = 1/4
+    assert close(w, [0.5, 0.9, 0.25], tol=1e-9)
+    assert got["cooling_weight_p50"] == pytest.approx(1 / (1 + math.exp(-0.2 * math.log(9) / 0.4)))
+    empty = cooling_calibration([-1.0], [3], [2])
+    assert empty["cooling_floor"] is None and empty["sftc_margin"] is None
 
 
 def test_aspo_weighted_logratio_hand_vector():
@@ -121,6 +158,31 @@ def test_p2dpo_calibration_hand_vector():
     loss = L.p2dpo_calibration_loss(torch.tensor([-4.0]), torch.tensor([-6.0]), torch.tensor([-5.0]),
                                     torch.tensor([-5.5]), beta=0.1)
     assert math.isclose(loss.item(), 0.6209570477895321, abs_tol=1e-6)
+
+
+def test_p2dpo_eq8_total_is_per_sample_by_hand():
+    """Eq. 8 for one sample (I, P) with both pairs, from the paper's equations with math.
+    DDW (§4.2.3, App. F): r = 1.05, α = 0.2·tanh(0.05/0.1), w_focus = 0.5 + α, w_robust = 0.5 − α.
+    Focus pair: Δ_w = 1, Δ_l = −1 → L_dpo_focus = −log σ(0.1·2) (Eq. 4); calibration gains
+    Δ_πθ(y_w) = −4 − (−6) = 2, Δ_πref(y_l) = −5 − (−5.5) = 0.5 → L_Calib = −log σ(0.1·1.5) (Eq. 5);
+    L_focus = L_dpo_focus + 0.3·L_Calib (Eq. 6). Robust pair: Δ_w = −1, Δ_l = 2 →
+    L_dpo_rob = −log σ(−0.3) (Eq. 7). L_total = w_focus·L_focus + w_robust·L_dpo_rob: the two
+    pairs are summed for their sample, not averaged."""
+    def nls(z):  # −log σ(z)
+        return math.log1p(math.exp(-z))
+
+    alpha = 0.2 * math.tanh((1.05 - 1.0) / 0.1)
+    w_f, w_r = 0.5 + alpha, 0.5 - alpha
+    want = w_f * (nls(0.2) + 0.3 * nls(0.15)) + w_r * nls(-0.3)
+    f64 = dict(dtype=torch.float64)
+    args = (torch.tensor([True, False]), torch.tensor([w_f, w_r], **f64), PC, PR, RC, RR,
+            torch.tensor([-4.0, 0.0], **f64), torch.tensor([-6.0, 0.0], **f64),
+            torch.tensor([-5.0, 0.0], **f64), torch.tensor([-5.5, 0.0], **f64))
+    out = L.p2dpo_loss(*args, beta=0.1, lambda_calib=0.3, sample=torch.tensor([0, 0]))
+    assert out.losses.shape == (1,) and out.losses.mean().item() == pytest.approx(want, abs=1e-12)
+    # two samples (the robust pair of another sample): the mean over samples of their terms
+    two = L.p2dpo_loss(*args, beta=0.1, lambda_calib=0.3, sample=torch.tensor([0, 1]))
+    assert two.losses.mean().item() == pytest.approx(want / 2, abs=1e-12)
 
 
 def test_p2dpo_hand_vector_focus_and_robust():

@@ -247,7 +247,7 @@ class FakePolicy:
             "focus-rejected": ("It is blue.", [-0.3, -0.1]),   # PPL exp(0.2)
             "robust-rejected": ("It is green.", [-0.2, -0.2]),
             "robust-chosen": ("It is a red square.", [-0.1, -0.1]),
-            "plain": ("It is pink.", [-0.5]),
+            "localise": ("It is pink.", [-0.5]),  # the predicted answer, on the localisation prompt
         }
         self.scores = scores or {"It is red.": [-0.2, -0.4], "It is blue.": [-0.3, -0.4],
                                  "It is green.": [-1.0, -1.0], "It is a red square.": [-0.5, -0.7]}
@@ -288,19 +288,23 @@ def _ctx(policy, clip=None, seed=0) -> BuildContext:
 
 def test_recipe_wiring_with_scripted_policy():
     pol = FakePolicy()
-    rec = P2DPO.from_params({"max_ppl": 2.5, "margin_low": -0.5, "margin_high": 0.5, "base_window": 0.25})
+    rec = P2DPO.from_params({"max_ppl": 2.5, "base_window": 0.25})
     ex = _world_example()
     (out,) = rec.process([ex], _ctx(pol))
-    assert out.reject is None and out.stats == {"focus_kept": 1, "robust_kept": 1}
+    assert out.reject is None and out.stats == {"focus_kept": 1, "robust_kept": 1, "attention_on_policy_answer": 1}
     focus, robust = out.rows
-    # attention: the reference answer, with the localisation prompt around the question
+    # attention (App. B): the answer the policy predicts on the localisation prompt, read from
+    # that same forward pass: one greedy generate on exactly the attention request
     (_, att_req, att_resp), = [c for c in pol.calls if c[0] == "attention"]
-    assert att_resp == "The circle is red."
+    assert att_resp == "It is pink."
+    (_, predicted_reqs), (_, gen_reqs) = [c for c in pol.calls if c[0] == "generate"]
+    assert [r.id for r in predicted_reqs] == [att_req.id] == ["ex0/localise"]
+    assert predicted_reqs[0].messages == att_req.messages
+    assert predicted_reqs[0].images[0].tobytes() == att_req.images[0].tobytes()
     assert "What colour is the circle?" in att_req.messages[-1]["content"][-1]["text"]
     assert att_req.messages[-1]["content"][-1]["text"] != "What colour is the circle?"
     # peak at cell (2,5) of 14-px cells, base 28 px: 2×2 window at (1,4), box centred on (70, 28)
     assert focus["crop_box"] == robust["crop_box"] == [56.0, 14.0, 84.0, 42.0]
-    (_, gen_reqs), = [c for c in pol.calls if c[0] == "generate"]
     by_id = {r.id.split("/")[1]: r for r in gen_reqs}
     chosen_req = by_id["focus-chosen"]
     assert count_image_parts(chosen_req.messages) == 2 and chosen_req.images[1].size == (28, 28)
@@ -333,20 +337,35 @@ def test_recipe_wiring_with_scripted_policy():
     assert focus["degraded_image"].tobytes() == rej.images[0].tobytes() and focus["noisy_image"] is None
     assert robust["noisy_image"].tobytes() == noisy.tobytes() and robust["degraded_image"] is None
     assert focus["crop_image"].size == (28, 28)
+    # the calibration's enhanced input is exactly y_w's input: Combine(I, crop) with P_enh (Eq. 5)
+    assert focus["enhanced_prompt"] == chosen_req.messages
+    assert [im.tobytes() for im in focus["enhanced_images"]] == [im.tobytes() for im in chosen_req.images]
+    assert robust["enhanced_prompt"] is None and robust["enhanced_images"] is None
+    # Eq. 8's sample and App. D's margin (focus 0.05, robust 0.4: see the next test)
+    assert focus["p2dpo_example"] == robust["p2dpo_example"] == "ex0"
+    assert (focus["p2dpo_margin"], robust["p2dpo_margin"]) == (pytest.approx(0.05), pytest.approx(0.4))
     assert focus["prompt"] == ex.prompt_messages and focus["images"][0].tobytes() == ex.images[0].tobytes()
     assert [t["name"] for t in focus["prompt_templates"]] == ["p2dpo/enhance_two_images.txt", "p2dpo/localise.txt"]
     assert [m["role"] for m in focus["models"]] == ["policy", "clip"] and focus["id"] != robust["id"]
     ds = to_dataset(out.rows)
     assert ds[0]["crop_box"] == [56.0, 14.0, 84.0, 42.0] and ds[1]["noisy_image"].size == (112, 112)
+    assert [im.size for im in ds[0]["enhanced_images"]] == [(112, 112), (28, 28)]
 
 
 def test_filter_uses_own_input_perplexity_and_margin_on_the_pair_prompt():
     pol = FakePolicy()
-    # focus margin = mean(−0.2, −0.4) − mean(−0.3, −0.4) = 0.05; robust = −0.6 − (−1.0) = 0.4
-    rec = P2DPO.from_params({"margin_low": -0.1, "margin_high": 0.1})
+    # focus margin = mean(−0.2, −0.4) − mean(−0.3, −0.4) = 0.05; robust = −0.6 − (−1.0) = 0.4;
+    # the margin window is pass two (run_pass): process keeps both, the fixed window drops robust
+    rec = P2DPO.from_params({"margin_window": "fixed", "margin_low": -0.1, "margin_high": 0.1})
     (out,) = rec.process([_world_example()], _ctx(pol))
-    assert [r["p2dpo_kind"] for r in out.rows] == ["focus"]
-    assert out.stats == {"focus_kept": 1, "robust_dropped_margin": 1}
+    assert [r["p2dpo_kind"] for r in out.rows] == ["focus", "robust"]
+    kept, fit = rec.filter_rows(out.rows)
+    assert [r["p2dpo_kind"] for r in kept] == ["focus"]
+    assert fit == {"margin_window_rule": "fixed", "margin_window_lo": -0.1, "margin_window_hi": 0.1,
+                   "margin_kept_rate": 0.5, "margin_window_n": 2}
+    rp = rec.run_pass()
+    assert rp.judge(out.rows[1], fit) == ("robust: log-prob margin 0.400 outside [-0.100, 0.100] (fixed)",
+                                          {"robust_kept": -1, "robust_dropped_margin": 1})
     # own-input PPLs: chosen exp(0.15) ≈ 1.162, rejected exp(0.2) ≈ 1.221 → 1.15 drops, 1.25 keeps
     (out,) = P2DPO.from_params({"kinds": ["focus"], "max_ppl": 1.15, "margin_low": None,
                                 "margin_high": None}).process([_world_example()], _ctx(FakePolicy()))
@@ -366,14 +385,21 @@ def test_kind_order_does_not_change_inputs():
     assert calls[0] == calls[1]
 
 
-def test_margins_pass_then_central_window_is_a_param():
-    rec = P2DPO.from_params({"kinds": ["focus", "robust"]})
-    margins = rec.margins([_world_example(0), _world_example(1)], _ctx(FakePolicy()))
-    assert margins == [pytest.approx({"focus": 0.05, "robust": 0.4})] * 2
-    lo, hi = central_interval([m for d in margins for m in d.values()], 0.95)
-    assert (lo, hi) == pytest.approx((0.05, 0.4))  # sorted 0.05, 0.05, 0.4, 0.4: ranks 0.075, 2.925
-    built = P2DPO.from_params({"margin_low": lo, "margin_high": hi})
-    assert built.params()["margin_low"] == lo and built.state_dict() == {}
+def test_central_window_is_fitted_on_the_runs_own_margins():
+    """App. D: [θ_low, θ_high] = the 2.5th and 97.5th percentiles of the run's margins. 41
+    margins 0.00, 0.01, …, 0.40 plus one outlier 2.0: numpy's linear quantiles at ranks
+    0.025·41 = 1.025 and 0.975·41 = 39.975 → 0.01025 and 0.39975; 0.00, 0.01, 0.40 and 2.0
+    fall outside, 38 of 42 kept."""
+    rec = P2DPO.from_params({})
+    margins = [k / 100 for k in range(41)] + [2.0]
+    rows = [{"p2dpo_margin": m, "p2dpo_kind": "focus"} for m in margins]
+    kept, fit = rec.filter_rows(rows)
+    assert (fit["margin_window_lo"], fit["margin_window_hi"]) == (pytest.approx(0.01025), pytest.approx(0.39975))
+    assert len(kept) == 38 and fit["margin_kept_rate"] == pytest.approx(38 / 42)
+    assert fit["margin_window_rule"] == "central 0.95 of the run's margins" and rec.state_dict() == {}
+    # the process itself keeps both pairs with their margins for pass two
+    (out,) = rec.process([_world_example()], _ctx(FakePolicy()))
+    assert sorted(r["p2dpo_margin"] for r in out.rows) == [pytest.approx(0.05), pytest.approx(0.4)]
 
 
 def test_identical_or_empty_answers_and_unusable_examples_are_rejected_with_reasons():
@@ -390,24 +416,25 @@ def test_identical_or_empty_answers_and_unusable_examples_are_rejected_with_reas
     assert "exactly one image" in outs[0].reject.reason and "has 0" in outs[0].reject.reason
     assert outs[1].reject.reason == ("focus: the policy returned an empty answer; "
                                      "robust: chosen and rejected answers are identical")
-    assert outs[1].stats == {"focus_dropped_empty": 1, "robust_dropped_identical": 1}
+    assert outs[1].stats == {"focus_dropped_empty": 1, "robust_dropped_identical": 1, "attention_on_policy_answer": 1}
     assert "has 2" in outs[2].reject.reason
-    # the two-pass margin window only sees pairs that pass every other filter
-    assert P2DPO.from_params({}).margins([_world_example()], _ctx(FakePolicy(answers=answers))) == [{}]
+    # the margin window (pass two) only sees pairs that pass every other filter
     same = dict(FakePolicy().answers, **{"robust-chosen": FakePolicy().answers["robust-rejected"]})
-    assert P2DPO.from_params({}).margins([_world_example()], _ctx(FakePolicy(answers=same))) == \
-        [pytest.approx({"focus": 0.05})]
+    (out,) = P2DPO.from_params({}).process([_world_example()], _ctx(FakePolicy(answers=same)))
+    assert [(r["p2dpo_kind"], r["p2dpo_margin"]) for r in out.rows] == [("focus", pytest.approx(0.05))]
     assert not [c for c in pol.calls if c[0] == "attention" and c[1].id.startswith(("t/", "two/"))]
 
 
-def test_policy_answer_used_for_attention_when_asked_or_missing():
+def test_dataset_answer_for_attention_only_when_asked():
     pol = FakePolicy()
     no_answer = Example("na", [user_message("What colour is the circle?")], _world_example().images)
-    P2DPO.from_params({"kinds": ["focus"], "max_ppl": 10}).process([no_answer, _world_example(1)], _ctx(pol))
+    rec = P2DPO.from_params({"kinds": ["focus"], "max_ppl": 10, "attention_on": "answer"})
+    outs = rec.process([no_answer, _world_example(1)], _ctx(pol))
     responses = [c[2] for c in pol.calls if c[0] == "attention"]
-    assert responses == ["It is pink.", "The circle is red."]
+    assert responses == ["It is pink.", "The circle is red."]  # predicted only where no answer
+    assert "attention_on_policy_answer" not in outs[1].stats
     pol = FakePolicy()
-    outs = P2DPO.from_params({"attention_on": "policy", "max_ppl": 10}).process([_world_example()], _ctx(pol))
+    outs = P2DPO.from_params({"max_ppl": 10}).process([_world_example()], _ctx(pol))  # the default
     assert [c[2] for c in pol.calls if c[0] == "attention"] == ["It is pink."]
     assert outs[0].stats["attention_on_policy_answer"] == 1
 
@@ -416,9 +443,10 @@ def test_side_by_side_combine_sends_one_composite_and_its_template():
     pol = FakePolicy()
     rec = P2DPO.from_params({"kinds": ["focus"], "combine": "side_by_side", "max_ppl": 10})
     assert list(rec.templates()) == ["p2dpo/localise.txt", "p2dpo/enhance_side_by_side.txt"]
-    rec.process([_world_example()], _ctx(pol))
-    (_, reqs), = [c for c in pol.calls if c[0] == "generate"]
+    (out,) = rec.process([_world_example()], _ctx(pol))
+    (_, reqs) = [c for c in pol.calls if c[0] == "generate"][-1]
     chosen = [r for r in reqs if r.id.endswith("focus-chosen")][0]
+    assert len(out.rows[0]["enhanced_images"]) == 1 and count_image_parts(out.rows[0]["enhanced_prompt"]) == 1
     assert len(chosen.images) == 1 and chosen.images[0].size == (112, 112)
     assert count_image_parts(chosen.messages) == 1
     assert list(P2DPO.from_params({"kinds": ["robust"]}).templates()) == ["p2dpo/localise.txt"]
@@ -522,9 +550,23 @@ def test_noise_is_seeded_per_example_and_run_seed():
     def noisy(seed, ex):
         pol = FakePolicy()
         P2DPO.from_params({"kinds": ["robust"]}).process([ex], _ctx(pol, seed=seed))
-        (_, reqs), = [c for c in pol.calls if c[0] == "generate"]
+        (_, reqs) = [c for c in pol.calls if c[0] == "generate"][-1]
         return reqs[0].images[0].tobytes()
 
     ex = _world_example()
     assert noisy(0, ex) == noisy(0, ex) != noisy(1, ex)
     assert noisy(0, ex) != noisy(0, Example("other-id", ex.messages, ex.images))
+
+
+def test_robust_pairs_default_to_gaussian_noise_diffusion_as_option():
+    """§4.1.2: I_noise = I + Gaussian noise (σ = 0.2 in [0, 1] pixel units, paper silent on σ);
+    diffusion-style noise (DDPM step t) is an option."""
+    ex = _world_example()
+    ctx = _ctx(FakePolicy())
+    seed = ctx.seed_for(ex, "p2dpo-noise")
+    for params, want in (({}, add_noise(ex.images[0], "gaussian", 0.2, seed)),
+                         ({"noise": "diffusion"}, add_noise(ex.images[0], "diffusion", 165, seed))):
+        pol = FakePolicy()
+        (out,) = P2DPO.from_params({"kinds": ["robust"], **params}).process([ex], _ctx(pol))
+        assert out.rows[0]["noisy_image"].tobytes() == want.tobytes()
+    assert P2DPO.from_params({}).params()["noise"] == "gaussian"

@@ -41,7 +41,8 @@ def random_image(seed: int, size: int = 32) -> Image.Image:
 def pair_rows(n: int, loss: str = "dpo") -> list[dict]:
     """``n`` canonical rows with the columns ``loss`` needs (words of the random LLaVA's
     vocabulary). ASPO: two sentences (spans tile the text) weighted 1.0 / 0.2; CW-DPO: every
-    third row is Stage 1; P2-DPO: alternating focus / robust pairs with their extra images."""
+    third row is Stage 1; P2-DPO: alternating focus / robust pairs with their extra inputs, the
+    two pairs of one sample (rows 2k and 2k+1) sharing ``p2dpo_example`` ``ex{k}``."""
     colors = ("red", "green", "blue", "yellow")
     rows = []
     for i in range(n):
@@ -53,13 +54,19 @@ def pair_rows(n: int, loss: str = "dpo") -> list[dict]:
             extra = dict(sentence_spans=[{"start": 0, "end": cut}, {"start": cut, "end": len(chosen)}],
                          sentence_weights=[1.0, 0.2])
         elif loss == "cwdpo":
-            extra = dict(cwdpo_stage=1 if i % 3 == 0 else 2, rejected_mean_logp=-1.5, rejected_n_tokens=5)
+            extra = dict(cwdpo_stage=1 if i % 3 == 0 else 2, rejected_mean_logp=-0.5 - 0.1 * i, rejected_n_tokens=5)
         elif loss == "p2dpo":
             kind = "focus" if i % 2 == 0 else "robust"
-            extra = dict(p2dpo_kind=kind, ddw_focus=0.6, ddw_robust=0.4, crop_box=[0.0, 0.0, 16.0, 16.0],
-                         crop_image=random_image(100 + i),
-                         degraded_image=random_image(200 + i) if kind == "focus" else None,
-                         noisy_image=random_image(300 + i) if kind == "robust" else None)
+            focus = kind == "focus"
+            crop = random_image(100 + i, 16)
+            enhanced = [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "image", "text": None},
+                                                      {"type": "text", "text": "the second image is a zoom. what color?"}]}]
+            extra = dict(p2dpo_kind=kind, p2dpo_example=f"ex{i // 2}", p2dpo_margin=0.01,
+                         ddw_focus=0.6, ddw_robust=0.4, crop_box=[0.0, 0.0, 16.0, 16.0], crop_image=crop,
+                         degraded_image=random_image(200 + i) if focus else None,
+                         noisy_image=random_image(300 + i) if not focus else None,
+                         enhanced_prompt=enhanced if focus else None,
+                         enhanced_images=[random_image(i), crop] if focus else None)
         rows.append(make_pair(prompt=f"what color is the circle {('left', 'right', 'top')[i % 3]}?",
                               chosen=chosen, rejected=f"the circle is {w}.", images=[random_image(i)],
                               source_id=str(i), **extra))
@@ -106,8 +113,14 @@ def test_p2dpo_sequences_swap_images_by_kind():
     focus, robust = pair_rows(2, "p2dpo")
     s = pair_sequence(focus, 0, "chosen", "p2dpo")
     assert s.images == focus["images"]
-    assert pair_sequence(focus, 0, "chosen@enhanced", "p2dpo").images == [focus["crop_image"]]
-    assert pair_sequence(focus, 0, "rejected@degraded", "p2dpo").images == [focus["degraded_image"]]
+    # Eq. 5's enhanced input: Combine(I, I_crop) with the enhancement prompt, y_w's own input
+    enh = pair_sequence(focus, 0, "chosen@enhanced", "p2dpo")
+    assert enh.images == [focus["images"][0], focus["crop_image"]] and enh.messages == focus["enhanced_prompt"]
+    assert pair_sequence(focus, 0, "rejected@enhanced", "p2dpo").messages == focus["enhanced_prompt"]
+    deg = pair_sequence(focus, 0, "rejected@degraded", "p2dpo")
+    assert deg.images == [focus["degraded_image"]] and deg.messages == focus["prompt"]  # plain prompt
+    with pytest.raises(BadInput, match="field 'enhanced_prompt'.*rebuild"):
+        pair_sequence(dict(focus, enhanced_images=[focus["crop_image"]]), 0, "chosen@enhanced", "p2dpo")
     assert pair_sequence(robust, 1, "rejected", "p2dpo").images == [robust["noisy_image"]]
     assert pair_sequence(robust, 1, "chosen@enhanced", "p2dpo") is None
     broken = dict(robust, noisy_image=None)
@@ -187,6 +200,30 @@ def test_collated_logps_equal_hf_score(hf, pack):
     assert got.counts.tolist() == [r.n_tokens for r in scored]
 
 
+def test_calibration_term_on_the_combine_input_by_hand(hf):
+    """P2-DPO Eq. 5 on the paper's inputs: the four log-probs scored directly (HFModel.score on
+    Combine(I, crop) + P_enh and on I_deg + P), the loss computed from the equation with math,
+    equals the trainer's path (roles → collator → sequence_logps → p2dpo_calibration_loss)."""
+    import math
+
+    from pairforge.train.losses import p2dpo_calibration_loss
+
+    row = pair_rows(1, "p2dpo")[0]
+    y_w, y_l = row["chosen"][0]["content"][0]["text"], row["rejected"][0]["content"][0]["text"]
+    aug = Request(row["enhanced_prompt"], [row["images"][0], row["crop_image"]])
+    deg = Request(row["prompt"], [row["degraded_image"]])
+    w_aug, w_deg, l_aug, l_deg = (r.sum_logprob for r in hf.score([aug, deg, aug, deg], [y_w, y_w, y_l, y_l]))
+    beta = 0.1
+    z = beta * (w_aug - w_deg) - beta * (l_aug - l_deg)  # πθ on y_w, πref on y_l (here one model)
+    want = math.log1p(math.exp(-z))  # −log σ(z)
+    roles = ("chosen@enhanced", "chosen@degraded", "rejected@enhanced", "rejected@degraded")
+    specs = [pair_sequence(row, 0, r, "p2dpo") for r in roles]
+    with torch.no_grad():
+        sums = sequence_logps(hf.model, PairCollator(hf)(specs)).sums
+    got = p2dpo_calibration_loss(*(sums[k:k + 1] for k in range(4)), beta=beta)
+    assert got.item() == pytest.approx(want, abs=1e-4)
+
+
 def test_packed_gradients_equal_unpacked(hf):
     specs = dpo_specs(2)
     grads = []
@@ -224,4 +261,4 @@ def test_max_length_cuts_responses_and_rejects_long_prompts(hf):
 def test_rows_at_decodes_images():
     ds = to_dataset(pair_rows(3, "p2dpo"))
     rows = rows_at(ds, [2, 0])
-    assert rows[0]["id"] == ds[2]["id"] and rows[1]["crop_image"].size == (32, 32)
+    assert rows[0]["id"] == ds[2]["id"] and rows[1]["crop_image"].size == (16, 16)

@@ -46,11 +46,21 @@ def llava(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
+def data(tmp_path_factory, llava) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pairs")
     out = {}
     for loss in ("dpo", "cwdpo", "aspo", "p2dpo"):
-        to_dataset(pair_rows(12, loss)).save_to_disk(str(root / loss))
+        rows = pair_rows(12, loss)
+        if loss == "cwdpo":  # ℓ̄ of the negatives under the policy that trains, as a cwdpo build stores it
+            from pairforge.models.base import Request
+            from pairforge.models.hf import HFModel
+
+            hf = HFModel(f"hf:{llava}", device="cpu", progress=False)
+            scored = hf.score([Request(r["prompt"], r["images"]) for r in rows],
+                              [r["rejected"][0]["content"][0]["text"] for r in rows])
+            rows = [dict(r, rejected_mean_logp=sc.mean_logprob, rejected_n_tokens=sc.n_tokens)
+                    for r, sc in zip(rows, scored)]
+        to_dataset(rows).save_to_disk(str(root / loss))
         out[loss] = root / loss
     return out
 
@@ -109,11 +119,27 @@ def test_each_loss_takes_real_optimizer_steps(llava, data, tmp_path, loss):
     if loss == "cwdpo":
         stage1 = [r for r in records if r["stage"] == 1]
         assert stage1 and all("nll_chosen" in r and "sftc_hinge" in r for r in stage1)
-        assert {"cooling_weight/mean", "cooling_weight/min", "cooling_weight/max"} <= set(pref[0])
+        assert {"cooling_weight/mean", "cooling_weight/min", "cooling_weight/max", "cooling_weight/std"} <= set(pref[0])
         assert any("Stage-1" in n or "computed" in n for n in summary["notes"])
+        # ℓ_floor, τ and C fitted on the data's ℓ̄ columns; the cooling weight varies across pairs
+        assert any("cooling_floor" in n and "from the data" in n for n in summary["notes"])
+        cool = summary["cooling"]
+        assert cool["cooling_weight_p95"] - cool["cooling_weight_p05"] > 0.05 and cool["sftc_margin"] > 0
     if loss == "p2dpo":
         assert {"ddw_weight/mean", "calibration/mean", "focus_share"} <= set(pref[0])
         assert pref[0]["ddw_weight/min"] >= 0.4 - 1e-6 and pref[0]["ddw_weight/max"] <= 0.6 + 1e-6
+
+
+def test_p2dpo_samples_are_the_unit_of_eq8(data, tmp_path):
+    """A sample's focus and robust rows are one sampling unit (Eq. 8 sums them): units group
+    rows by p2dpo_example, and the epoch counts samples."""
+    from pairforge.train.loop import Trainer
+
+    t = Trainer(load_config(data=str(data["p2dpo"]), loss="p2dpo", out=str(tmp_path), probe_size=0,
+                            batch_size=2, progress=False))
+    t._setup_data()
+    assert t.unit_rows == {2 * k: [2 * k, 2 * k + 1] for k in range(6)} and t.stage2_units == [0, 2, 4, 6, 8, 10]
+    assert t._stage_steps() == [0, 3]  # 6 samples, 2 per step
 
 
 def test_dpo_steps_raise_chosen_over_rejected(llava, tmp_path):

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,20 @@ def finish(out: Path, manifest: Manifest, *, console: Any, wall_s: float | None 
                            f"{counts['examples_with_pairs']} with pairs + {counts['rejected']} "
                            f"rejected; this is a pairforge bug")
     with console.status("writing rejects.jsonl, dataset/ and summary.json"):
-        by_stage = write_rejects(out, manifest)
+        second = run_pass(out, manifest)  # the recipe's rule fitted on the whole run, if any
+        if second is not None:
+            counts["examples_with_pairs"] -= second.examples_rejected
+            counts["rejected"] += second.examples_rejected
+            counts["pairs"] -= len(second.dropped)
+        extra = second.rejects if second is not None else {}
+        skip = second.dropped if second is not None else frozenset()
+        by_stage = write_rejects(out, manifest, extra)
         n_lines = sum(s["n"] for s in by_stage.values())
         if n_lines != counts["rejected"]:
             raise RuntimeError(f"{out}: the rejects files hold {n_lines} records, the manifest "
                                f"counts {counts['rejected']}; this is a pairforge bug")
-        diagnostics = audit_rows(out, manifest)
-        n_rows = write_dataset(out, manifest)
+        diagnostics = audit_rows(out, manifest, skip)
+        n_rows = write_dataset(out, manifest, skip)
     if n_rows != counts["pairs"]:
         raise RuntimeError(f"{out}: dataset/ has {n_rows} rows, the manifest counts "
                            f"{counts['pairs']}; this is a pairforge bug")
@@ -70,6 +78,9 @@ def finish(out: Path, manifest: Manifest, *, console: Any, wall_s: float | None 
         for step, v in c["steps"].items():
             steps.setdefault(step, Counter()).update(v)
         stats.update(c["stats"])
+    if second is not None:
+        stats.update(second.stats)
+        steps["run_pass"] = Counter({"in": second.examples_in, "dropped": second.examples_rejected})
     summary = {
         "run_identity": manifest["identity"],
         "recipe": manifest["recipe"],
@@ -92,33 +103,117 @@ def finish(out: Path, manifest: Manifest, *, console: Any, wall_s: float | None 
                    {**(timing or {}), "finish_s": time.perf_counter() - t0}.items()},
         "pairforge_version": __version__,
     }
+    if second is not None:  # the fitted rule's numbers at the top level (margin_window_lo, ...)
+        summary.update(second.fitted)
+        summary["run_pass"] = {"columns": list(second.columns), "fitted": list(second.fitted),
+                               "rows_in": second.rows_in,
+                               "rows_dropped": len(second.dropped),
+                               "examples_rejected": second.examples_rejected}
     write_json(out / "summary.json", summary)
     manifest.data["complete"] = True
     manifest.save()
     return summary
 
 
-def write_rejects(out: Path, manifest: Manifest) -> dict[str, dict]:
-    """``rejects.jsonl`` (the chunks' rejects in order); returns counts and top reason kinds
-    by stage."""
+@dataclass
+class SecondPass:
+    """What :func:`run_pass` did: the fitted rule, the row ids it dropped, the examples it
+    turned into rejects (records by chunk index), the recipe-stat deltas and the counts."""
+
+    columns: tuple[str, ...]
+    fitted: dict[str, Any]
+    dropped: frozenset[str]
+    rejects: dict[int, list[dict]]
+    stats: Counter
+    rows_in: int
+    examples_in: int
+    examples_rejected: int
+
+
+def run_pass(out: Path, manifest: Manifest) -> SecondPass | None:
+    """Pass two of the build (:class:`pairforge.recipes.base.RunPass`): fit the recipe's
+    whole-run rule on the committed rows' values and judge every row; None when the recipe
+    has no such rule. Reads the chunk files only, so it is idempotent."""
+    import pyarrow.parquet as pq
+
+    rp = _recipe_run_pass(manifest)
+    if rp is None:
+        return None
+    wanted = list(dict.fromkeys(["id", "source_id", *([rp.group] if rp.group else []), *rp.columns]))
+    tables = {c["index"]: pq.read_table(out / c["data"], columns=wanted).to_pylist()
+              for c in manifest.chunks if c["n_rows"]}
+    rows = [r for t in tables.values() for r in t]
+    fitted = rp.fit({col: [r[col] for r in rows] for col in rp.columns})
+    dropped: set[str] = set()
+    rejects: dict[int, list[dict]] = {}
+    stats: Counter = Counter()
+    n_examples = n_rejected = 0
+    for index, chunk in tables.items():
+        by_example: dict[str, list[dict]] = {}
+        for r in chunk:
+            by_example.setdefault(r[rp.group] if rp.group else r["id"], []).append(r)
+        n_examples += len(by_example)
+        if rp.judge is None:
+            continue
+        for example, group in by_example.items():
+            reasons = []
+            for r in group:
+                verdict = rp.judge(r, fitted)
+                if verdict is not None:
+                    dropped.add(r["id"])
+                    reasons.append(verdict[0])
+                    stats.update(verdict[1])
+            if len(reasons) == len(group):
+                n_rejected += 1
+                rejects.setdefault(index, []).append(
+                    {"id": example, "source_id": group[0]["source_id"], "stage": "filter",
+                     "reason": "; ".join(reasons)})
+    return SecondPass(tuple(rp.columns), fitted, frozenset(dropped), rejects, stats, len(rows),
+                      n_examples, n_rejected)
+
+
+def _recipe_run_pass(manifest: Manifest):
+    """The build's recipe's :class:`~pairforge.recipes.base.RunPass` (None when it has none),
+    the recipe configured from the params recorded in the manifest."""
+    import importlib
+
+    from pairforge.recipes import RECIPES, load_recipe
+
+    name = manifest["recipe"]
+    if name not in RECIPES:
+        return None
+    module, cls = RECIPES[name].split(":")
+    if not hasattr(getattr(importlib.import_module(module), cls), "run_pass"):
+        return None
+    return load_recipe(name, manifest["settings"]["params"]).run_pass()
+
+
+def write_rejects(out: Path, manifest: Manifest,
+                  extra: dict[int, list[dict]] | None = None) -> dict[str, dict]:
+    """``rejects.jsonl`` (the chunks' rejects in order, each chunk followed by the examples
+    pass two rejected in it, ``extra``); returns counts and top reason kinds by stage."""
     stages: dict[str, Counter] = {}
+    extra = extra or {}
 
     def write(f) -> None:
         for c in manifest.chunks:
             with open(out / c["rejects"], "rb") as part:
-                for line in part:
-                    rec = json.loads(line)
-                    stages.setdefault(rec["stage"], Counter())[reason_kind(rec["reason"])] += 1
-                    f.write(line)
+                lines = list(part)
+            lines += [(json.dumps(x, ensure_ascii=False) + "\n").encode("utf-8")
+                      for x in extra.get(c["index"], ())]
+            for line in lines:
+                rec = json.loads(line)
+                stages.setdefault(rec["stage"], Counter())[reason_kind(rec["reason"])] += 1
+                f.write(line)
 
     write_atomic(out / "rejects.jsonl", write)
     return {stage: {"n": sum(c.values()), "reasons": dict(c.most_common(TOP_REASONS))}
             for stage, c in sorted(stages.items(), key=lambda kv: -sum(kv[1].values()))}
 
 
-def audit_rows(out: Path, manifest: Manifest) -> dict:
-    """The audit's set summary (statistics and flags) of the built pairs; also refuses
-    duplicate row ids."""
+def audit_rows(out: Path, manifest: Manifest, skip: frozenset[str] = frozenset()) -> dict:
+    """The audit's set summary (statistics and flags) of the built pairs (without the row ids
+    in ``skip``, dropped by pass two); also refuses duplicate row ids."""
     import pyarrow.parquet as pq
 
     from pairforge.build.engine import diagnostics_unit
@@ -130,7 +225,7 @@ def audit_rows(out: Path, manifest: Manifest) -> dict:
         if not c["n_rows"]:
             continue
         rows = pq.read_table(out / c["data"], columns=["id", "prompt", "chosen", "rejected"])
-        rows = rows.to_pylist()
+        rows = [r for r in rows.to_pylist() if r["id"] not in skip]
         ids.update(r["id"] for r in rows)
         prompts = [prompt_text(r["prompt"]) for r in rows]
         audit.add([r["id"] for r in rows],
@@ -149,9 +244,9 @@ def audit_rows(out: Path, manifest: Manifest) -> dict:
     return summary
 
 
-def write_dataset(out: Path, manifest: Manifest) -> int:
-    """``dataset/`` (``save_to_disk``) from the chunk parquet files, streamed through an
-    Arrow cache in ``DIR/.cache``; returns its row count."""
+def write_dataset(out: Path, manifest: Manifest, skip: frozenset[str] = frozenset()) -> int:
+    """``dataset/`` (``save_to_disk``) from the chunk parquet files (without the row ids in
+    ``skip``), streamed through an Arrow cache in ``DIR/.cache``; returns its row count."""
     import datasets
     from datasets import Dataset
 
@@ -166,6 +261,8 @@ def write_dataset(out: Path, manifest: Manifest) -> int:
     try:
         if files:
             ds = Dataset.from_parquet(files, features=feats, cache_dir=str(cache))
+            if skip:
+                ds = ds.filter(lambda i: i not in skip, input_columns="id")
         else:
             ds = Dataset.from_dict({k: [] for k in feats}, features=feats)
         # an empty dataset needs an explicit shard, or load_from_disk cannot read it back
@@ -233,6 +330,13 @@ def print_summary(summary: dict, console: Any) -> None:
         if d.get(k) is not None:
             table.add_row(f"{k} ({d['length_unit']})" if k.startswith("len_") else k,
                           f"{d[k]:.3g}")
+    second = summary.get("run_pass") or {}
+    for k in second.get("fitted", ()):  # pass two's fitted rule (margin window, cooling floor)
+        v = summary.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            table.add_row(escape(k), f"{v:.4g}")
+    if second.get("rows_dropped"):
+        table.add_row("  pairs dropped in pass two", f"{second['rows_dropped']:,}")
     rate = c["examples_in"] / summary["wall_s"] if summary["wall_s"] else 0.0
     table.add_row("wall time", f"{summary['wall_s']:.1f} s ({rate:.1f} ex/s)")
     console.print(table)

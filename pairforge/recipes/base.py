@@ -22,19 +22,44 @@ Rules every recipe follows (the engine's guarantees depend on them):
 - **Semantic settings** (everything that changes the output) are in ``params()``; models in
   ``models()``; prompt templates in ``templates()``. The engine hashes exactly these (plus
   the seed and the source) into the run identity. Batch size and device never enter it.
+- **Rules fitted on the whole run** (P2-DPO's margin window: the central 95 % of the run's own
+  margins; CW-DPO's cooling floor from the quantiles of its negatives' ℓ̄) cannot be applied
+  inside ``process``. A recipe that has one defines ``run_pass()`` returning a
+  :class:`RunPass`: ``process`` stores the value in a row column and keeps the row; when the
+  build finishes, :func:`pairforge.build.summary.finish` reads that column from every
+  committed row, ``fit``s the rule once (recorded in ``summary.json``), and drops the rows the
+  rule ``judge``s out (an example left with no row becomes a reject of stage ``filter``).
+  Finishing is a pure function of the committed chunks, so pass two is as resumable as the
+  rest, and a ``merge`` of shards fits the rule on all their rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from pairforge.contract import Example, Outcome, Reject  # noqa: F401 - re-exported: the recipe contract
 from pairforge.errors import PairforgeError
 from pairforge.schema import derive_seed, make_pair, stable_id, template_hash
+
+
+@dataclass(frozen=True)
+class RunPass:
+    """Pass two of a build (module docstring): ``columns`` are the row columns the rule reads,
+    ``group`` the column naming the example a row came from; ``fit(values)`` gets every
+    committed row's values as ``{column: list}`` and returns the fitted rule's numbers (JSON
+    scalars, written into ``summary.json``); ``judge(row, fitted)`` gets one row's values and
+    returns None (keep) or ``(reason, stats)``: the drop reason and the recipe-stat deltas to
+    apply (e.g. ``{"focus_kept": -1, "focus_dropped_margin": 1}``). Without ``judge`` the pass
+    only records its fit."""
+
+    columns: tuple[str, ...]
+    group: str | None
+    fit: Callable[[Mapping[str, list]], dict[str, Any]]
+    judge: Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[str, dict[str, float]] | None] | None = None
 
 
 @dataclass

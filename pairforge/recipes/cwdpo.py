@@ -1,9 +1,10 @@
 """CW-DPO: on-policy negatives with their mean token log-prob, for cooling-weighted DPO.
 
-Zhang, Cai, Yang & Wang, 2025, "Learning Dynamics of VLM Finetuning", arXiv:2510.11978
-(DESIGN.md, "The four recipes"). The trainer scales each negative's DPO term by the cooling
-weight σ((ℓ̄ − ℓ_floor)/τ), where ℓ̄ is the policy's mean token log-prob of the negative; this
-recipe makes the pairs and stores ℓ̄ (``rejected_mean_logp``) and the token count
+Zhang, Cai, Yang, Wang & Wang, "Dynamics-Aware Preference Optimization for Vision-Language
+Models", CVPR 2026 (the CVPR 2026 version of arXiv:2510.11978), §4, Eqs. 4.1–4.6, Alg. 1.
+The trainer scales each negative's DPO term by the cooling weight
+w_c = σ((ℓ̄ − ℓ_floor)/τ) (Eq. 4.4), where ℓ̄ is the policy's mean token log-prob of the negative;
+this recipe makes the pairs and stores ℓ̄ (``rejected_mean_logp``) and the token count
 (``rejected_n_tokens``). For each example:
 
 1. **Sample** k answers from the policy (param ``k``), temperature 1, seeded per example (the
@@ -29,19 +30,32 @@ recipe makes the pairs and stores ℓ̄ (``rejected_mean_logp``) and the token c
    highest-ℓ̄ negatives for SFT-C (supervised finetuning with low-weight gentle negatives);
    a Stage-2 example yields one DPO pair per kept negative. Column ``cwdpo_stage`` is 1 or 2.
 
+**The cooling weight's ℓ_floor and τ come from the run** (:meth:`CWDPO.run_pass`, fitted when
+the build finishes, :func:`cooling_calibration`): the paper gives no numbers (§4.2, and §6 says
+they "may require tuning per dataset"), and fixed ones sit outside the data — with ℓ_floor = −3,
+τ = 0.5 and the world's negatives at ℓ̄ ∈ [−1.18, −0.35], w_c ∈ [0.974, 0.995], i.e. plain DPO.
+Ours: ℓ_floor = the lower quartile of the Stage-2 negatives' ℓ̄ and τ = IQR / ln 9, so
+w_c = 0.5 at the lower quartile and 0.9 at the upper one; SFT-C's C (Eq. 4.2, also paper
+silent) = the Stage-1 negatives' mean sequence NLL −ℓ̄·n under the build's policy, so the hinge
+keeps SFT on the positives from making the gentle negatives likelier than they were. The
+build's ``summary.json`` records ``cooling_floor``, ``cooling_tau``, ``sftc_margin`` (and the
+w_c quantiles they give its negatives); ``pairforge train --loss cwdpo`` recomputes them from the
+same columns by default.
+
 Defaults and where they come from:
 
 - ``k = 8``: CPU-sized pool, the same as M3PO's ``n``;
 - ``dataset_negative_share = 0``: the paper emphasises on-policy negatives and mixes a
   "controllable fraction" of dataset negatives; off unless asked for;
-- ``l_floor = −3.0`` nats/token (perplexity e³ ≈ 20) and ``easy_margin = 2.0``: a negative is
-  dropped when its per-token perplexity exceeds e⁵ ≈ 148, i.e. the policy would essentially
-  never produce it. The paper text available to us gives no numeric ℓ_floor; these are
-  pairforge's choices, to be tuned against the ℓ̄ quantiles that ``scripts/quality_recipes.py``
-  reports (the trainer's ℓ_floor should match);
-- ``stage1_share = 0.75``: the project's Stage-1 split (brief), not a paper number;
+- ``l_floor = −3.0`` nats/token (perplexity e³ ≈ 20) and ``easy_margin = 2.0``: the easy-negative
+  filter (§5.4 "Negative Filtering": ℓ̄ ≪ ℓ_floor, no number) drops a negative whose per-token
+  perplexity exceeds e⁵ ≈ 148, i.e. the policy would essentially never produce it. This is an
+  absolute bound applied per example, not the run-fitted cooling floor above (our choice: the
+  fitted floor is only known when the run ends);
+- ``stage1_share = 0.75``: the paper's split (§5.1: constrained SFT on 75 % of the data,
+  preference alignment on the remaining 25 %);
 - ``gentle_negatives = 1``, ``mas_margin = 0.1`` (CLIPScore units, of 2.5), ``pool_size = 256``:
-  pairforge's choices.
+  pairforge's choices (paper silent).
 """
 
 from __future__ import annotations
@@ -53,9 +67,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from pairforge.errors import PairforgeError
 from pairforge.models.base import Capability, Request, SamplingParams, require
-from pairforge.recipes.base import BuildContext, Example, Outcome, Reject, pair_row, recipe_params
+from pairforge.recipes.base import BuildContext, Example, Outcome, Reject, RunPass, pair_row, recipe_params
 from pairforge.recipes.m3po import mas_scores
 from pairforge.schema import derive_seed
 
@@ -111,6 +127,41 @@ def n_dataset_negatives(n_on_policy: int, share: float, u: float) -> int:
         return int(u < share)
     x = share / (1.0 - share) * n_on_policy
     return int(math.floor(x)) + int(u < x - math.floor(x))
+
+
+#: Quantiles of the Stage-2 negatives' ℓ̄ that set ℓ_floor and τ (module docstring; our choice).
+COOLING_QUANTILES = (0.25, 0.75)
+
+
+def cooling_calibration(mean_logps: Sequence[float | None], n_tokens: Sequence[int | None],
+                        stages: Sequence[int | None]) -> dict[str, Any]:
+    """ℓ_floor and τ of the cooling weight (Eq. 4.4) and C of SFT-C (Eq. 4.2) from the data
+    (the paper gives no numbers; module docstring): with q25, q75 the quartiles of the Stage-2
+    negatives' ℓ̄ (``stages`` 2 or None), ℓ_floor = q25 and τ = (q75 − q25) / ln 9, so
+    σ((q25 − ℓ_floor)/τ) = 0.5 and σ((q75 − ℓ_floor)/τ) = 0.9 (τ from the standard deviation
+    when the quartiles tie); C = the mean sequence NLL −ℓ̄·n of the Stage-1 negatives
+    (``sftc_margin``) and its per-token form, the mean −ℓ̄ (``sftc_margin_token``). A value
+    the data cannot give (no negatives, one value) is None. Pure: the build and the trainer
+    call it on the same columns and get the same numbers."""
+    neg = np.array([l for l, st in zip(mean_logps, stages) if st in (2, None) and l is not None
+                    and math.isfinite(l)], dtype=np.float64)
+    s1 = [(l, n) for l, n, st in zip(mean_logps, n_tokens, stages)
+          if st == 1 and l is not None and math.isfinite(l) and n]
+    floor = tau = None
+    if neg.size >= 2:
+        q_lo, q_hi = np.quantile(neg, COOLING_QUANTILES)
+        spread = (q_hi - q_lo) if q_hi > q_lo else float(neg.std())
+        if spread > 0:
+            floor, tau = float(q_lo), float(spread / math.log(9.0))
+    out = {"cooling_floor": floor, "cooling_tau": tau, "cooling_n": int(neg.size),
+           "sftc_margin": float(np.mean([-l * n for l, n in s1])) if s1 else None,
+           "sftc_margin_token": float(np.mean([-l for l, _ in s1])) if s1 else None,
+           "sftc_n": len(s1)}
+    if floor is not None:  # the spread of w_c these give the build's own negatives
+        w = 1.0 / (1.0 + np.exp(-(neg - floor) / tau))
+        for q in (5, 50, 95):
+            out[f"cooling_weight_p{q:02d}"] = float(np.percentile(w, q))
+    return out
 
 
 def _norm(text: str) -> str:
@@ -208,6 +259,14 @@ class CWDPO:
         require(policy, Capability.GENERATE, purpose="cwdpo on-policy negatives")
         if self.p.dataset_negative_share > 0:
             require(policy, Capability.SCORE, purpose="cwdpo: ℓ̄ of dataset negatives")
+
+    def run_pass(self) -> RunPass:
+        """Pass two: no row is dropped; :func:`cooling_calibration` is fitted on every row's ℓ̄,
+        token count and stage and recorded in ``summary.json`` (``cooling_floor``,
+        ``cooling_tau``, ``sftc_margin``, ...)."""
+        cols = ("rejected_mean_logp", "rejected_n_tokens", "cwdpo_stage")
+        return RunPass(columns=cols, group=None,
+                       fit=lambda v: cooling_calibration(*(v[c] for c in cols)))
 
     def state_dict(self) -> dict[str, Any]:
         """The dataset-negative pools (answers of earlier examples, per task, source order)."""

@@ -2,36 +2,47 @@
 
 Paper: Zhang, Li, Yuan, Chen, Zhang, "P²-DPO: Grounding Hallucination in Perceptual Processing
 via Calibration Direct Preference Optimization", ICLR 2026, arXiv:2606.03376 (§4 Methodology;
-App. C "Cropping Algorithm"; App. D "Data Filtering Implementation Details"). Both pair kinds
-are on-policy: every answer is the policy's own.
+App. B prompt; App. C "Cropping Algorithm"; App. D "Data Filtering Implementation Details").
+Both pair kinds are on-policy: every answer is the policy's own.
 
-- **focus**: the policy's answer-to-image attention map for the question (asked through the
-  localisation prompt, ``prompts/p2dpo/localise.txt``) picks a region by the adaptive
-  multi-scale crop (:func:`adaptive_crop`). Chosen = the policy's answer on Combine(I, crop)
-  with the enhancement prompt; rejected = its answer on Erase(I, box) with the plain prompt.
-- **robust**: rejected = the policy's answer on a noisy copy of the image (:func:`add_noise`);
-  chosen = its contrastive-amplified answer, logits (1+λ)·ℓ(I) − λ·ℓ(I_noise) on
-  V_head = {v : p(v|I) ≥ β·max p} (:func:`pairforge.models.decoding.contrastive_amplified_logits`).
-- **filter** (:func:`filter_reason`): max perplexity of the two answers, each under the policy on
-  its own input, below ``max_ppl``, and the log-prob margin on the pair's DPO input inside
-  [``margin_low``, ``margin_high``]; pairs with identical or empty answers are dropped too.
-- **DDW** (:func:`ddw_weights`): from r = CLIPScore(P, crop) / CLIPScore(P, I).
+- **focus** (§4.1.1): the policy's answer-to-image attention map — for the answer the policy
+  itself *predicts* on the localisation prompt (App. B, ``prompts/p2dpo/localise.txt``), the
+  forward pass the map is read from; ``attention_on="answer"`` uses the dataset answer instead,
+  an option that leaks the ground truth into the crop — picks a region by the adaptive
+  multi-scale crop (:func:`adaptive_crop`). Chosen = the policy's answer on
+  I_aug = Combine(I, crop) with the enhancement prompt P_enh; rejected = its answer on
+  I_deg = Erase(I, box) with the plain prompt.
+- **robust** (§4.1.2): rejected = the policy's answer on I_noise = Noise(I), Gaussian noise by
+  default (:func:`add_noise`; the paper's operator; σ is paper silent, see ``noise_sigma``),
+  diffusion-style noise as an option; chosen = its contrastive-amplified answer (Eq. 3), logits
+  (1+λ)·ℓ(I) − λ·ℓ(I_noise) on V_head = {v : p(v|I) ≥ β·max p}
+  (:func:`pairforge.models.decoding.contrastive_amplified_logits`).
+- **filter** (§4.1.2, App. D): max perplexity of the two answers, each under the policy on
+  its own input, below ``max_ppl`` (:func:`filter_reason`); pairs with identical or empty
+  answers are dropped too; then the log-prob margin M on the pair's DPO input inside the
+  margin window — by default the central 95 % of *the run's own* margins (the 2.5th and 97.5th
+  percentiles, App. D; the paper's −0.174 / 0.208 are what that rule gave on its data, kept as
+  ``margin_window="fixed"``).
+- **DDW** (§4.2.3, :func:`ddw_weights`): from r = CLIPScore(P, crop) / CLIPScore(P, I).
 
 The pair's ``prompt`` / ``images`` are the example's own (the clean image and plain question);
-the crop box, the DDW weights and the extra images travel in the ``p2dpo`` column group, read by
-:mod:`pairforge.train` as follows: a focus pair's DPO input is the prompt image, its calibration
-inputs ``crop_image`` (enhanced) and ``degraded_image``; a robust pair's DPO input is
-``noisy_image``. A focus row therefore carries ``crop_image`` and ``degraded_image`` (its
-``noisy_image`` is null), a robust row ``noisy_image`` and ``crop_image`` (the crop its DDW
-weight came from; ``degraded_image`` null). P in DDW is the question text.
+the crop box, the DDW weights and the extra inputs travel in the ``p2dpo`` column group, read by
+:mod:`pairforge.train` as follows: a focus pair's DPO input is the prompt image (Eq. 4), its
+calibration inputs (Eq. 5) ``enhanced_prompt`` + ``enhanced_images`` — I_aug with P_enh, exactly
+the input y_w was generated from — and the plain prompt with ``degraded_image``; a robust pair's
+DPO input (Eq. 7) is the plain prompt with ``noisy_image``. A focus row therefore carries the
+enhanced input and ``degraded_image`` (its ``noisy_image`` is null), a robust row
+``noisy_image``; both carry ``crop_image`` (the crop the DDW weight came from), ``p2dpo_example``
+(the example id: Eq. 8 sums a sample's two pairs) and ``p2dpo_margin``. P in DDW is the question.
 
-**The margin window** is explicit (params, default from the authors' released filter script).
-The paper's alternative, the central 95 % of the run's margins, is cross-example; rather than
-keep running quantiles in the recipe state (early examples would be judged by few margins, and
-a sharded build would judge an example by whichever examples its shard saw first), it is a
-documented two-pass option: :meth:`P2DPO.margins` on the examples (or a sample), then
-:func:`central_interval`, then the build with that window as ``margin_low``/``margin_high``.
-Every example is judged by one recorded rule, and the window enters the run identity.
+**The margin window is fitted on the whole run** (:meth:`P2DPO.run_pass`,
+:class:`pairforge.recipes.base.RunPass`): ``process`` keeps every pair that passes the other
+filters and stores its margin; when the build finishes, the window is computed once from every
+committed margin and the pairs outside it are dropped (an example left without pairs becomes a
+``filter`` reject). The build's ``summary.json`` records ``margin_window_lo``,
+``margin_window_hi`` and ``margin_kept_rate``. One rule judges every example, whatever the
+chunking or resume; a sharded build fits its own shard's window and ``pairforge merge`` refits
+it on all shards.
 
 The helpers above the recipe class are pure (numpy / PIL, no models).
 """
@@ -49,7 +60,7 @@ from PIL import Image
 
 from pairforge.errors import PairforgeError
 from pairforge.models.base import Capability, ImageTextScorer, Request, SamplingParams, clip_score, require
-from pairforge.recipes.base import BuildContext, Example, Outcome, Reject, pair_row, recipe_params
+from pairforge.recipes.base import BuildContext, Example, Outcome, Reject, RunPass, pair_row, recipe_params
 from pairforge.resources import resource_dir
 from pairforge.schema import count_image_parts, stable_id, user_message
 
@@ -281,6 +292,16 @@ def ddw_weights(clip_crop: float, clip_full: float, amplitude: float = 0.2,
     return 0.5 + alpha, 0.5 - alpha
 
 
+def margin_reason(margin: float, low: float | None, high: float | None) -> str | None:
+    """Why a margin M fails the window [θ_low, θ_high] (P2-DPO App. D: θ_low ≤ M ≤ θ_high),
+    or None; a None bound is open; a NaN margin fails."""
+    lo = -math.inf if low is None else low
+    hi = math.inf if high is None else high
+    if lo <= margin <= hi:
+        return None
+    return f"log-prob margin {margin:.3f} outside [{lo:.3f}, {hi:.3f}]"
+
+
 def filter_reason(ppl_chosen: float, ppl_rejected: float, margin: float, max_ppl: float = 2.5,
                   margin_low: float = -math.inf, margin_high: float = math.inf) -> str | None:
     """Why a pair is dropped, or None when kept (P2-DPO App. D): max(PPL_w, PPL_l) must be
@@ -295,8 +316,8 @@ def filter_reason(ppl_chosen: float, ppl_rejected: float, margin: float, max_ppl
 
 def central_interval(values: Sequence[float], coverage: float = 0.95) -> tuple[float, float]:
     """The central ``coverage`` interval of ``values``: the (1 − c)/2 and (1 + c)/2 quantiles
-    (numpy's linear interpolation). Pass one of the two-pass margin window (see
-    :meth:`P2DPO.margins`)."""
+    (numpy's linear interpolation): P2-DPO App. D's margin window [θ_low, θ_high] with c = 0.95
+    (the 2.5th and 97.5th percentiles). NaNs are ignored."""
     v = np.asarray([x for x in values if math.isfinite(x)], dtype=np.float64)
     if v.size == 0:
         raise PairforgeError("central_interval: no finite margins; build more examples first")
@@ -319,37 +340,49 @@ class P2DPOParams:
       world, whose objects are at most 35 of 112 px: on ground-truth maps the crop search
       contains the object in 98.7 % of crops at 0.4, 69 % at 0.33, 43 % at 0.25
       (``scripts/quality_p2dpo.py``, oracle row, 150 validation examples).
-    - ``attention_on``: the response whose attention to the image is read: ``"answer"``, the
-      example's reference answer (the policy's greedy answer when it has none), or
-      ``"policy"``, always the policy's greedy answer. ``attention_layers``: layers averaged
-      (None: all).
+    - ``attention_on``: the response whose attention to the image is read: ``"policy"``
+      (default; App. B: "the relevance of each patch to the predicted answer"), the policy's
+      greedy answer on the localisation prompt and padded image, i.e. the very forward pass the
+      map is read from; or ``"answer"``, the example's reference answer (the policy's answer
+      when it has none) — it puts the ground truth into the crop, an option for ablations.
+      ``attention_layers``: layers averaged (None: all).
     - ``combine``: ``"two_images"`` (models that take two images) or ``"side_by_side"``.
-    - ``noise``: ``"diffusion"`` (``noise_step`` t of the 1000-step linear schedule; the default
-      t = 165 gives ᾱ_t ≈ 0.75, the level of VCD's default, step 500 of its sigmoid schedule:
-      a mild perturbation) or ``"gaussian"`` (``noise_sigma``, pixel units in [0, 1]).
-    - ``lam``, ``beta``: contrastive amplification (λ = 0.1, β = 0.1).
-    - ``max_ppl``, ``margin_low``, ``margin_high``: the filter. The margin is
-      ℓ̄(chosen) − ℓ̄(rejected), mean token log-probs under the policy on the pair's DPO input
-      (the plain question with the example's image for focus pairs, the noisy image for robust
-      pairs). The default window [−0.174, 0.208] is the default of the authors' released filter
-      script (github.com/ZrpChuang/P2-DPO, ``Data_gen/p2_pairs/filter_pairs.py``, which does not
-      say whether its log-probs are sums or means; we use means, like the perplexity). ``None``
-      opens a side.
+    - ``noise``: ``"gaussian"`` (default, the paper's operator, §4.1.2: pixel + σ·ε with σ =
+      ``noise_sigma`` in [0, 1] pixel units) or ``"diffusion"`` (``noise_step`` t of the
+      1000-step linear DDPM schedule, as VCD; t = 165 gives ᾱ_t ≈ 0.75). σ is paper silent for
+      training; our σ = 0.2 is the level the paper's own stress test singles out as
+      "low-to-moderate" noise (§5.2, Figs. 3–4, σ = 0.20). On the shapes world the tiny VLM
+      needs about that much: of 60 examples, σ = 0.1 gives 10 non-identical robust pairs and
+      none with a correct chosen and a wrong rejected answer, σ = 0.2 gives 18 (3), σ = 0.3
+      31 (11) (benchmarks/fidelity.md).
+    - ``lam``, ``beta``: contrastive amplification (λ = 0.1, App. F; β = 0.1 of V_head).
+    - ``max_ppl``: τ_ppl = 2.5 (App. D). The margin M = ℓ̄(chosen) − ℓ̄(rejected), mean token
+      log-probs under the policy on the pair's DPO input (the plain question with the example's
+      image for focus pairs, the noisy image for robust pairs): App. D writes
+      log p_ref(y_w) − log p_ref(y_l) and its Table 5 (mean 0.017, std 0.094, PPL ≈ 1.7) is on
+      the per-token scale, so means.
+    - ``margin_window``: ``"central"`` (default, App. D's rule): [θ_low, θ_high] = the
+      (1 − c)/2 and (1 + c)/2 quantiles of the run's own margins, c = ``margin_coverage`` =
+      0.95, fitted when the build finishes (module docstring); ``"fixed"``: [``margin_low``,
+      ``margin_high``], default [−0.174, 0.208], the paper's numbers on its own data (``None``
+      opens a side).
     - ``ddw_amplitude``, ``ddw_tau``: DDW's 0.2 and 0.1.
     - ``temperature`` (0 = greedy), ``max_new_tokens``: decoding of every answer.
     """
 
     kinds: tuple[str, ...] = KINDS
     base_window: float = 0.4
-    attention_on: str = "answer"
+    attention_on: str = "policy"
     attention_layers: tuple[int, ...] | None = None
     combine: str = "two_images"
-    noise: str = "diffusion"
+    noise: str = "gaussian"
     noise_step: int = 165
-    noise_sigma: float = 0.1
+    noise_sigma: float = 0.2
     lam: float = 0.1
     beta: float = 0.1
     max_ppl: float = 2.5
+    margin_window: str = "central"
+    margin_coverage: float = 0.95
     margin_low: float = -0.174
     margin_high: float = 0.208
     ddw_amplitude: float = 0.2
@@ -382,6 +415,11 @@ class P2DPOParams:
             raise bad("beta", "V_head needs 0 <= beta <= 1")
         if not self.max_ppl > 1:
             raise bad("max_ppl", "perplexity is >= 1; use a bound > 1")
+        if self.margin_window not in ("central", "fixed"):
+            raise bad("margin_window", "use 'central' (the run's own central share) or 'fixed' "
+                                       "(margin_low, margin_high)")
+        if not 0 < self.margin_coverage <= 1:
+            raise bad("margin_coverage", "use a share in (0, 1], e.g. 0.95")
         if not self.margin_low <= self.margin_high:
             raise bad("margin_low", f"must be <= margin_high={self.margin_high}")
         if not self.temperature >= 0:
@@ -445,6 +483,7 @@ class _Work:
     crop: Image.Image | None = None
     degraded: Image.Image | None = None
     noisy: Image.Image | None = None
+    enhanced: tuple[list[dict], list[Image.Image]] = ([], [])  # (P_enh messages, Combine(I, crop))
     attention_response: str = ""
     attention_from_policy: bool = False
     ddw: tuple[float, float] = (0.5, 0.5)
@@ -476,8 +515,9 @@ class P2DPO:
     """The P2-DPO recipe (see the module docstring). Roles: ``policy`` (a VLM with attention
     maps and contrastive decoding) and ``clip`` (an :class:`~pairforge.models.ImageTextScorer`
     for DDW). One example yields up to one row per kind in ``kinds``; kinds dropped by the
-    filter are counted in the outcome's stats, and an example with no row left is a
-    :class:`~pairforge.recipes.Reject` naming each kind's reason."""
+    pass-one filters (empty, identical, perplexity) are counted in the outcome's stats, and an
+    example with no row left is a :class:`~pairforge.recipes.Reject` naming each kind's reason.
+    The margin window is pass two (:meth:`run_pass`), applied when the build finishes."""
 
     name: ClassVar[str] = "p2dpo"
     groups: ClassVar[tuple[str, ...]] = ("p2dpo",)
@@ -511,7 +551,7 @@ class P2DPO:
         return {f"p2dpo/{TEMPLATE_FILES[n]}": self._templates[n] for n in names}
 
     def state_dict(self) -> dict[str, Any]:
-        return {}  # no cross-example state: the margin window is a param (see margins())
+        return {}  # no cross-example state: the margin window is fitted in pass two (run_pass)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         return None
@@ -538,18 +578,46 @@ class P2DPO:
             outcomes[k] = self._outcome(w, ctx)
         return outcomes  # type: ignore[return-value]
 
-    def margins(self, examples: Sequence[Example], ctx: BuildContext) -> list[dict[str, float]]:
-        """Pass one of the two-pass margin window: for each usable example, the margin of each
-        kind whose pair passes every other filter (non-empty, different answers, perplexity).
-        Feed them all to :func:`central_interval` and build with the result as
-        ``margin_low``/``margin_high``, so the window is a recorded param and every example is
-        judged by the same rule."""
-        works, _ = self._prepare(examples)
-        out = []
-        for w in self._build(list(works.values()), ctx):
-            out.append({k: pair.margin for k, pair in w.pairs.items()
-                        if self._drop_reason(pair, margin=False) is None})
-        return out
+    def run_pass(self) -> RunPass:
+        """Pass two (App. D's margin filter on the whole run): ``fit`` the window [θ_low, θ_high]
+        on every kept pair's ``p2dpo_margin`` — :func:`central_interval` of the run's margins
+        (``margin_window="central"``) or the fixed bounds — and ``judge`` each pair against it.
+        The fit reports ``margin_window_lo`` / ``margin_window_hi`` (None = open), the share of
+        margins inside (``margin_kept_rate``), the rule and the number of margins."""
+        p = self.p
+
+        def fit(values: Mapping[str, list]) -> dict[str, Any]:
+            margins = [float(m) for m in values["p2dpo_margin"] if m is not None and math.isfinite(m)]
+            if p.margin_window == "central":
+                lo, hi = central_interval(margins, p.margin_coverage) if margins else (None, None)
+                rule = f"central {p.margin_coverage:g} of the run's margins"
+            else:
+                lo = None if math.isinf(p.margin_low) else p.margin_low
+                hi = None if math.isinf(p.margin_high) else p.margin_high
+                rule = "fixed"
+            kept = sum(margin_reason(m, lo, hi) is None for m in margins)
+            return {"margin_window_rule": rule, "margin_window_lo": lo, "margin_window_hi": hi,
+                    "margin_kept_rate": kept / len(margins) if margins else None,
+                    "margin_window_n": len(margins)}
+
+        def judge(row: Mapping[str, Any], fitted: Mapping[str, Any]) -> tuple[str, dict[str, float]] | None:
+            m = row["p2dpo_margin"]
+            why = margin_reason(math.nan if m is None else float(m), fitted["margin_window_lo"],
+                                fitted["margin_window_hi"])
+            if why is None:
+                return None
+            kind = row["p2dpo_kind"]
+            return (f"{kind}: {why} ({fitted['margin_window_rule']})",
+                    {f"{kind}_kept": -1, f"{kind}_dropped_margin": 1})
+
+        return RunPass(columns=("p2dpo_margin", "p2dpo_kind"), group="p2dpo_example", fit=fit, judge=judge)
+
+    def filter_rows(self, rows: Sequence[Mapping[str, Any]]) -> tuple[list, dict[str, Any]]:
+        """:meth:`run_pass` on in-memory rows (pass two without a build folder, e.g. the quality
+        script): the rows inside the window and the fit."""
+        rp = self.run_pass()
+        fitted = rp.fit({c: [r[c] for r in rows] for c in rp.columns})
+        return [r for r in rows if rp.judge(r, fitted) is None], fitted
 
     def _prepare(self, examples: Sequence[Example]) -> tuple[dict[int, _Work], list[Outcome | None]]:
         """Usable examples (one image, in the last user turn, and a question) as work items;
@@ -575,12 +643,11 @@ class P2DPO:
 
         # 1. attention map → crop box, crop, degraded and noisy images
         need = [i for i, w in enumerate(works) if p.attention_on == "policy" or not w.example.answer.strip()]
-        greedy = SamplingParams(temperature=0, max_new_tokens=p.max_new_tokens, seed=ctx.seed)
-        answers = policy.generate([plain[i] for i in need], 1, greedy) if need else []
         for w in works:
             w.attention_response = w.example.answer
-        for i, c in zip(need, answers):
-            works[i].attention_response = c[0].text.strip() or works[i].question  # silent policy: the question
+        answers = self.predicted_answers(policy, [(works[i].example, works[i].image) for i in need], ctx.seed)
+        for i, text in zip(need, answers):
+            works[i].attention_response = text
             works[i].attention_from_policy = True
         for w in works:
             w.choice, w.box = self.focus_crop(policy, w.example, w.image, w.attention_response)
@@ -597,8 +664,8 @@ class P2DPO:
             key = w.example.id
             if "focus" in p.kinds:
                 imgs = combine(w.image, w.crop, p.combine)
-                reqs.append(Request(_turn(w.example, fill(enhance, w.question), len(imgs)), imgs,
-                                    f"{key}/focus-chosen"))
+                w.enhanced = (_turn(w.example, fill(enhance, w.question), len(imgs)), imgs)
+                reqs.append(Request(w.enhanced[0], imgs, f"{key}/focus-chosen"))
                 reqs.append(Request(clean.messages, [w.degraded], f"{key}/focus-rejected"))
                 slots += [(w, "focus", "chosen"), (w, "focus", "rejected")]
             if "robust" in p.kinds:
@@ -641,16 +708,33 @@ class P2DPO:
                                 p.ddw_amplitude, p.ddw_tau)
         return works
 
+    def localise_request(self, example: Example, image: Image.Image) -> tuple[Request, tuple[int, int]]:
+        """The localisation prompt (App. B) around ``example``'s question with ``image`` padded to
+        a square (so the patch grid spans all of it), and the image's offset in the square."""
+        square, offset = pad_to_square(image)
+        req = Request(_turn(example, fill(self._templates["localise"], example.question), 1), [square],
+                      f"{example.id}/localise")
+        return req, offset
+
+    def predicted_answers(self, policy: Any, items: Sequence[tuple[Example, Image.Image]],
+                          seed: int) -> list[str]:
+        """The policy's greedy answers on the localisation requests of ``items`` (example, image):
+        the "predicted answer" whose attention map is read (App. B), from the same input.
+        A silent policy's answer is replaced by the question (attention needs a response)."""
+        if not items:
+            return []
+        greedy = SamplingParams(temperature=0, max_new_tokens=self.p.max_new_tokens, seed=seed)
+        got = policy.generate([self.localise_request(ex, im)[0] for ex, im in items], 1, greedy)
+        return [c[0].text.strip() or ex.question for c, (ex, _) in zip(got, items)]
+
     def focus_crop(self, policy: Any, example: Example, image: Image.Image,
                    response: str) -> tuple[CropChoice, tuple[int, int, int, int]]:
         """The crop of ``image`` for ``example``'s question: the policy's attention from
-        ``response`` to the image, asked with the localisation prompt (image padded to a square
-        so the patch grid spans all of it), then :func:`adaptive_crop` with the base window
-        ``base_window`` × the shorter side. Returns the choice (in padded coordinates) and the
-        box in ``image`` pixels."""
-        square, (ox, oy) = pad_to_square(image)
-        req = Request(_turn(example, fill(self._templates["localise"], example.question), 1), [square],
-                      f"{example.id}/localise")
+        ``response`` to the image on :meth:`localise_request`, then :func:`adaptive_crop` with
+        the base window ``base_window`` × the shorter side. Returns the choice (in padded
+        coordinates) and the box in ``image`` pixels."""
+        req, (ox, oy) = self.localise_request(example, image)
+        square = req.images[0]
         att = policy.attention_map(req, response, layers=self.p.attention_layers)
         width, height = image.size
         choice = adaptive_crop(att, square.size, self.p.base_window * min(width, height),
@@ -658,23 +742,22 @@ class P2DPO:
         x0, y0, x1, y1 = choice.box
         return choice, (x0 - ox, y0 - oy, x1 - ox, y1 - oy)
 
-    def _drop_reason(self, pair: _Pair, margin: bool = True) -> tuple[str, str] | None:
-        """(tag, reason) why ``pair`` is dropped, or None: an empty answer, identical answers
-        (no preference to learn), then :func:`filter_reason` (its margin window only when
-        ``margin``)."""
+    def _drop_reason(self, pair: _Pair) -> tuple[str, str] | None:
+        """(tag, reason) why ``pair`` is dropped in pass one, or None: an empty answer, identical
+        answers (no preference to learn), the perplexity bound or a non-finite margin. The margin
+        window is pass two (:meth:`run_pass`)."""
         p = self.p
         if not pair.chosen or not pair.rejected:
             return "empty", "the policy returned an empty answer"
         if pair.chosen == pair.rejected:
             return "identical", "chosen and rejected answers are identical"
-        lo, hi = (p.margin_low, p.margin_high) if margin else (-math.inf, math.inf)
-        why = filter_reason(pair.ppl_chosen, pair.ppl_rejected, pair.margin, p.max_ppl, lo, hi)
+        why = filter_reason(pair.ppl_chosen, pair.ppl_rejected, pair.margin, p.max_ppl)
         if why is None:
             return None
         return ("ppl" if why.startswith("max perplexity") else "margin"), why
 
     def _outcome(self, w: _Work, ctx: BuildContext) -> Outcome:
-        """Filter each candidate pair of ``w`` and make the rows that pass."""
+        """Filter each candidate pair of ``w`` (pass one) and make the rows that pass."""
         rows, reasons, stats = [], [], {}
         for kind, pair in w.pairs.items():
             dropped = self._drop_reason(pair)
@@ -684,11 +767,15 @@ class P2DPO:
                 stats[f"{kind}_dropped_{tag}"] = 1
                 continue
             stats[f"{kind}_kept"] = 1
+            focus = kind == "focus"
             row = pair_row(self, w.example, ctx, chosen=pair.chosen, rejected=pair.rejected,
-                           p2dpo_kind=kind, crop_box=[float(v) for v in w.box],
+                           p2dpo_kind=kind, p2dpo_example=w.example.id, p2dpo_margin=float(pair.margin),
+                           crop_box=[float(v) for v in w.box],
                            ddw_focus=float(w.ddw[0]), ddw_robust=float(w.ddw[1]), crop_image=w.crop,
-                           degraded_image=w.degraded if kind == "focus" else None,
-                           noisy_image=w.noisy if kind == "robust" else None)
+                           degraded_image=w.degraded if focus else None,
+                           noisy_image=w.noisy if not focus else None,
+                           enhanced_prompt=w.enhanced[0] if focus else None,
+                           enhanced_images=w.enhanced[1] if focus else None)
             # one example may give a focus and a robust pair with the same texts: the kind is in the id
             row["id"] = stable_id(self.name, w.example.id, kind, pair.chosen, pair.rejected)
             rows.append(row)

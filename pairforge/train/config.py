@@ -24,9 +24,10 @@ PRECISIONS = ("auto", "bf16", "fp16", "no")
 @dataclass
 class TrainConfig:
     """Everything that shapes a training run. ``steps`` (optimizer steps) overrides
-    ``epochs``; ``batch_size`` is pairs per device per micro-batch, ``grad_accum`` micro-batches
-    per optimizer step; ``warmup`` is in optimizer steps. CW-DPO's Stage 1 runs
-    ``cw_stage1_epochs`` epochs over the Stage-1 rows before ``epochs``/``steps`` of Stage 2."""
+    ``epochs``; ``batch_size`` is pairs per device per micro-batch (P2-DPO: samples (I, P),
+    each with up to two pairs, Eq. 8), ``grad_accum`` micro-batches per optimizer step;
+    ``warmup`` is in optimizer steps. CW-DPO's Stage 1 runs ``cw_stage1_epochs`` epochs over
+    the Stage-1 rows before ``epochs``/``steps`` of Stage 2."""
 
     data: str = ""
     model: str = "tiny-vlm"
@@ -57,11 +58,13 @@ class TrainConfig:
     # reference log-probs
     precompute_ref: bool = True
     ref_batch_size: int = 16
-    # CW-DPO
+    # CW-DPO: C of SFT-C, ℓ_floor and τ of the cooling weight; None = from the data's ℓ̄ columns
+    # (pairforge.recipes.cwdpo.cooling_calibration, the numbers the build's summary.json records)
     sftc_lambda: float = losses.SFTC_LAMBDA
-    sftc_margin: float = losses.SFTC_MARGIN
-    cooling_floor: float = losses.COOLING_FLOOR
-    cooling_tau: float = losses.COOLING_TAU
+    sftc_margin: float | None = None
+    sftc_reduction: str = "sequence"  # Eq. 4.2's −log π(y|x); "token_mean": per-token NLL (option)
+    cooling_floor: float | None = None
+    cooling_tau: float | None = None
     cw_stage1_epochs: float = 1.0
     # P2-DPO
     lambda_calib: float = losses.P2DPO_LAMBDA_CALIB
@@ -102,8 +105,10 @@ class TrainConfig:
         if self.save_every is not None and self.save_every < 1:
             raise bad("save_every", "must be >= 1 (or leave it out: a checkpoint at the end only)")
         for name in ("lr", "beta", "cooling_tau"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise bad(name, "must be > 0")
+        if self.sftc_reduction not in ("sequence", "token_mean"):
+            raise bad("sftc_reduction", "choose 'sequence' (Eq. 4.2's −log π(y|x)) or 'token_mean'")
         if self.cw_stage1_epochs < 0:
             raise bad("cw_stage1_epochs", "must be >= 0 (0 skips Stage 1)")
         if not self.full_finetune and (self.lora_r < 1 or self.lora_alpha <= 0):

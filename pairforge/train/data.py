@@ -5,10 +5,12 @@
   :func:`check_columns` fails early when a loss lacks the columns it needs.
 - :func:`pair_sequence` turns one row into the *sequence* a loss needs for one role: a prompt
   (messages + images) and a response. Roles are ``chosen`` / ``rejected`` on the pair's main
-  input, and for P2-DPO's calibration ``chosen@enhanced``, ``chosen@degraded``,
-  ``rejected@enhanced``, ``rejected@degraded`` (the prompt with the ``crop_image`` /
-  ``degraded_image`` in place of its image). A P2-DPO *robust* pair's main input is the
-  prompt with its ``noisy_image``.
+  input, and for P2-DPO's calibration (Eq. 5) ``chosen@enhanced``, ``chosen@degraded``,
+  ``rejected@enhanced``, ``rejected@degraded``: the enhanced input is the row's
+  ``enhanced_prompt`` with its ``enhanced_images`` (I_aug = Combine(I, I_crop) with the
+  enhancement prompt, the input y_w was generated from), the degraded input the prompt with
+  ``degraded_image`` in place of its image. A P2-DPO *robust* pair's main input is the
+  prompt with its ``noisy_image`` (Eq. 7).
 - :class:`PairCollator` lays a list of sequences out for one forward pass with
   :class:`~pairforge.models.hf.HFModel`'s own scoring layout (chat-template prompt, images
   through the processor, the response tokenised on its own and appended, no end-of-turn
@@ -33,14 +35,15 @@ from pairforge.schema import count_image_parts, response_text
 
 MAIN_ROLES = ("chosen", "rejected")
 P2DPO_KINDS = ("focus", "robust")
-_VARIANT_IMAGE = {"enhanced": "crop_image", "degraded": "degraded_image", "noisy": "noisy_image"}
+_VARIANT_IMAGE = {"degraded": "degraded_image", "noisy": "noisy_image"}
 
 #: Columns each loss needs beyond the core ``prompt``, ``chosen``, ``rejected``, ``images``.
 LOSS_COLUMNS: dict[str, tuple[str, ...]] = {
     "dpo": (),
     "cwdpo": (),  # cwdpo_stage is optional: without it every row is a Stage-2 pair
     "aspo": ("sentence_spans", "sentence_weights"),
-    "p2dpo": ("p2dpo_kind", "ddw_focus", "ddw_robust", "crop_image", "degraded_image", "noisy_image"),
+    "p2dpo": ("p2dpo_kind", "ddw_focus", "ddw_robust", "degraded_image", "noisy_image", "enhanced_prompt",
+              "enhanced_images"),  # p2dpo_example optional: without it each row is its own sample
 }
 
 
@@ -146,6 +149,7 @@ def pair_sequence(row: Mapping, index: int, role: str, loss: str, where: str = "
     if answer not in MAIN_ROLES or variant not in ("", "enhanced", "degraded"):
         raise ValueError(f"unknown role {role!r}")
     images = list(row["images"] or [])
+    messages = list(row["prompt"])
     image_variant = ""
     if loss == "p2dpo":
         kind = p2dpo_kind(row, index, where)
@@ -154,7 +158,15 @@ def pair_sequence(row: Mapping, index: int, role: str, loss: str, where: str = "
         image_variant = variant or ("noisy" if kind == "robust" else "")
     elif variant:
         raise ValueError(f"role {role!r} is P2-DPO's only")
-    if image_variant:
+    if image_variant == "enhanced":
+        messages, images = list(row.get("enhanced_prompt") or []), list(row.get("enhanced_images") or [])
+        n = count_image_parts(messages)
+        if not messages or not images or n != len(images):
+            raise BadInput(f"the enhanced input (enhanced_prompt with {n} image part(s), {len(images)} "
+                           f"enhanced_images) is missing or inconsistent; P2-DPO focus pairs need "
+                           f"Combine(I, crop) with the enhancement prompt (Eq. 5): rebuild the set with "
+                           f"the p2dpo recipe", where=where, row=index, field="enhanced_prompt")
+    elif image_variant:
         n = count_image_parts(row["prompt"])
         col = _VARIANT_IMAGE[image_variant]
         if n != 1 or len(images) != 1:
@@ -167,7 +179,7 @@ def pair_sequence(row: Mapping, index: int, role: str, loss: str, where: str = "
     if not text:
         raise BadInput("empty response text", where=where, row=index, field=answer)
     spans = sentence_spans(row, index, text, where) if loss == "aspo" and role == "chosen" else None
-    return SeqSpec(list(row["prompt"]), images, text, spans, (index, image_variant), f"{where}, row {index}")
+    return SeqSpec(messages, images, text, spans, (index, image_variant), f"{where}, row {index}")
 
 
 def p2dpo_kind(row: Mapping, index: int, where: str) -> str:

@@ -18,7 +18,13 @@ Read top to bottom, :func:`train` does:
    loadable by transformers / peft, and a summary.
 
 CW-DPO runs Stage 1 (SFT-C on the ``cwdpo_stage == 1`` rows) first, then resets the reference
-to the Stage-1 policy (its log-probs computed once, then cached) and runs Stage 2.
+to the Stage-1 policy (its log-probs computed once, then cached) and runs Stage 2 (Alg. 1); C,
+ℓ_floor and τ default to the values fitted on the data's ℓ̄ columns
+(:func:`pairforge.recipes.cwdpo.cooling_calibration`), and the cooling weight's spread is logged.
+
+P2-DPO's unit is the *sample* (I, P) (Eq. 8): its focus and robust rows (same ``p2dpo_example``)
+are drawn together — ``batch_size`` counts samples — and their weighted terms are summed per
+sample before the mean.
 """
 
 from __future__ import annotations
@@ -197,11 +203,50 @@ class Trainer:
         self.probe_rows = probe
         self.stage1_rows = [i for i in range(n) if stages[i] == 1]
         self.stage2_rows = [i for i in pref if i not in held]
+        self.stage2_units, self.unit_rows = self.stage2_rows, {}
+        if c.loss == "p2dpo" and "p2dpo_example" in self.ds.column_names:  # Eq. 8: one unit per sample
+            keys = self.ds.select_columns(["p2dpo_example"])["p2dpo_example"]
+            by_key: dict[Any, list[int]] = {}
+            for i in self.stage2_rows:
+                by_key.setdefault(keys[i] if keys[i] is not None else ("row", i), []).append(i)
+            self.unit_rows = {rows[0]: rows for rows in by_key.values()}
+            self.stage2_units = sorted(self.unit_rows)
+        if c.loss == "cwdpo":
+            self.cw = self._cwdpo_settings(stages)
         if not self.stage2_rows:
             raise PairforgeError(f"{self.where}: no preference pairs to train on "
                                  f"({len(self.stage1_rows)} Stage-1 rows, {n_probe} probe rows)")
         if not probe:
             self.notes.append("no probe set (fewer than 5 preference pairs); Δ log p and entropy not logged")
+
+    def _cwdpo_settings(self, stages: list[int]) -> dict[str, float]:
+        """C (SFT-C), ℓ_floor and τ (cooling weight): the given settings, else fitted on the set's
+        ``rejected_mean_logp`` / ``rejected_n_tokens`` / ``cwdpo_stage`` columns by
+        :func:`~pairforge.recipes.cwdpo.cooling_calibration` (the numbers the cwdpo build's
+        summary.json records); an error naming the setting when neither is available."""
+        from pairforge.recipes.cwdpo import cooling_calibration
+
+        c = self.config
+        fitted: dict[str, Any] = {}
+        if {"rejected_mean_logp", "rejected_n_tokens"} <= set(self.ds.column_names):
+            cols = self.ds.select_columns(["rejected_mean_logp", "rejected_n_tokens"])
+            fitted = cooling_calibration(cols["rejected_mean_logp"], cols["rejected_n_tokens"], stages)
+        margin_key = "sftc_margin" if c.sftc_reduction == "sequence" else "sftc_margin_token"
+        out = {"cooling_floor": c.cooling_floor, "cooling_tau": c.cooling_tau, "sftc_margin": c.sftc_margin}
+        origin = {}
+        for name, key in (("cooling_floor", "cooling_floor"), ("cooling_tau", "cooling_tau"),
+                          ("sftc_margin", margin_key)):
+            origin[name] = "given"
+            if out[name] is None:
+                out[name], origin[name] = fitted.get(key), "from the data"
+            needed = name != "sftc_margin" or (self.stage1_rows and c.cw_stage1_epochs > 0)
+            if out[name] is None and needed:
+                raise PairforgeError(f"{self.where}: cannot set {name} from the data (no usable "
+                                     f"rejected_mean_logp / rejected_n_tokens values); build the set with "
+                                     f"the cwdpo recipe or give {name} in --config")
+        self.notes.append("CW-DPO: " + ", ".join(f"{n} = {v:.4g} ({origin[n]})" for n, v in out.items()
+                                                 if v is not None) + f"; SFT-C on {c.sftc_reduction} NLL")
+        return out
 
     def _setup_model(self) -> None:
         from pairforge.models.hf import HFModel
@@ -249,7 +294,7 @@ class Trainer:
         s1 = 0
         if c.loss == "cwdpo" and self.stage1_rows and c.cw_stage1_epochs > 0:
             s1 = math.ceil(c.cw_stage1_epochs * len(self.stage1_rows) / per_step)
-        s2 = c.steps or math.ceil(c.epochs * len(self.stage2_rows) / per_step)
+        s2 = c.steps or math.ceil(c.epochs * len(self.stage2_units) / per_step)
         return [s1, s2]
 
     # ------------------------------------------------------------------------- forward helpers
@@ -391,7 +436,8 @@ class Trainer:
             res = L.dpo_loss(ch.sums, rj.sums, ref["chosen"], ref["rejected"], c.beta)
         elif c.loss == "cwdpo":
             res = L.cwdpo_loss(ch.sums, rj.sums, ref["chosen"], ref["rejected"], rj.means, c.beta,
-                               c.cooling_floor, c.cooling_tau)
+                               floor=self.cw["cooling_floor"], tau=self.cw["cooling_tau"])
+            self.cooling_seen += res.extras["cooling_weight"].tolist()
         elif c.loss == "aspo":
             weights = torch.zeros_like(ch.segment_sums)
             for j, r in enumerate(rows):
@@ -402,9 +448,13 @@ class Trainer:
             is_focus = torch.tensor([r["p2dpo_kind"] == "focus" for r in rows], device=self.device)
             ddw = torch.tensor([ddw_weight(r, i, self.where) for r, i in zip(rows, indices)],
                                device=self.device)
+            keys = [r.get("p2dpo_example") or ("row", i) for r, i in zip(rows, indices)]
+            first = {k: n for n, k in enumerate(dict.fromkeys(keys))}  # Eq. 8: a sample's rows summed
+            sample = torch.tensor([first[k] for k in keys], device=self.device)
             res = L.p2dpo_loss(is_focus, ddw, ch.sums, rj.sums, ref["chosen"], ref["rejected"],
                                pol["chosen@enhanced"].sums, pol["chosen@degraded"].sums,
-                               ref["rejected@enhanced"], ref["rejected@degraded"], c.beta, c.lambda_calib)
+                               ref["rejected@enhanced"], ref["rejected@degraded"], c.beta, c.lambda_calib,
+                               sample=sample)
         stats = {"loss": res.losses.mean().item(),
                  "rewards/chosen": res.chosen_rewards.mean().item(),
                  "rewards/rejected": res.rejected_rewards.mean().item(),
@@ -414,6 +464,7 @@ class Trainer:
             stats[f"{k}/mean"] = v.mean().item()
             stats[f"{k}/min"] = v.min().item()
             stats[f"{k}/max"] = v.max().item()
+            stats[f"{k}/std"] = v.std(unbiased=False).item()
         if c.loss == "p2dpo":
             stats["focus_share"] = is_focus.float().mean().item()
         return res.losses.mean(), stats
@@ -422,7 +473,9 @@ class Trainer:
         """CW-DPO Stage 1 (SFT-C) on a micro-batch: one forward over chosen and rejected."""
         c = self.config
         pol = self.forward_roles(self.model, rows, indices, ("chosen", "rejected"))
-        loss, extra = L.sft_c_loss(pol["chosen"].means, pol["rejected"].means, c.sftc_lambda, c.sftc_margin)
+        field = "sums" if c.sftc_reduction == "sequence" else "means"  # Eq. 4.2: −log π(y|x)
+        loss, extra = L.sft_c_loss(getattr(pol["chosen"], field), getattr(pol["rejected"], field),
+                                   lam=c.sftc_lambda, margin=self.cw["sftc_margin"])
         return loss, {"loss": loss.item(), **{k: v.item() for k, v in extra.items()}}
 
     # ------------------------------------------------------------------------- probes
@@ -556,7 +609,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         c = self.config
         t_start = time.perf_counter()
-        self.n_truncated, self.ref_seconds, self.ref_hits = 0, 0.0, []
+        self.n_truncated, self.ref_seconds, self.ref_hits, self.cooling_seen = 0, 0.0, [], []
         self.stage1_hash, self.probe_baseline = "", {}
         self._check_out()
         self._setup_data()
@@ -634,7 +687,7 @@ class Trainer:
         if stage == 2 and step == s1 and s1 > 0:  # CW-DPO: the reference becomes the Stage-1 policy
             self.stage1_hash = weights_hash(self._unwrapped())
             self._stage2_reference()
-        pool = self.stage1_rows if stage == 1 else self.stage2_rows
+        pool = self.stage1_rows if stage == 1 else self.stage2_units
         local = step - (0 if stage == 1 else s1)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         per_step = c.batch_size * c.grad_accum * world
@@ -644,6 +697,8 @@ class Trainer:
         for m in range(c.grad_accum):
             lo = (m * world + rank) * c.batch_size
             idx = rows_idx[lo:lo + c.batch_size]
+            if stage == 2 and self.unit_rows:  # P2-DPO: a sample's rows together (Eq. 8)
+                idx = [i for u in idx for i in self.unit_rows[u]]
             with self.accelerator.accumulate(self.model):
                 loss, stats = loss_fn(rows_at(self.ds, idx), idx)
                 self.accelerator.backward(loss)
@@ -711,6 +766,12 @@ class Trainer:
         probes = [h for h in history if "probe/entropy" in h]
         final = {k: float(np.mean([h[k] for h in last])) for k in ("loss", "rewards/accuracy", "rewards/margin")
                  if last and k in last[0]}
+        cooling = _spread(self.cooling_seen, "cooling_weight") if c.loss == "cwdpo" else {}
+        if cooling and cooling["cooling_weight_p95"] - cooling["cooling_weight_p05"] < 0.05:
+            self.notes.append(f"the cooling weight hardly varied (5th-95th percentile "
+                              f"{cooling['cooling_weight_p05']:.3f}-{cooling['cooling_weight_p95']:.3f}): "
+                              f"ℓ_floor and τ do not fit this policy's ℓ̄ (built with another model?); "
+                              f"set cooling_floor / cooling_tau in --config")
         return {
             "loss": c.loss, "model": self.hf.name, "data": str(c.data), "out": str(self.out),
             "steps": self.total_steps, "stage1_steps": s1, "resumed_at": start, "steps_this_run": done,
@@ -724,6 +785,7 @@ class Trainer:
                                if c.steps is None else None),
             "responses_truncated": self.n_truncated, "trainable_parameters": self.n_trainable,
             "final": final, "probe": probes[-1] if probes else None,
+            **({"cooling": {**self.cw, **cooling}} if c.loss == "cwdpo" else {}),
             "outputs": outputs, "notes": self.notes,
         }
 
@@ -736,6 +798,14 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+def _spread(values: list[float], name: str) -> dict[str, float]:
+    """Percentiles (5, 25, 50, 75, 95), mean and std of ``values`` (e.g. every cooling weight
+    of the run's Stage-2 steps), keyed ``{name}_p05`` ...; empty without values."""
+    if not values:
+        return {}
+    v = np.asarray(values, dtype=np.float64)
+    out = {f"{name}_p{q:02d}": float(np.percentile(v, q)) for q in (5, 25, 50, 75, 95)}
+    return {**out, f"{name}_mean": float(v.mean()), f"{name}_std": float(v.std()), f"{name}_n": int(v.size)}
 
 
 def _reduce(accelerator, value: float) -> float:

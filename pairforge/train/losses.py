@@ -7,8 +7,9 @@ per-token mean where a docstring says so); shapes are ``(B,)`` for B pairs unles
 Each loss returns a :class:`PreferenceLoss` with the per-pair losses and the implicit rewards
 ``β·(log π − log π_ref)`` of chosen and rejected (detached), for logging.
 
-Defaults that the papers' text available to us does not pin down are marked "our choice" in
-the docstrings and are all configurable (:class:`pairforge.train.config.TrainConfig`).
+Settings a paper is silent on are marked "paper silent" with our choice in the docstrings and
+are all configurable (:class:`pairforge.train.config.TrainConfig`); deliberate deviations are
+listed in ``benchmarks/fidelity.md``.
 """
 
 from __future__ import annotations
@@ -19,14 +20,12 @@ import torch
 import torch.nn.functional as F
 
 #: Default β of every DPO-style term (Rafailov et al. 2023 use 0.1 in most experiments; P2-DPO's
-#: default too).
+#: App. F too).
 BETA = 0.1
-#: CW-DPO defaults (our choice; see :func:`sft_c_loss` and :func:`cooling_weight`).
+#: CW-DPO's λ of SFT-C (Eq. 4.2; paper silent, our choice). C, ℓ_floor and τ have no default
+#: here: the trainer sets them from the data (:func:`pairforge.recipes.cwdpo.cooling_calibration`).
 SFTC_LAMBDA = 0.1
-SFTC_MARGIN = 1.0
-COOLING_FLOOR = -3.0
-COOLING_TAU = 0.5
-#: P2-DPO's weight of the calibration loss.
+#: P2-DPO's weight of the calibration loss (App. F: λ_calib = 0.3).
 P2DPO_LAMBDA_CALIB = 0.3
 
 
@@ -60,51 +59,54 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 # ----------------------------------------------------------------------------- CW-DPO
 
 
-def sft_c_loss(chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.Tensor,
-               lam: float = SFTC_LAMBDA, margin: float = SFTC_MARGIN) -> tuple[torch.Tensor, dict]:
-    """CW-DPO Stage 1, SFT with gentle negatives (SFT-C) (Zhang, Cai, Yang & Wang, "Learning
-    Dynamics of VLM Finetuning", ICLR 2026, https://arxiv.org/abs/2510.11978, Stage 1):
+def sft_c_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, *, lam: float = SFTC_LAMBDA,
+               margin: float) -> tuple[torch.Tensor, dict]:
+    """CW-DPO Stage 1, constrained SFT with gentle negatives (Zhang, Cai, Yang, Wang & Wang,
+    "Dynamics-Aware Preference Optimization for Vision-Language Models", CVPR 2026 version of
+    arXiv:2510.11978, §4.1, Eq. 4.2, the Lagrangian relaxation of Eq. 4.1):
 
-        L = E[−ℓ̄_θ(y⁺|x)] + λ·ReLU(C − E_batch[−ℓ̄_θ(y⁻|x)])
+        L_SFT-C = E_batch[−log π_θ(y⁺|x)] + λ·ReLU(C − E_batch[−log π_θ(y⁻|x)])
 
-    with ℓ̄_θ the per-token *mean* log-prob (so C is in nats per token, on the scale of the
-    cooling floor). The hinge only acts when the batch's average NLL of the negatives falls
-    below C: a low-weight push that keeps negatives from becoming likely, no explicit penalty
-    otherwise. Defaults λ = 0.1, C = 1.0 nat/token are our choice (the paper's values were
-    not available to us). Arguments (B,); returns the scalar loss and detached statistics."""
-    nll_chosen = -chosen_mean_logps
-    nll_rejected = -rejected_mean_logps.mean()
+    ``chosen_logps`` / ``rejected_logps`` (B,) are log π_θ(y|x), the *sequence* log-probs (sums
+    over the response tokens), as in the equation; C = ``margin`` is then in nats per sequence.
+    Per-token means (ℓ̄, C in nats per token) are a documented option of the trainer
+    (``sftc_reduction="token_mean"``); the formula is the same. The hinge acts when the batch's
+    mean NLL of the negatives falls below C, i.e. when they become too likely (the equation;
+    §4.1's prose says the constraint keeps "sufficient probability" on negatives, which the
+    equation's direction contradicts — we follow the equation). λ = 0.1 is our choice, C comes
+    from the data (paper silent on both). Returns the scalar loss and detached statistics."""
+    nll_chosen = -chosen_logps
+    nll_rejected = -rejected_logps.mean()
     hinge = F.relu(margin - nll_rejected)
     loss = nll_chosen.mean() + lam * hinge
     return loss, {"nll_chosen": nll_chosen.mean().detach(), "nll_rejected": nll_rejected.detach(),
                   "sftc_hinge": hinge.detach()}
 
 
-def cooling_weight(rejected_mean_logps: torch.Tensor, floor: float = COOLING_FLOOR,
-                   tau: float = COOLING_TAU) -> torch.Tensor:
-    """CW-DPO's cooling weight (Zhang et al. 2026, arXiv:2510.11978, Stage 2):
+def cooling_weight(rejected_mean_logps: torch.Tensor, *, floor: float, tau: float) -> torch.Tensor:
+    """CW-DPO's cooling weight (CVPR 2026 version of arXiv:2510.11978, §4.2, Eq. 4.4):
 
-        w_c = σ((ℓ̄_θ(y_l|x) − ℓ_floor) / τ),   detached,
+        w_c = σ((ℓ̄_θ(y_l|x) − ℓ_floor) / τ),   detached ("treating w_c as locally constant", Eq. 4.6),
 
-    from the current policy's mean token log-prob of the negative: an easy negative
-    (ℓ̄ ≪ ℓ_floor, already unlikely) gets w_c → 0, a hard one (ℓ̄ ≫ ℓ_floor) w_c → 1.
-    Defaults ℓ_floor = −3.0 nat/token (the cwdpo recipe's floor, which drops negatives with
-    ℓ̄ < ℓ_floor − 2) and τ = 0.5 are pairforge's choices, not paper numbers. Shape (B,) → (B,)."""
+    from the current policy's mean token log-prob ℓ̄ (§3.2) of the negative: an easy negative
+    (ℓ̄ ≪ ℓ_floor, already unlikely) gets w_c → 0, a hard one (ℓ̄ ≫ ℓ_floor) w_c → 1. ℓ_floor and
+    τ are paper silent; the trainer sets them from the data
+    (:func:`pairforge.recipes.cwdpo.cooling_calibration`). Shape (B,) → (B,)."""
     return torch.sigmoid((rejected_mean_logps.detach() - floor) / tau)
 
 
 def cwdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
-               policy_rejected_mean_logps: torch.Tensor, beta: float = BETA,
-               floor: float = COOLING_FLOOR, tau: float = COOLING_TAU) -> PreferenceLoss:
-    """CW-DPO Stage 2, cooling-weighted DPO (Zhang et al. 2026, arXiv:2510.11978, Stage 2):
+               policy_rejected_mean_logps: torch.Tensor, beta: float = BETA, *,
+               floor: float, tau: float) -> PreferenceLoss:
+    """CW-DPO Stage 2, cooling-weighted DPO (CVPR 2026 version of arXiv:2510.11978, §4.2, Eq. 4.5):
 
         L = −log σ(β·(Δ_w − w_c·Δ_l)),   Δ = log π(y|x) − log π_ref(y|x),
 
     with π_ref the Stage-1 policy and w_c = :func:`cooling_weight` of the current policy's mean
     token log-prob of y_l (``policy_rejected_mean_logps``, detached). Sums (B,) otherwise.
     With w_c = 1 this is :func:`dpo_loss`. Extras: ``cooling_weight`` (B,)."""
-    w = cooling_weight(policy_rejected_mean_logps, floor, tau)
+    w = cooling_weight(policy_rejected_mean_logps, floor=floor, tau=tau)
     chosen = policy_chosen_logps - ref_chosen_logps
     rejected = policy_rejected_logps - ref_rejected_logps
     losses = -F.logsigmoid(beta * (chosen - w * rejected))
@@ -166,14 +168,17 @@ def p2dpo_calibration_loss(policy_chosen_enhanced_logps: torch.Tensor,
                            beta: float = BETA) -> torch.Tensor:
     """P2-DPO's calibration loss (Zhang et al., "P²-DPO: Grounding Hallucination in
     Perceptual Processing via Calibration Direct Preference Optimization", ICLR 2026,
-    arXiv:2606.03376), per focus pair:
+    arXiv:2606.03376, §4.2.1 Eq. 5, derived in App. E Eqs. 25–29), per focus pair:
 
-        L_calib = −log σ(β·([log π(y_w|x_enh) − log π(y_w|x_deg)]
-                             − [log π_ref(y_l|x_enh) − log π_ref(y_l|x_deg)]))
+        L_calib = −log σ(β·[log π_θ(y_w|I, I_crop, P) − log π_θ(y_w|I_deg, P)]
+                         − β·[log π_ref(y_l|I, I_crop, P) − log π_ref(y_l|I_deg, P)])
 
-    where x_enh is the prompt with the enhanced (crop) image and x_deg with the degraded
-    (erased) image: the policy should gain more from the visual evidence on y_w than the
-    reference does on y_l. Sums (B,) → (B,)."""
+    i.e. β·(Δ_πθ(y_w) − Δ_πref(y_l)) with the perceptual confidence gain Δ_π(y) (Eq. 25). The
+    enhanced input (I, I_crop, P) is I_aug = Combine(I, I_crop) with the enhancement prompt —
+    the input y_w was generated from (§4.1.1; Eq. 5 writes P, we use P_enh so that the gain is
+    measured on y_w's own input, see benchmarks/fidelity.md); the degraded input is I_deg with
+    the plain prompt. As in the paper, the winner's gain is the policy's and the loser's the
+    reference's. Sums (B,) → (B,)."""
     policy = policy_chosen_enhanced_logps - policy_chosen_degraded_logps
     ref = ref_rejected_enhanced_logps - ref_rejected_degraded_logps
     return -F.logsigmoid(beta * (policy - ref))
@@ -184,23 +189,35 @@ def p2dpo_loss(is_focus: torch.Tensor, ddw_weights: torch.Tensor,
                ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
                policy_chosen_enhanced_logps: torch.Tensor, policy_chosen_degraded_logps: torch.Tensor,
                ref_rejected_enhanced_logps: torch.Tensor, ref_rejected_degraded_logps: torch.Tensor,
-               beta: float = BETA, lambda_calib: float = P2DPO_LAMBDA_CALIB) -> PreferenceLoss:
-    """P2-DPO (Zhang et al. 2026, arXiv:2606.03376): a batch of focus and robust pairs,
+               beta: float = BETA, lambda_calib: float = P2DPO_LAMBDA_CALIB,
+               sample: torch.Tensor | None = None) -> PreferenceLoss:
+    """P2-DPO's total loss (Zhang et al. 2026, arXiv:2606.03376, §4.2, Eqs. 4–8), per sample
+    (I, P):
 
-        focus pair:  L = w_focus  · (L_DPO(x) + λ_calib·L_calib)
-        robust pair: L = w_robust · L_DPO(x_noise)
+        L_total = E[w_focus·L_focus + w_robust·L_dpo_rob]                         (Eq. 8)
+        L_focus = L_dpo_focus + λ_calib·L_Calib                                    (Eq. 6)
 
-    ``is_focus`` (B,) bool; ``ddw_weights`` (B,) the stored DDW weight of each pair's kind
-    (``ddw_focus`` / ``ddw_robust``); ``policy/ref_chosen/rejected_logps`` (B,) are on the
-    pair's DPO input (the prompt image for focus pairs, the noisy image for robust pairs); the
-    four calibration inputs (B,) are read on focus rows only (anything, e.g. 0, on robust
-    rows). λ_calib = 0.3, β = 0.1 by default. Extras: ``calibration`` (B,) (0 on robust rows),
-    ``ddw_weight`` (B,)."""
+    with L_dpo_focus the DPO loss of the focus pair on (I, P) (Eq. 4), L_Calib
+    :func:`p2dpo_calibration_loss` (Eq. 5), L_dpo_rob the DPO loss of the robust pair on
+    (I_noise, P) (Eq. 7) and (w_focus, w_robust) = DDW's w_base ± α (§4.2.3). Rows are pairs:
+    ``is_focus`` (B,) bool; ``ddw_weights`` (B,) the stored DDW weight of each row's kind;
+    ``sample`` (B,) long, the index (0..S−1) of the sample each row belongs to — a sample's focus
+    and robust rows are *summed* (Eq. 8), and ``losses`` has one entry per sample (S,), so its
+    mean is Eq. 8's expectation; a sample whose other pair was filtered out contributes its one
+    term. ``sample=None``: every row is its own sample. ``policy/ref_chosen/rejected_logps`` (B,)
+    are on the row's DPO input; the four calibration inputs (B,) are read on focus rows only
+    (anything finite on robust rows). λ_calib = 0.3, β = 0.1 by default (App. F). Rewards stay
+    per row; extras: ``calibration`` (B,) (0 on robust rows), ``ddw_weight`` (B,)."""
     dpo = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
     calib = p2dpo_calibration_loss(policy_chosen_enhanced_logps, policy_chosen_degraded_logps,
                                    ref_rejected_enhanced_logps, ref_rejected_degraded_logps, beta)
     calib = torch.where(is_focus, calib, torch.zeros_like(calib))
     w = ddw_weights.to(dpo.losses.dtype)
-    losses = w * (dpo.losses + lambda_calib * calib)
+    terms = w * (dpo.losses + lambda_calib * calib)
+    if sample is None:
+        losses = terms
+    else:
+        n = int(sample.max().item()) + 1 if sample.numel() else 0
+        losses = terms.new_zeros(n).index_add(0, sample.to(terms.device), terms)
     return PreferenceLoss(losses, dpo.chosen_rewards, dpo.rejected_rewards,
                           {"calibration": calib.detach(), "ddw_weight": w.detach()})
