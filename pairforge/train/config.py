@@ -62,6 +62,11 @@ class TrainConfig:
     cooling_floor: float = losses.COOLING_FLOOR
     cooling_tau: float = losses.COOLING_TAU
     cw_stage1_epochs: float = 1.0
+    # ASPO (arXiv:2505.19100): α of Eq. 10; weights recomputed per step (Alg. 1) or the stored
+    # ones; the R_c/R_c* of Eq. 12 as the paper's reward ratio or the token-length option
+    aspo_alpha: float = 0.5
+    aspo_weights: str = "dynamic"
+    aspo_ratio: str = "reward"
     # P2-DPO
     lambda_calib: float = losses.P2DPO_LAMBDA_CALIB
     # logging, probes, checkpoints
@@ -102,6 +107,12 @@ class TrainConfig:
         for name in ("lr", "beta", "cooling_tau"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be > 0")
+        if not 0 <= self.aspo_alpha <= 1:
+            raise bad("aspo_alpha", "must be in [0, 1] (ASPO's paper: 0.5)")
+        if self.aspo_weights not in ("dynamic", "stored"):
+            raise bad("aspo_weights", "choose dynamic (recomputed each step, the paper's Alg. 1) or stored")
+        if self.aspo_ratio not in losses.ASPO_RATIOS:
+            raise bad("aspo_ratio", f"choose one of {', '.join(losses.ASPO_RATIOS)} (reward: the paper's Eq. 12)")
         if self.cw_stage1_epochs < 0:
             raise bad("cw_stage1_epochs", "must be >= 0 (0 skips Stage 1)")
         if not self.full_finetune and (self.lora_r < 1 or self.lora_alpha <= 0):
