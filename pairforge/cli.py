@@ -170,9 +170,9 @@ def train(
     loss: Annotated[str | None, typer.Option("--loss", help="dpo, cwdpo, aspo or p2dpo (default dpo).")] = None,
     out: Annotated[str | None, typer.Option(
         "--out", help="Run folder: adapter/ or model/, checkpoints/, train_log.jsonl, summary.")] = None,
-    config: Annotated[Path | None, typer.Option(
-        "--config", help="YAML of settings (names as in pairforge.train.TrainConfig); options "
-                         "given here override it.")] = None,
+    config: Annotated[str | None, typer.Option(
+        "--config", help="YAML of settings (names as in pairforge.train.TrainConfig), or a shipped "
+                         "paper preset: vapr, p2dpo, aspo, m3po; options given here override it.")] = None,
     lora_r: Annotated[int | None, typer.Option("--lora-r", help="LoRA rank (default 16).")] = None,
     lora_alpha: Annotated[int | None, typer.Option("--lora-alpha", help="LoRA alpha (default 32).")] = None,
     beta: Annotated[float | None, typer.Option("--beta", help="β of the DPO terms (default 0.1).")] = None,
@@ -184,6 +184,8 @@ def train(
     grad_accum: Annotated[int | None, typer.Option(
         "--grad-accum", help="Micro-batches per optimizer step (default 1).")] = None,
     warmup: Annotated[int | None, typer.Option("--warmup", help="Warmup optimizer steps (default 0).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        "--weight-decay", help="AdamW weight decay (default 0).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of order and init (default 0).")] = None,
     precompute_ref: Annotated[bool | None, typer.Option(
         "--precompute-ref/--no-precompute-ref",
@@ -212,7 +214,8 @@ def train(
         raise PairforgeError("give --epochs or --steps, not both")
     settings = dict(data=data, model=model, loss=loss, out=out, lora_r=lora_r, lora_alpha=lora_alpha,
                     beta=beta, lr=lr, epochs=epochs, steps=steps, batch_size=batch_size,
-                    grad_accum=grad_accum, warmup=warmup, seed=seed, precompute_ref=precompute_ref,
+                    grad_accum=grad_accum, warmup=warmup, weight_decay=weight_decay, seed=seed,
+                    precompute_ref=precompute_ref,
                     save_every=save_every, max_length=max_length, pack=pack, precision=precision)
     for flag, on in (("full_finetune", full_finetune), ("merge", merge), ("resume", resume)):
         if on:

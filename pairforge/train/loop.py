@@ -133,13 +133,15 @@ def lr_multiplier(step: int, stages: Sequence[int], warmup: int, min_ratio: floa
     return min_ratio
 
 
-def language_lora_targets(model: torch.nn.Module) -> list[str]:
+def language_lora_targets(model: torch.nn.Module, attention_only: bool = False) -> list[str]:
     """Names of the ``nn.Linear`` layers of the model's text decoder (LoRA's default targets:
-    attention and MLP projections of the language model, not the vision tower or lm_head)."""
+    attention and MLP projections of the language model, not the vision tower or lm_head);
+    ``attention_only``: those inside its attention blocks (P2-DPO App. F.1)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     prefix = next((n for n, m in model.named_modules() if m is decoder), None) if decoder is not None else None
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-             and (prefix is None or n.startswith(prefix + "."))]
+             and (prefix is None or n.startswith(prefix + "."))
+             and (not attention_only or any(k in n.lower() for k in ("attn", "attention")))]
     if not names:
         raise PairforgeError(f"{type(model).__name__}: no linear layers found in the text model for "
                              f"LoRA; set lora_target to 'all-linear' or to module names")
@@ -245,6 +247,8 @@ class Trainer:
 
             if c.lora_target == "language":
                 targets: Any = language_lora_targets(model)
+            elif c.lora_target == "language-attention":
+                targets = language_lora_targets(model, attention_only=True)
             elif c.lora_target == "all-linear":
                 targets = "all-linear"
             else:
@@ -258,8 +262,12 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         self.stage_steps = self._stage_steps()
         total = sum(self.stage_steps)
+        self.warmup_steps = (c.warmup if c.warmup_ratio is None
+                             else math.ceil(c.warmup_ratio * self.stage_steps[-1]))
+        if c.warmup_ratio is not None:
+            self.notes.append(f"warmup: {self.warmup_steps} steps ({c.warmup_ratio:g} of {self.stage_steps[-1]})")
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_multiplier(s, self.stage_steps, c.warmup, c.min_lr_ratio))
+            optimizer, lambda s: lr_multiplier(s, self.stage_steps, self.warmup_steps, c.min_lr_ratio))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.total_steps = total
         if not c.full_finetune:  # checkpoints hold the trainable (adapter) tensors only
