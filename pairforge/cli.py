@@ -251,6 +251,8 @@ def build(
     clip: Annotated[str | None, typer.Option("--clip", help="CLIP scorer spec.")] = None,
     editor: Annotated[str | None, typer.Option("--editor", help="Editor LLM spec.")] = None,
     judge: Annotated[str | None, typer.Option("--judge", help="Judge LLM spec.")] = None,
+    describer: Annotated[str | None, typer.Option(
+        "--describer", help="VLM that describes images for VaPR's LLM editor (default tiny-vlm).")] = None,
     limit: Annotated[int | None, typer.Option(
         "--limit", help="Use the first N examples of the source.")] = None,
     shard: Annotated[str | None, typer.Option(
@@ -278,7 +280,7 @@ def build(
     from pairforge.build import load_config, parse_params
 
     cfg = load_config(config, recipe=recipe, source=source, out=out, policy=policy, clip=clip,
-                      editor=editor, judge=judge, limit=limit, shard=shard, seed=seed,
+                      editor=editor, judge=judge, describer=describer, limit=limit, shard=shard, seed=seed,
                       batch_size=batch_size, chunk_size=chunk_size, image_root=image_root,
                       max_pixels=max_pixels, overwrite=overwrite or None,
                       params=parse_params(param or []) or None)

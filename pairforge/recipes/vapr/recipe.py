@@ -32,6 +32,17 @@ TABLE1_SHARES = {"object": 13.3, "color": 13.3, "size": 3.3, "background": 3.3, 
 _length_unit = functools.lru_cache(maxsize=4)(length_unit)
 
 
+def share_keep_probability(seen: Mapping[str, int], task: str,
+                           target: Mapping[str, float] = TABLE1_SHARES) -> float:
+    """Probability of keeping an example of ``task`` when the categorised source so far holds
+    ``seen`` examples per task: min(1, r_task / max_k r_k) with r_k = target_k / (seen_k / Σ seen)
+    (so kept shares ∝ target over the tasks seen; the most under-represented one is kept whole)."""
+    total = sum(seen.values())
+    ratio = {t: target.get(t, 0.0) * total / n for t, n in seen.items() if n > 0}
+    top = max(ratio.values(), default=0.0)
+    return 1.0 if top <= 0 else min(1.0, ratio.get(task, 0.0) / top)
+
+
 @dataclass(frozen=True)
 class VaPRParams:
     """``editor``: "rule" (fast, CPU) or "llm" (role ``editor``, default SmolLM2).
@@ -189,11 +200,7 @@ class VaPR:
         follows Table 1 over the categories the source has, and the most under-represented
         category is kept whole. Paper silent on how its source was sampled (our choice)."""
         self.task_seen[task] = self.task_seen.get(task, 0) + 1
-        seen = sum(self.task_seen.values())
-        ratio = {t: TABLE1_SHARES.get(t, 0.0) / (n / seen) for t, n in self.task_seen.items()}
-        top = max(ratio.values())
-        p = 1.0 if top <= 0 else min(1.0, ratio[task] / top)
-        return ctx.rng(ex, "vapr-task-shares").random() < p
+        return ctx.rng(ex, "vapr-task-shares").random() < share_keep_probability(self.task_seen, task)
 
     def replacement_stats(self) -> dict[str, dict[str, Any]]:
         """Distribution of replacement values per task so far (counts, entropy, top share)."""
