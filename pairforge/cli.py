@@ -252,7 +252,8 @@ def build(
     editor: Annotated[str | None, typer.Option("--editor", help="Editor LLM spec.")] = None,
     judge: Annotated[str | None, typer.Option("--judge", help="Judge LLM spec.")] = None,
     describer: Annotated[str | None, typer.Option(
-        "--describer", help="VLM that describes images for VaPR's LLM editor (default tiny-vlm).")] = None,
+        "--describer", help="VLM (the policy) that describes images for VaPR's LLM editor when the "
+                            "source has no caption, e.g. tiny-vlm.")] = None,
     limit: Annotated[int | None, typer.Option(
         "--limit", help="Use the first N examples of the source.")] = None,
     shard: Annotated[str | None, typer.Option(

@@ -119,12 +119,13 @@ class _Result:
 class VaPR:
     """VaPR minimal-edit hard negatives (:mod:`pairforge.recipes.vapr`). Role ``editor``
     (OpenAI-compatible or HF; default SmolLM2) is needed only with ``editor="llm"``; role
-    ``describer`` (the policy VLM) only when the LLM editor needs an image description the
-    source does not have."""
+    ``describer`` (the policy VLM, e.g. ``--describer tiny-vlm``; no default, so that a toy
+    model never describes real photos) only when the LLM editor needs an image description
+    the source does not have (without one the prompt says so and ``describe/none`` counts it)."""
 
     name = "vapr"
     groups = ("vapr",)
-    roles = (("editor", False, "smollm2"), ("describer", False, "tiny-vlm"))
+    roles = (("editor", False, "smollm2"), ("describer", False, None))
 
     def __init__(self, params: VaPRParams | None = None):
         self.p = params or VaPRParams()
