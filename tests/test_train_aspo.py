@@ -10,11 +10,17 @@ import os
 import pytest
 
 from pairforge.errors import BadInput
+from pairforge.models.random_tiny import save_random_llava
 from pairforge.schema import to_dataset
 from test_train_data import pair_rows
-from test_train_loop import _env, llava, log_records, run  # noqa: F401  (fixtures)
+from test_train_loop import _env, log_records, run  # noqa: F401  (_env: a fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return save_random_llava(tmp_path_factory.mktemp("llava"))
 
 
 @pytest.fixture(scope="module")

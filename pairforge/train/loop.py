@@ -106,7 +106,7 @@ def aspo_step_weights(sentence_sums: torch.Tensor, sentence_counts: torch.Tensor
     (1 − α)·PPL'_i (Eqs. 7, 10, :func:`pairforge.recipes.aspo.aspo_weights`). A sentence with
     no token of its own gets the row's worst perplexity (PPL' = 0), as in the build. (B, S),
     0 on padding."""
-    from pairforge.recipes.aspo import aspo_weights, span_perplexity
+    from pairforge.recipes.aspo import aspo_weights
 
     sums, counts = sentence_sums.detach().double().cpu(), sentence_counts.cpu()
     out = torch.zeros(sentence_sums.shape, dtype=sentence_sums.dtype)
