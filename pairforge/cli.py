@@ -225,9 +225,9 @@ def train(
     loss: Annotated[str | None, typer.Option("--loss", help="dpo, cwdpo, aspo or p2dpo (default dpo).")] = None,
     out: Annotated[str | None, typer.Option(
         "--out", help="Run folder: adapter/ or model/, checkpoints/, train_log.jsonl, summary.")] = None,
-    config: Annotated[Path | None, typer.Option(
-        "--config", help="YAML of settings (names as in pairforge.train.TrainConfig); options "
-                         "given here override it.")] = None,
+    config: Annotated[str | None, typer.Option(
+        "--config", help="YAML of settings (names as in pairforge.train.TrainConfig), or a shipped "
+                         "paper preset: vapr, p2dpo, aspo, m3po; options given here override it.")] = None,
     lora_r: Annotated[int | None, typer.Option("--lora-r", help="LoRA rank (default 16).")] = None,
     lora_alpha: Annotated[int | None, typer.Option("--lora-alpha", help="LoRA alpha (default 32).")] = None,
     beta: Annotated[float | None, typer.Option("--beta", help="β of the DPO terms (default 0.1).")] = None,
@@ -239,6 +239,8 @@ def train(
     grad_accum: Annotated[int | None, typer.Option(
         "--grad-accum", help="Micro-batches per optimizer step (default 1).")] = None,
     warmup: Annotated[int | None, typer.Option("--warmup", help="Warmup optimizer steps (default 0).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        "--weight-decay", help="AdamW weight decay (default 0).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of order and init (default 0).")] = None,
     precompute_ref: Annotated[bool | None, typer.Option(
         "--precompute-ref/--no-precompute-ref",
@@ -267,7 +269,8 @@ def train(
         raise PairforgeError("give --epochs or --steps, not both")
     settings = dict(data=data, model=model, loss=loss, out=out, lora_r=lora_r, lora_alpha=lora_alpha,
                     beta=beta, lr=lr, epochs=epochs, steps=steps, batch_size=batch_size,
-                    grad_accum=grad_accum, warmup=warmup, seed=seed, precompute_ref=precompute_ref,
+                    grad_accum=grad_accum, warmup=warmup, weight_decay=weight_decay, seed=seed,
+                    precompute_ref=precompute_ref,
                     save_every=save_every, max_length=max_length, pack=pack, precision=precision)
     for flag, on in (("full_finetune", full_finetune), ("merge", merge), ("resume", resume)):
         if on:
@@ -303,6 +306,9 @@ def build(
     clip: Annotated[str | None, typer.Option("--clip", help="CLIP scorer spec.")] = None,
     editor: Annotated[str | None, typer.Option("--editor", help="Editor LLM spec.")] = None,
     judge: Annotated[str | None, typer.Option("--judge", help="Judge LLM spec.")] = None,
+    describer: Annotated[str | None, typer.Option(
+        "--describer", help="VLM (the policy) that describes images for VaPR's LLM editor when the "
+                            "source has no caption, e.g. tiny-vlm.")] = None,
     limit: Annotated[int | None, typer.Option(
         "--limit", help="Use the first N examples of the source.")] = None,
     shard: Annotated[str | None, typer.Option(
@@ -329,7 +335,7 @@ def build(
     from pairforge.build import load_config, parse_params
 
     cfg = load_config(config, recipe=recipe, source=source, out=out, policy=policy, clip=clip,
-                      editor=editor, judge=judge, limit=limit, shard=shard, seed=seed,
+                      editor=editor, judge=judge, describer=describer, limit=limit, shard=shard, seed=seed,
                       batch_size=batch_size, chunk_size=chunk_size, image_root=image_root,
                       max_pixels=max_pixels, overwrite=overwrite or None,
                       params=parse_params(param or []) or None)

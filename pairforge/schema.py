@@ -94,10 +94,11 @@ COLUMN_GROUPS: dict[str, dict[str, Any]] = {
         "rejected_n_tokens": Value("int32"),
         "cwdpo_stage": Value("int8"),
     },
-    # ASPO: sentence spans (character offsets into the chosen text) and weights w_i.
+    # ASPO: sentence spans (character offsets into the chosen text), weights w_i, similarities S_i.
     "aspo": {
         "sentence_spans": List({"start": Value("int32"), "end": Value("int32")}),
         "sentence_weights": List(Value("float32")),
+        "sentence_similarities": List(Value("float32")),  # raw CLIP S_i (Eq. 6), for per-step weights
     },
     # Text diagnostics of `pairforge audit`, attached per pair.
     "diagnostics": {

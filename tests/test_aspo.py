@@ -86,10 +86,21 @@ def _img(words) -> Image.Image:
     ("There are e.g. two shapes. Value 3.5 here.\nNext line", ["There are e.g. two shapes.", " Value 3.5 here.",
                                                                "\nNext line"]),
     ("A list\n\n- one\n- two", ["A list", "\n\n- one", "\n- two"]),
-    ("The answer is A. It is red.", ["The answer is A.", " It is red."]),
+    # pysbd reads a single capital + period as an initial ("John F. Kennedy"): no cut there
+    ("The answer is A. It is red.", ["The answer is A. It is red."]),
     ("  Hi. ", ["  Hi. "]),
-    ("(Really.) Done... ok", ["(Really.)", " Done...", " ok"]),
+    ("(Really.) Done... ok", ["(Really.)", " Done... ok"]),  # an ellipsis before lower case goes on
     ("", []),
+    # abbreviations, times and weekdays (issue 17 item 19: the old regex cut all of these)
+    ("We met on Mon. at 3 p.m. in the lab. It rained.", ["We met on Mon. at 3 p.m. in the lab.", " It rained."]),
+    ("We met on Mon. and talked.", ["We met on Mon. and talked."]),
+    ("Open at 5 p.m. Come early.", ["Open at 5 p.m.", " Come early."]),
+    ("Dr. Smith agrees. The U.S. flag is red.", ["Dr. Smith agrees.", " The U.S. flag is red."]),
+    # numbers and decimals
+    ("The box is 3.5 cm wide. It costs $2.75 today.", ["The box is 3.5 cm wide.", " It costs $2.75 today."]),
+    ("Pi is approx. 3.14. Yes.", ["Pi is approx. 3.14.", " Yes."]),
+    ("There are 3 circles. 2 are red.", ["There are 3 circles.", " 2 are red."]),
+    ("Version 1.2.3 is out. See fig. 2 below.", ["Version 1.2.3 is out.", " See fig. 2 below."]),
 ])
 def test_sentence_spans_tile_the_text(text, sentences):
     spans = sentence_spans(text)
@@ -128,6 +139,8 @@ def test_annotate_hand_computed_weights():
     s_norm = [1.0, 0.25, 0.0]
     p_norm = [(ppl[1] - x) / (ppl[1] - ppl[2]) for x in ppl]   # min-max of −PPL
     assert row["sentence_weights"] == pytest.approx([0.5 * a + 0.5 * b for a, b in zip(s_norm, p_norm)])
+    assert row["sentence_similarities"] == pytest.approx(sims)  # raw S_i, for the trainer's weights
+    assert one["sentence_similarities"] == [0.0]
     assert clip.texts == ["The circle is red.", "The square is blue.", "It is big."]
     assert sims == pytest.approx(FakeClip().cosine([img] * 3, clip.texts))
     # a one-sentence answer: weight 0 and no model call for it
@@ -197,13 +210,13 @@ def test_random_llava_sentence_logprobs_partition_the_answer(tmp_path):
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG")
     image = {"bytes": buf.getvalue(), "path": None}  # as rows loaded from parquet carry it
-    text = "the circle is red. the square is blue ! is it large ?"
+    text = "The circle is red. The square is blue! Is it large?"
     row = make_pair(prompt="describe the image", chosen=text, rejected="no", images=[image], id="x")
     clip = FakeClip()
     out, = annotate([row], llava, clip)
     spans = [(s["start"], s["end"]) for s in out["sentence_spans"]]
-    assert [text[s:e].strip() for s, e in spans] == ["the circle is red.", "the square is blue !",
-                                                    "is it large ?"]
+    assert [text[s:e].strip() for s, e in spans] == ["The circle is red.", "The square is blue!",
+                                                    "Is it large?"]
     scored, = llava.score([_request(row)], [text])
     per_sentence = [scored.span_logprobs(s, e) for s, e in spans]
     assert sum(len(x) for x in per_sentence) == scored.n_tokens

@@ -115,13 +115,14 @@ def test_cooling_calibration_from_data_by_hand():
 
 def test_aspo_weighted_logratio_hand_vector():
     # Σ(1+w)Δ = 2·2 + 1.5·(−1) = 2.5; R_c = 3 + 2 = 5, R_c* = 2·3 + 1.5·2 = 9 → M_c = 2.5·5/9
-    r = L.aspo_weighted_logratio(torch.tensor([[2.0, -1.0]]), torch.tensor([[1.0, 0.5]]), torch.tensor([[3, 2]]))
+    r, _ = L.aspo_weighted_logratio(torch.tensor([[2.0, -1.0]]), torch.tensor([[1.0, 0.5]]), torch.tensor([[3, 2]]),
+                                    ratio="length")  # the token-length option; the paper's form: test_aspo_loss.py
     assert math.isclose(r.item(), 12.5 / 9, abs_tol=1e-6)
 
 
 def test_aspo_loss_hand_vector():
     out = L.aspo_loss(torch.tensor([[-3.0, -4.0]]), torch.tensor([[-5.0, -3.0]]), torch.tensor([[1.0, 0.5]]),
-                      torch.tensor([[3, 2]]), torch.tensor([-6.5]), torch.tensor([-6.0]), beta=0.1)
+                      torch.tensor([[3, 2]]), torch.tensor([-6.5]), torch.tensor([-6.0]), beta=0.1, ratio="length")
     # sentence log-ratios (2, −1) → M_c = 12.5/9; Δ_l = −0.5; z = 0.1·(12.5/9 + 0.5)
     assert math.isclose(out.losses.item(), 0.6031559982203895, abs_tol=1e-6)
     assert math.isclose(out.chosen_rewards.item(), 1.25 / 9, abs_tol=1e-6)
@@ -148,8 +149,8 @@ def test_aspo_reduces_to_dpo_for_one_sentence_and_for_equal_weights():
 def test_aspo_weights_shift_credit_between_sentences():
     # the same total log-ratio, but the higher-weighted sentence carries it → larger M_c
     lengths, w = torch.tensor([[2, 2]]), torch.tensor([[1.0, 0.0]])
-    first = L.aspo_weighted_logratio(torch.tensor([[1.0, 0.0]]), w, lengths)
-    second = L.aspo_weighted_logratio(torch.tensor([[0.0, 1.0]]), w, lengths)
+    first, _ = L.aspo_weighted_logratio(torch.tensor([[1.0, 0.0]]), w, lengths, ratio="length")
+    second, _ = L.aspo_weighted_logratio(torch.tensor([[0.0, 1.0]]), w, lengths, ratio="length")
     assert math.isclose(first.item(), 4 / 3, abs_tol=1e-6) and math.isclose(second.item(), 2 / 3, abs_tol=1e-6)
 
 

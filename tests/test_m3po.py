@@ -263,3 +263,52 @@ def test_end_to_end_random_llava_is_batch_independent(llava):
     other = recipe.process(exs, BuildContext(seed=8, models={"policy": llava, "clip": clip}))
     assert [r["id"] for o in other for r in o.rows] != [r["id"] for r in rows]
     to_dataset(rows, "m3po")
+
+
+# ----------------------------------------------------------------------------- paper preset, MAS(R | I, Q)
+
+
+def test_paper_preset_and_overrides():
+    p = load_recipe("m3po", {"preset": "paper"}).params()
+    # N = 32 (§3.2, §4.1), α = 0.5, δ = 0.1 (§4.1); nucleus sampling at a moderate temperature
+    # (§3.2 gives no numbers: 0.7 / 0.9 ours); the question-aware judge is on
+    assert (p["n"], p["alpha"], p["delta"]) == (32, 0.5, 0.1)
+    assert p["temperature"] < 1.0 and p["top_p"] < 1.0 and p["judge_weight"] > 0
+    assert load_recipe("m3po", {"preset": "paper", "n": "16"}).params()["n"] == 16  # explicit wins
+    assert load_recipe("m3po", {}).params()["n"] == 8  # the CPU default stays small
+    with pytest.raises(PairforgeError, match="preset='gpu'"):
+        load_recipe("m3po", {"preset": "gpu"})
+    with pytest.raises(PairforgeError, match="moderate temperature with nucleus sampling"):
+        load_recipe("m3po", {"temperature": "0"})  # no longer attributes 1.0 to the paper
+
+
+def test_paper_preset_needs_the_judge_and_samples_with_top_p():
+    recipe = load_recipe("m3po", {"preset": "paper", "n": "4"})
+    with pytest.raises(PairforgeError, match="needs a judge model"):
+        recipe.check(BuildContext(models={"policy": ScriptedPolicy(_script()), "clip": FakeClip()}))
+    policy = ScriptedPolicy(_script())
+    judge = YesNoJudge({"The circle is red.": 4.0, "The circle is blue.": -4.0, "A green square is here.": 0.0})
+    ctx = BuildContext(models={"policy": policy, "clip": FakeClip(), "judge": judge})
+    recipe.check(ctx)
+    img = _image({"the", "circle", "is", "red"})
+    recipe.process([_example("ex1", "What colour is the circle?", "It is red.", img)], ctx)
+    (_, _, sampling), = policy.generate_calls
+    assert (sampling.temperature, sampling.top_p) == (0.7, 0.9)
+    # the judge is asked about the question: instruction adherence is part of MAS(R | I, Q)
+    prompt = judge.requests[0].messages[0]["content"][-1]["text"]
+    assert "What colour is the circle?" in prompt and "what the question asks" in prompt
+
+
+def test_clip_on_question_and_answer():
+    """clip_text=question+answer: CLIP scores "Q R" against the image, so an answer that drops
+    the question's words scores lower than with the answer alone."""
+    clip = FakeClip()
+    ctx = BuildContext(models={"policy": ScriptedPolicy(_script()), "clip": clip})
+    recipe = load_recipe("m3po", {"n": "4", "clip_text": "question+answer"})
+    img = _image({"the", "circle", "is", "red", "what", "colour"})
+    row, = recipe.process([_example("ex1", "What colour is the circle?", "It is red.", img)], ctx)[0].rows
+    # "What colour is the circle? The circle is red." = 9 words, all in the image → 2.5
+    # "... The circle is blue." → 8/9 in the image
+    assert row["chosen_mas"] == pytest.approx(2.5) and row["rejected_mas"] == pytest.approx(2.5 * 8 / 9)
+    with pytest.raises(PairforgeError, match="clip_text='image'"):
+        load_recipe("m3po", {"clip_text": "image"})

@@ -83,7 +83,7 @@ def test_first_try_retry_fallback_reject(run):
     assert f'"{B}"' in retry_prompt and "unchanged:" in retry_prompt
     assert c.rows[0]["editor"] == "rule" and c.stats["llm/fallback"] == 1
     assert response_text(c.rows[0]["rejected"]) != C
-    assert d.reject.stage == "validate" and d.stats == {"llm/rejected": 1}
+    assert d.reject.stage == "validate" and d.stats == {"llm/rejected": 1, "describe/none": 1}
     assert "llm edit failed (no_critical_span" in d.reject.reason
     assert "retry failed (too_different" in d.reject.reason and "rule editor: no_span" in d.reject.reason
 
@@ -91,7 +91,7 @@ def test_first_try_retry_fallback_reject(run):
 def test_llm_rows_record_editor_and_templates(run):
     recipe, _, (a, b, c, _) = run
     tpl = recipe.templates()
-    assert set(tpl) == {f"vapr/{t}.txt" for t in recipe.rules.tasks} | {"vapr/retry.txt"}
+    assert set(tpl) == {f"vapr/{t}.txt" for t in recipe.rules.tasks} | {"vapr/retry.txt", "vapr/describe.txt"}
     assert a.rows[0]["models"] == [{"role": "editor", "name": "fake-editor", "revision": "r1"}]
     assert a.rows[0]["prompt_templates"] == [
         {"name": "vapr/color.txt", "sha256": template_hash(tpl["vapr/color.txt"])}]

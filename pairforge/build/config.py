@@ -26,7 +26,7 @@ from pairforge.errors import PairforgeError
 from pairforge.sources.sft import DEFAULT_MAX_PIXELS, WORLD
 
 #: Model roles a build can configure (``--policy`` ... ``--judge``).
-MODEL_ROLES = ("policy", "clip", "editor", "judge")
+MODEL_ROLES = ("policy", "clip", "editor", "judge", "describer")
 #: Source examples per committed chunk (a new build; a resumed one keeps its manifest's).
 CHUNK_SIZE = 64
 

@@ -109,6 +109,7 @@ def finish(out: Path, manifest: Manifest, *, console: Any, wall_s: float | None 
                                "rows_in": second.rows_in,
                                "rows_dropped": len(second.dropped),
                                "examples_rejected": second.examples_rejected}
+    summary.update(recipe_summary_extras(manifest["recipe"], manifest["settings"].get("params") or {}, stats))
     write_json(out / "summary.json", summary)
     manifest.data["complete"] = True
     manifest.save()
@@ -297,6 +298,20 @@ def load_build(folder: str | os.PathLike):
 
 
 # ----------------------------------------------------------------------------- terminal
+
+
+def recipe_summary_extras(recipe: str, params: dict, stats: dict) -> dict:
+    """What the recipe class adds to the summary (its ``summary_extras(params, stats)``, e.g.
+    VaPR's task shares), or nothing."""
+    import importlib
+
+    from pairforge.recipes import RECIPES
+
+    if recipe not in RECIPES:
+        return {}
+    module, name = RECIPES[recipe].split(":")
+    extras = getattr(getattr(importlib.import_module(module), name), "summary_extras", None)
+    return dict(extras(params, stats)) if extras else {}
 
 
 def print_summary(summary: dict, console: Any) -> None:

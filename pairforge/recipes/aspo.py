@@ -1,24 +1,27 @@
 """ASPO annotations: sentence spans and adaptive sentence weights of each pair's chosen answer.
 
 Wang et al., 2025, "ASPO: Adaptive Sentence-Level Preference Optimization for Fine-Grained
-Multimodal Reasoning", ACL 2025, arXiv:2505.19100, §3 (adaptive sentence reward). The chosen
-answer is split into sentences s_1..s_n; each gets
+Multimodal Reasoning", arXiv:2505.19100, §3.2.1 and Alg. 1. The chosen answer is split into
+sentences s_1..s_n (pysbd; the paper is silent on the splitter); each gets
 
-- S_i = cos(CLIP(image), CLIP(s_i)), the image-text similarity;
-- PPL_i = exp(−(1/N_i) Σ_{t ∈ s_i} log π(w_t | x, w_<t)), its perplexity under the policy given
-  the image, the prompt and the preceding text: one ``score`` call on the whole chosen answer,
-  summed per sentence with ``span_logprobs`` (exact, through the token offsets);
+- S_i = cos(CLIP(image), CLIP(s_i)), the image-text similarity (Eq. 6), min-max normalised
+  within the answer to S'_i (Eq. 7);
+- PPL_i = exp(−(1/N_i) Σ_{t ∈ s_i} log π(w_t | x, w_<t)) (Eq. 9), its perplexity under the policy
+  given the image, the prompt and the preceding text: one ``score`` call on the whole chosen
+  answer, summed per sentence with ``span_logprobs`` (exact, through the token offsets). The
+  paper negates the perplexity, then min-max normalises it like Eq. 7: PPL'_i =
+  (max PPL − PPL_i)/(max PPL − min PPL), so the least perplexing sentence gets 1;
 
-both min-max normalised within the answer, and w_i = α·S'_i + (1 − α)·PPL'_i, α = 0.5.
+and w_i = α·S'_i + (1 − α)·PPL'_i (Eq. 10), α = 0.5 (§4.1).
 
-**Direction of PPL.** ASPO negates the perplexity before normalising: a sentence the model
-finds *less* perplexing is more likely correct and gets the *higher* weight (low perplexity =
-high confidence = high weight; arXiv:2505.19100 §3, "Textual Perplexity", as summarised by
-papernotes.org's ACL 2025 note on the paper). So PPL'_i = (max PPL − PPL_i)/(max PPL − min PPL).
+The build stores the raw similarities S_i (``sentence_similarities``) and the weights w_i of
+the build's policy (``sentence_weights``). Alg. 1 computes PPL'_i inside the training loop from
+the policy being trained; ``pairforge train --loss aspo`` does that (the stored weights are the
+initial ones, used only with ``aspo_weights: stored`` or by sets without similarities).
 
-A one-sentence answer gets weight 0 (min-max of one value; ASPO then reduces to DPO), and so
-does a quantity that is equal across all sentences. The trainer's ASPO loss uses
-M* = (R_c/R_c*)·Σ_i β(1 + w_i)·log(π_θ(s_i|x)/π_ref(s_i|x)) − β·log(π_θ(y_r|x)/π_ref(y_r|x)).
+A one-sentence answer gets weight 0 (min-max of one value; ASPO then reduces to DPO, §3.2.1),
+and so does a quantity that is equal across all sentences. The trainer's loss is Eq. 12–13
+(:func:`pairforge.train.losses.aspo_loss`).
 
 **Spans tile the text**: ``sentence_spans[i] = [start, end)`` with start_0 = 0, start_i =
 end_{i−1} and the last end = len(chosen); a span holds its sentence and the whitespace before
@@ -45,30 +48,69 @@ from pairforge.models.base import Capability, Request, require
 from pairforge.recipes.base import BuildContext, Example, Outcome, Reject, pair_row, recipe_params
 from pairforge.schema import COLUMN_GROUPS, count_image_parts, response_text, validate_row
 
-#: Words whose trailing period does not end a sentence.
-ABBREVIATIONS = frozenset("e.g i.e etc vs cf approx fig mr mrs ms dr".split())
-_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s)|\n+")
+#: Abbreviations (besides pysbd's own list) whose period does not end a sentence when the next
+#: piece does not start with a capital letter ("on Mon. and", "approx. 3.14").
+ABBREVIATIONS = frozenset(
+    "e.g i.e etc vs cf approx ca fig figs no nos mr mrs ms dr st jr sr prof vol a.m p.m "
+    "mon tue tues wed thu thur thurs fri sat sun jan feb mar apr jun jul aug sep sept oct nov dec".split())
+_LINE_BREAK = re.compile(r"\n+")
+
+
+def _segmenter():
+    """pysbd's English segmenter (rule-based Golden Rules; keeps the text as it is)."""
+    global _SEGMENTER, _PYSBD_ABBREVIATIONS
+    if _SEGMENTER is None:
+        import pysbd
+        from pysbd.languages import Language
+
+        _SEGMENTER = pysbd.Segmenter(language="en", clean=False)
+        _PYSBD_ABBREVIATIONS = frozenset(a.lower().rstrip(".") for a in
+                                         Language.get_language_code("en").Abbreviation.ABBREVIATIONS)
+    return _SEGMENTER
+
+
+_SEGMENTER = None
+_PYSBD_ABBREVIATIONS: frozenset[str] = frozenset()
+
+
+def _ends_with_abbreviation(piece: str) -> bool:
+    word = re.search(r"([\w.]+)\.$", piece.rstrip())
+    token = word.group(1).lower().rstrip(".") if word else ""
+    return bool(token) and (token in ABBREVIATIONS or token in _PYSBD_ABBREVIATIONS
+                            or bool(re.fullmatch(r"(?:[a-z]\.)+[a-z]", token)))  # "u.s", "a.m"
 
 
 # ----------------------------------------------------------------------------- pure logic
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """Sentence spans of ``text`` that tile it (module docstring): a sentence ends at ``.``,
-    ``!`` or ``?`` (closing quotes/brackets included) followed by whitespace, or before a line
-    break (which, like any whitespace, starts the next span); not after an abbreviation of :data:`ABBREVIATIONS` ("e.g.", "etc."). Pieces without a
-    letter or digit join the sentence before them. ``[]`` for blank text."""
+    """Sentence spans of ``text`` that tile it (module docstring). Boundaries come from pysbd
+    (Sadvilkar & Neumann 2020, rule-based sentence boundary disambiguation: decimals such as
+    "3.5", "p.m.", "Dr.", "U.S." do not end a sentence), plus every line break; a boundary pysbd
+    puts right after an abbreviation ("Mon.", "approx.") is undone when the next piece does not
+    start with a capital letter ("on Mon. and", "approx. 3.14"). A span holds its sentence and
+    the whitespace before it; pieces without a letter or digit join the sentence before them.
+    ``[]`` for blank text."""
     if not text.strip():
         return []
-    cuts = []
-    for m in _END.finditer(text):
-        if m.group()[0] == "\n":  # line breaks go with the next sentence, like any whitespace
-            cuts.append(m.start())
+    cuts: set[int] = {m.start() for m in _LINE_BREAK.finditer(text)}
+    pos = 0
+    pieces = []
+    for seg in _segmenter().segment(text):
+        core = seg.strip()
+        if not core:
             continue
-        word = re.search(r"([\w.]+)$", text[:m.start()])
-        if (word.group(1).lower().rstrip(".") if word else "") not in ABBREVIATIONS:
-            cuts.append(m.end())
-    bounds = [0] + sorted({c for c in cuts if 0 < c < len(text)}) + [len(text)]
+        start = text.find(core, pos)
+        if start < 0:  # pysbd changed the text (it should not with clean=False): no cut here
+            continue
+        pos = start + len(core)
+        pieces.append((start, pos))
+    for (s0, e0), (s1, _) in zip(pieces, pieces[1:]):
+        nxt = text[s1:s1 + 1]
+        if _ends_with_abbreviation(text[s0:e0]) and not nxt.isupper():
+            continue  # "on Mon. and", "approx. 3.14": the abbreviation's period ends no sentence
+        cuts.add(e0)
+    bounds = [0] + sorted(c for c in cuts if 0 < c < len(text)) + [len(text)]
     spans: list[tuple[int, int]] = []
     for s, e in zip(bounds, bounds[1:]):
         if s >= e:
@@ -89,7 +131,7 @@ def min_max(values: Sequence[float]) -> list[float]:
 
 
 def aspo_weights(similarities: Sequence[float], perplexities: Sequence[float], alpha: float = 0.5) -> list[float]:
-    """ASPO sentence weights (Wang et al., 2025, arXiv:2505.19100, §3):
+    """ASPO sentence weights (Wang et al., 2025, arXiv:2505.19100, §3.2.1, Eqs. 7 and 10):
     w_i = α·S'_i + (1 − α)·PPL'_i with S' = min-max(S) and PPL' = min-max(−PPL), so the least
     perplexing sentence gets PPL' = 1. ``[]`` for no sentence; ``[0.0]`` for one."""
     if len(similarities) != len(perplexities):
@@ -101,7 +143,7 @@ def aspo_weights(similarities: Sequence[float], perplexities: Sequence[float], a
 
 
 def span_perplexity(logprobs: Sequence[float]) -> float:
-    """exp(−mean log-prob) of a sentence's tokens; NaN for none."""
+    """exp(−mean log-prob) of a sentence's tokens (ASPO Eq. 9); NaN for none."""
     return math.exp(-sum(logprobs) / len(logprobs)) if logprobs else math.nan
 
 
@@ -111,7 +153,8 @@ def span_perplexity(logprobs: Sequence[float]) -> float:
 def annotate(rows: Sequence[Mapping], policy, clip, *, alpha: float = 0.5,
              where: str | None = None) -> list[dict]:
     """ASPO annotations for canonical pair rows: a copy of each row with ``sentence_spans``
-    (list of ``{"start", "end"}``) and ``sentence_weights`` added.
+    (list of ``{"start", "end"}``), ``sentence_weights`` (w_i, Eq. 10) and
+    ``sentence_similarities`` (raw S_i, Eq. 6; 0 for a one-sentence answer) added.
 
     ``policy``: a :class:`~pairforge.models.VLM` with ``score`` (one call for all rows);
     ``clip``: an :class:`~pairforge.models.ImageTextScorer` (one ``cosine`` call for all
@@ -137,6 +180,7 @@ def annotate(rows: Sequence[Mapping], policy, clip, *, alpha: float = 0.5,
     requests = [Request(rows[i]["prompt"], images[k], id=str(rows[i]["id"])) for k, i in enumerate(multi)]
     scored = policy.score(requests, [chosen[i] for i in multi]) if multi else []
     weights: dict[int, list[float]] = {}
+    similarities = {i: sims[k] for k, i in enumerate(multi)}
     for k, i in enumerate(multi):
         ppl = [span_perplexity(scored[k].span_logprobs(s, e)) for s, e in spans[i]]
         finite = [p for p in ppl if not math.isnan(p)]
@@ -147,6 +191,8 @@ def annotate(rows: Sequence[Mapping], policy, clip, *, alpha: float = 0.5,
         new = dict(row)
         new["sentence_spans"] = [{"start": s, "end": e} for s, e in spans[i]]
         new["sentence_weights"] = weights.get(i, [0.0] * len(spans[i]))
+        # raw S_i (Eq. 6) for the trainer's per-step weights; a one-sentence answer needs none
+        new["sentence_similarities"] = similarities.get(i, [0.0] * len(spans[i]))
         out.append(new)
     return out
 

@@ -3,16 +3,26 @@
 Gao et al., 2025, "M3PO: Multimodal-Model-Guided Preference Optimization for Visual Instruction
 Following", arXiv:2508.12458, M3P-Score (DESIGN.md, "The four recipes"). For each example:
 
-1. **Pool.** N candidates R_1..R_N sampled from the policy (param ``n``, 8 by default on CPU;
-   the paper uses 32), temperature 1.0, each with log P_j = log π(R_j | x), the sum of its token
-   log-probs as the sampler returned them. Seeded per example: the backend derives sample j's
-   seed from (run seed, "m3po", example id, j), so pools never depend on batching or resume.
-2. **MAS** (multimodal alignment score) of each candidate: CLIPScore(I, R_j) = 2.5·max(cos, 0)
-   (Hessel et al., 2021, eq. 1) from the ``clip`` scorer, averaged over the example's images.
-   With ``judge_weight`` w > 0 it is mixed with an LLM judge (role ``judge``, prompt
-   ``prompts/m3po/judge.txt``): MAS = (1 − w)·CLIPScore + w·2.5·P(yes), where P(yes) is the
-   judge's probability of answering "Yes" rather than "No" (both scored through the models
-   protocol's ``score``), on CLIPScore's scale.
+1. **Pool.** N candidates R_1..R_N sampled from the policy (param ``n``; §3.2 uses N = 32, the
+   ``preset=paper`` value; 8 by default so that CPU builds stay small), each with
+   log P_j = log π(R_j | x) (§3.4), the sum of its token log-probs as the sampler returned them.
+   §3.2 samples with "nucleus sampling or top-p sampling with a moderate temperature" and gives
+   no numbers: ``preset=paper`` uses temperature 0.7 and top-p 0.9 (our choice); the CPU default
+   is temperature 1.0, top-p 1.0 (plain sampling, for a diverse pool from a tiny model). Seeded
+   per example: the backend derives sample j's seed from (run seed, "m3po", example id, j), so
+   pools never depend on batching or resume.
+2. **MAS(R_j | I, Q)** (§3.3: visual relevance, semantic accuracy and instruction adherence,
+   from "CLIP ViT-L/14 or BLIP-2 combined with GPT-4V"). Visual relevance: CLIPScore(I, R_j) =
+   2.5·max(cos, 0) (Hessel et al., 2021, eq. 1) from the ``clip`` scorer, averaged over the
+   example's images (``clip_text=question+answer`` scores the question and the answer
+   together instead, a judge-free question-aware variant). The question-aware part is the LLM
+   judge (role ``judge``, prompt ``prompts/m3po/judge.txt``, which sees the question Q, the
+   answer and, when it takes images, the image, and is asked whether the answer is correct,
+   grounded in the image and does what the question asks): with ``judge_weight`` w > 0,
+   MAS = (1 − w)·CLIPScore + w·2.5·P(yes), P(yes) the judge's probability of "Yes" rather than
+   "No" (both scored through the models protocol's ``score``), on CLIPScore's scale. The paper
+   gives no mixing rule; ``preset=paper`` uses w = 0.5 (our choice). The CPU default (w = 0,
+   CLIP on the answer alone) ignores Q: a documented deviation (benchmarks/fidelity.md).
 3. **Selection** (:func:`select_pair`): chosen R_w = argmax MAS; rejected = argmax, over the
    distinct candidates whose MAS is below MAS_w, of the M3P-score
    S(R_j) = (MAS_w − MAS_j) − α·max(0, log P_w − log P_j − δ), α = 0.5, δ = 0.1: a clearly
@@ -103,23 +113,44 @@ def select_pair(texts: Sequence[str], mas: Sequence[float], logp: Sequence[float
 # ----------------------------------------------------------------------------- recipe
 
 
+#: ``preset=paper``: the paper's N = 32 (§3.2, §4.1) and α, δ (§4.1); temperature, top-p,
+#: answer length and the judge's share of MAS are not given in the paper (our choices).
+PAPER_PRESET: dict[str, Any] = {"n": 32, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 512,
+                                "alpha": 0.5, "delta": 0.1, "judge_weight": 0.5, "clip_text": "answer"}
+PRESETS = ("cpu", "paper")
+CLIP_TEXTS = ("answer", "question+answer")
+
+
 @dataclass(frozen=True)
 class M3POParams:
-    """``n`` candidates sampled at ``temperature`` (at most ``max_new_tokens`` each); M3P-score
-    ``alpha`` and ``delta``; ``judge_weight`` of the LLM judge in MAS (0: off)."""
+    """``n`` candidates sampled at ``temperature`` and nucleus ``top_p`` (at most
+    ``max_new_tokens`` each); M3P-score ``alpha`` and ``delta``; ``judge_weight`` of the LLM
+    judge in MAS (0: off); ``clip_text``: what CLIP scores against the image (the answer, or
+    the question and the answer). ``preset``: ``cpu`` (these defaults) or ``paper``
+    (:data:`PAPER_PRESET`; parameters given explicitly override it)."""
 
     n: int = 8
     temperature: float = 1.0
+    top_p: float = 1.0
     max_new_tokens: int = 64
     alpha: float = 0.5
     delta: float = 0.1
     judge_weight: float = 0.0
+    clip_text: str = "answer"
+    preset: str = "cpu"
 
     def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise PairforgeError(f"m3po: preset={self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.clip_text not in CLIP_TEXTS:
+            raise PairforgeError(f"m3po: clip_text={self.clip_text!r}; choose one of {', '.join(CLIP_TEXTS)}")
         if self.n < 2:
             raise PairforgeError(f"m3po: n={self.n}; a pool needs at least 2 candidates (paper: 32)")
         if self.temperature <= 0:
-            raise PairforgeError(f"m3po: temperature={self.temperature}; sampling needs > 0 (paper: 1.0)")
+            raise PairforgeError(f"m3po: temperature={self.temperature}; sampling needs > 0 (paper: a "
+                                 f"moderate temperature with nucleus sampling, no value given)")
+        if not 0 < self.top_p <= 1:
+            raise PairforgeError(f"m3po: top_p={self.top_p}; must be in (0, 1] (1 = no nucleus cut)")
         if self.max_new_tokens < 1:
             raise PairforgeError(f"m3po: max_new_tokens={self.max_new_tokens}; must be >= 1")
         if self.alpha < 0 or self.delta < 0:
@@ -156,7 +187,9 @@ class M3PO:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> M3PO:
-        return cls(recipe_params(M3POParams, params, cls.name))
+        """Parameters over the preset's values (``preset=paper``: :data:`PAPER_PRESET`)."""
+        base = dict(PAPER_PRESET) if str(params.get("preset", "cpu")) == "paper" else {}
+        return cls(recipe_params(M3POParams, {**base, **params}, cls.name))
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self.p)
@@ -200,12 +233,14 @@ class M3PO:
                 todo.append(i)
         if not todo:
             return out  # type: ignore[return-value]
-        sampling = SamplingParams(temperature=self.p.temperature, max_new_tokens=self.p.max_new_tokens,
-                                  seed=derive_seed(ctx.seed, self.name))
+        sampling = SamplingParams(temperature=self.p.temperature, top_p=self.p.top_p,
+                                  max_new_tokens=self.p.max_new_tokens, seed=derive_seed(ctx.seed, self.name))
         requests = [Request(examples[i].prompt_messages, examples[i].images, id=examples[i].id) for i in todo]
         samples = ctx.models["policy"].generate(requests, self.p.n, sampling)
         texts = [[c.text for c in cs] for cs in samples]
-        clip = mas_scores(ctx.models["clip"], [examples[i].images for i in todo], texts)
+        clip_texts = texts if self.p.clip_text == "answer" else [
+            [question_answer(examples[i].question, t) for t in ts] for i, ts in zip(todo, texts)]
+        clip = mas_scores(ctx.models["clip"], [examples[i].images for i in todo], clip_texts)
         judge = (_judge_scores(ctx.models["judge"], self.templates()[JUDGE_TEMPLATE],
                                [examples[i] for i in todo], texts)
                  if self.p.judge_weight > 0 else None)
@@ -241,6 +276,12 @@ class M3PO:
 
 
 # ----------------------------------------------------------------------------- model calls
+
+
+def question_answer(question: str, answer: str) -> str:
+    """The text CLIP scores with ``clip_text=question+answer`` ("" for an empty answer, which
+    stays unscored)."""
+    return f"{question.strip()} {answer.strip()}".strip() if answer.strip() else ""
 
 
 def mas_scores(clip, images: Sequence[Sequence[Any]], texts: Sequence[Sequence[str]]) -> list[list[float]]:

@@ -1,7 +1,9 @@
 """Settings of ``pairforge train``: one dataclass, loadable from YAML, checked in one place.
 
 Precedence: the dataclass defaults, then ``--config FILE.yaml`` (keys are the field names,
-e.g. ``lora_r: 16``), then command-line options that were given explicitly.
+e.g. ``lora_r: 16``) or ``--config PRESET`` (a YAML shipped in ``pairforge/train/presets/``:
+the training settings of a paper, see :data:`PRESETS`), then command-line options that were
+given explicitly.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     warmup: int = 0
+    warmup_ratio: float | None = None  # warmup as a share of the preference stage's steps (instead of warmup)
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -53,7 +56,9 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_target: str = "language"  # "language" (text model's linear layers), "all-linear", or names
+    # "language" (text model's linear layers), "language-attention" (its attention projections
+    # only), "all-linear", or module names
+    lora_target: str = "language"
     merge: bool = False
     # reference log-probs
     precompute_ref: bool = True
@@ -66,6 +71,11 @@ class TrainConfig:
     cooling_floor: float | None = None
     cooling_tau: float | None = None
     cw_stage1_epochs: float = 1.0
+    # ASPO (arXiv:2505.19100): α of Eq. 10; weights recomputed per step (Alg. 1) or the stored
+    # ones; the R_c/R_c* of Eq. 12 as the paper's reward ratio or the token-length option
+    aspo_alpha: float = 0.5
+    aspo_weights: str = "dynamic"
+    aspo_ratio: str = "reward"
     # P2-DPO
     lambda_calib: float = losses.P2DPO_LAMBDA_CALIB
     # logging, probes, checkpoints
@@ -98,6 +108,12 @@ class TrainConfig:
         for name in ("warmup", "probe_size"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise bad("warmup_ratio", "must be in [0, 1) (a share of the training steps)")
+        if self.warmup_ratio is not None and self.warmup > 0:
+            raise bad("warmup", "give warmup (steps) or warmup_ratio (share of the steps), not both")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", "must be >= 0 (AdamW's decoupled weight decay)")
         if self.steps is not None and self.steps < 1:
             raise bad("steps", "must be >= 1 (or leave it out and set epochs)")
         if self.steps is None and self.epochs <= 0:
@@ -109,6 +125,12 @@ class TrainConfig:
                 raise bad(name, "must be > 0")
         if self.sftc_reduction not in ("sequence", "token_mean"):
             raise bad("sftc_reduction", "choose 'sequence' (Eq. 4.2's −log π(y|x)) or 'token_mean'")
+        if not 0 <= self.aspo_alpha <= 1:
+            raise bad("aspo_alpha", "must be in [0, 1] (ASPO's paper: 0.5)")
+        if self.aspo_weights not in ("dynamic", "stored"):
+            raise bad("aspo_weights", "choose dynamic (recomputed each step, the paper's Alg. 1) or stored")
+        if self.aspo_ratio not in losses.ASPO_RATIOS:
+            raise bad("aspo_ratio", f"choose one of {', '.join(losses.ASPO_RATIOS)} (reward: the paper's Eq. 12)")
         if self.cw_stage1_epochs < 0:
             raise bad("cw_stage1_epochs", "must be >= 0 (0 skips Stage 1)")
         if not self.full_finetune and (self.lora_r < 1 or self.lora_alpha <= 0):
@@ -163,6 +185,21 @@ class TrainConfig:
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+#: Shipped presets: the papers' training settings (``pairforge train --config vapr``).
+PRESET_DIR = Path(__file__).parent / "presets"
+PRESETS = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+
+
+def config_path(path: str | Path) -> Path:
+    """A config file: ``path`` itself when it is a file, else the shipped preset of that name."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    preset = PRESET_DIR / f"{p.name.removesuffix('.yaml')}.yaml"
+    if p.parent == Path(".") and preset.is_file():
+        return preset
+    raise PairforgeError(f"{p}: no such config file or preset; pass a YAML file of train settings "
+                         f"or one of the presets {', '.join(PRESETS)}")
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
@@ -171,9 +208,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
     if path is not None:
         import yaml
 
-        p = Path(path)
-        if not p.is_file():
-            raise PairforgeError(f"{p}: no such config file; pass a YAML file of train settings")
+        p = config_path(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

@@ -105,6 +105,30 @@ def step_rows(indices: Sequence[int], step: int, rows_per_step: int, seed: int, 
     return out
 
 
+def aspo_step_weights(sentence_sums: torch.Tensor, sentence_counts: torch.Tensor,
+                      similarities: Sequence[Sequence[float]], alpha: float) -> torch.Tensor:
+    """ASPO's sentence weights at this step (Wang et al. 2025, arXiv:2505.19100, Alg. 1: the
+    weights are computed inside the loop from the model's predictions): PPL_i (Eq. 9) from the
+    current policy's per-sentence log-prob sums and token counts (B, S), detached; S_i the
+    build's stored CLIP similarities (one list per row, its sentences); w_i = α·S'_i +
+    (1 − α)·PPL'_i (Eqs. 7, 10, :func:`pairforge.recipes.aspo.aspo_weights`). A sentence with
+    no token of its own gets the row's worst perplexity (PPL' = 0), as in the build. (B, S),
+    0 on padding."""
+    from pairforge.recipes.aspo import aspo_weights
+
+    sums, counts = sentence_sums.detach().double().cpu(), sentence_counts.cpu()
+    out = torch.zeros(sentence_sums.shape, dtype=sentence_sums.dtype)
+    for j, sims in enumerate(similarities):
+        n = len(sims)
+        ppl = [math.exp(-sums[j, i].item() / int(counts[j, i])) if counts[j, i] > 0 else math.nan
+               for i in range(n)]
+        finite = [p for p in ppl if not math.isnan(p)]
+        worst = max(finite) if finite else 0.0
+        w = aspo_weights(list(sims), [worst if math.isnan(p) else p for p in ppl], alpha)
+        out[j, :n] = torch.tensor(w, dtype=out.dtype)
+    return out.to(sentence_sums.device)
+
+
 def lr_multiplier(step: int, stages: Sequence[int], warmup: int, min_ratio: float) -> float:
     """Linear warmup then cosine decay, restarted at each stage boundary (CW-DPO's Stage 2
     starts its own schedule); ``stages`` are the stages' step counts."""
@@ -117,13 +141,15 @@ def lr_multiplier(step: int, stages: Sequence[int], warmup: int, min_ratio: floa
     return min_ratio
 
 
-def language_lora_targets(model: torch.nn.Module) -> list[str]:
+def language_lora_targets(model: torch.nn.Module, attention_only: bool = False) -> list[str]:
     """Names of the ``nn.Linear`` layers of the model's text decoder (LoRA's default targets:
-    attention and MLP projections of the language model, not the vision tower or lm_head)."""
+    attention and MLP projections of the language model, not the vision tower or lm_head);
+    ``attention_only``: those inside its attention blocks (P2-DPO App. F.1)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     prefix = next((n for n, m in model.named_modules() if m is decoder), None) if decoder is not None else None
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-             and (prefix is None or n.startswith(prefix + "."))]
+             and (prefix is None or n.startswith(prefix + "."))
+             and (not attention_only or any(k in n.lower() for k in ("attn", "attention")))]
     if not names:
         raise PairforgeError(f"{type(model).__name__}: no linear layers found in the text model for "
                              f"LoRA; set lora_target to 'all-linear' or to module names")
@@ -195,6 +221,12 @@ class Trainer:
             meta = self.ds.select_columns(["p2dpo_kind", "ddw_focus", "ddw_robust"])
             for i, r in enumerate(meta):
                 ddw_weight(r, i, self.where)
+        self.aspo_dynamic = c.loss == "aspo" and c.aspo_weights == "dynamic"
+        if self.aspo_dynamic and ("sentence_similarities" not in self.ds.column_names
+                                  or self.ds.data.column("sentence_similarities").null_count == n):
+            self.aspo_dynamic = False
+            self.notes.append("aspo: the set has no sentence_similarities (built before per-step weights); "
+                              "the stored sentence_weights are used as fixed weights")
         pref = [i for i in range(n) if stages[i] == 2]
         n_probe = min(c.probe_size, len(pref) // 5)
         g = torch.Generator().manual_seed(derive_seed("probe", c.seed))
@@ -262,6 +294,8 @@ class Trainer:
 
             if c.lora_target == "language":
                 targets: Any = language_lora_targets(model)
+            elif c.lora_target == "language-attention":
+                targets = language_lora_targets(model, attention_only=True)
             elif c.lora_target == "all-linear":
                 targets = "all-linear"
             else:
@@ -275,8 +309,12 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         self.stage_steps = self._stage_steps()
         total = sum(self.stage_steps)
+        self.warmup_steps = (c.warmup if c.warmup_ratio is None
+                             else math.ceil(c.warmup_ratio * self.stage_steps[-1]))
+        if c.warmup_ratio is not None:
+            self.notes.append(f"warmup: {self.warmup_steps} steps ({c.warmup_ratio:g} of {self.stage_steps[-1]})")
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_multiplier(s, self.stage_steps, c.warmup, c.min_lr_ratio))
+            optimizer, lambda s: lr_multiplier(s, self.stage_steps, self.warmup_steps, c.min_lr_ratio))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.total_steps = total
         if not c.full_finetune:  # checkpoints hold the trainable (adapter) tensors only
@@ -439,11 +477,18 @@ class Trainer:
                                floor=self.cw["cooling_floor"], tau=self.cw["cooling_tau"])
             self.cooling_seen += res.extras["cooling_weight"].tolist()
         elif c.loss == "aspo":
-            weights = torch.zeros_like(ch.segment_sums)
-            for j, r in enumerate(rows):
-                weights[j, :len(r["sentence_weights"])] = torch.tensor(r["sentence_weights"])
+            if self.aspo_dynamic:  # Alg. 1: PPL'_i from this step's policy, S_i from the build
+                weights = aspo_step_weights(ch.segment_sums, ch.segment_counts,
+                                            [_similarities(r, i, self.where) for r, i in zip(rows, indices)],
+                                            c.aspo_alpha)
+            else:  # the build's weights (its policy's perplexities), fixed
+                weights = torch.zeros_like(ch.segment_sums)
+                for j, r in enumerate(rows):
+                    weights[j, :len(r["sentence_weights"])] = torch.tensor(r["sentence_weights"])
             res = L.aspo_loss(ch.segment_sums, ref[SENTENCES], weights, ch.segment_counts, rj.sums,
-                              ref["rejected"], c.beta)
+                              ref["rejected"], c.beta, c.aspo_ratio)
+            if bool((ch.segment_counts > 0).any()):
+                res.extras["aspo_weight"] = weights[ch.segment_counts > 0].detach()
         else:
             is_focus = torch.tensor([r["p2dpo_kind"] == "focus" for r in rows], device=self.device)
             ddw = torch.tensor([ddw_weight(r, i, self.where) for r, i in zip(rows, indices)],
@@ -798,6 +843,8 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
 def _spread(values: list[float], name: str) -> dict[str, float]:
     """Percentiles (5, 25, 50, 75, 95), mean and std of ``values`` (e.g. every cooling weight
     of the run's Stage-2 steps), keyed ``{name}_p05`` ...; empty without values."""
@@ -806,6 +853,18 @@ def _spread(values: list[float], name: str) -> dict[str, float]:
     v = np.asarray(values, dtype=np.float64)
     out = {f"{name}_p{q:02d}": float(np.percentile(v, q)) for q in (5, 25, 50, 75, 95)}
     return {**out, f"{name}_mean": float(v.mean()), f"{name}_std": float(v.std()), f"{name}_n": int(v.size)}
+
+
+def _similarities(row: dict, index: int, where: str) -> list[float]:
+    """A row's stored ASPO similarities S_i, one per sentence span (checked)."""
+    sims, spans = row.get("sentence_similarities"), row["sentence_spans"]
+    if sims is None or len(sims) != len(spans) or not all(s is not None and math.isfinite(s) for s in sims):
+        from pairforge.errors import BadInput
+
+        raise BadInput(f"{'missing' if sims is None else f'{len(sims)} value(s), some not finite or'} for "
+                       f"{len(spans)} sentence span(s); rebuild with `pairforge build aspo`, or train with "
+                       f"aspo_weights: stored", where=where, row=index, field="sentence_similarities")
+    return list(sims)
 
 
 def _reduce(accelerator, value: float) -> float:

@@ -117,45 +117,81 @@ def cwdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.T
 # ----------------------------------------------------------------------------- ASPO
 
 
+ASPO_RATIOS = ("reward", "length")
+
+
 def aspo_weighted_logratio(sentence_logratios: torch.Tensor, sentence_weights: torch.Tensor,
-                           sentence_lengths: torch.Tensor) -> torch.Tensor:
-    """ASPO's adaptive sentence-level log-ratio of the chosen answer (Wang et al. 2025, "ASPO:
+                           sentence_lengths: torch.Tensor, ratio: str = "reward",
+                           beta: float = BETA) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen side of ASPO's adaptive margin, divided by β (Wang et al. 2025, "ASPO:
     Adaptive Sentence-Level Preference Optimization for Fine-Grained Multimodal Reasoning",
-    ACL 2025, https://arxiv.org/abs/2505.19100, sec. 3, adaptive sentence reward):
+    arXiv:2505.19100, §3.2.1, Eq. 12):
 
-        M_c = (R_c / R_c*) · Σ_i (1 + w_i)·Δ_i,     Δ_i = Σ_{t ∈ s_i} (log π − log π_ref)(y_t),
-        R_c = Σ_i L_i,   R_c* = Σ_i (1 + w_i)·L_i,  L_i = tokens of sentence s_i,
+        M_c = sg(R_c / R_c*) · Σ_i (1 + w_i)·Δ_i,     Δ_i = log π_θ(s_i|x) − log π_ref(s_i|x),
+        R_c = Σ_i β·Δ_i,   R_c* = Σ_i β·(1 + w_i)·Δ_i,
 
-    so sentence i's tokens weigh (1 + w_i) (w_i ∈ [0, 1] from the build: α·S'_i + (1−α)·PPL'_i)
-    and the length normalisation R_c/R_c* keeps the total on the scale of the unweighted
-    log-ratio Σ_i Δ_i: a one-sentence answer, or equal weights, gives exactly DPO's
-    log π(y_w) − log π_ref(y_w). We read R_c / R_c* as the answer's token length and its
-    weighted length (the paper's full text was not available to us to confirm it). Shapes
-    (B, S), padded with L_i = 0; weights must be > −1; returns (B,)."""
-    lengths = sentence_lengths.to(sentence_logratios.dtype)
-    factor = (1 + sentence_weights.to(sentence_logratios.dtype)) * (lengths > 0)
-    r_c = lengths.sum(-1)
-    r_c_star = (factor * lengths).sum(-1)
-    return (r_c / r_c_star.clamp_min(torch.finfo(r_c.dtype).tiny)) * (factor * sentence_logratios).sum(-1)
+    R_c and R_c* being, as Eq. 12's text says, the original and the reweighted sums of the
+    chosen answer's sentence-level implicit rewards. **Read literally the ratio cancels**:
+    (R_c/R_c*)·R_c*/β = R_c/β, i.e. DPO's chosen log-ratio, and the weights would do nothing.
+    Here the ratio is a stop-gradient (``sg``, detached) normaliser: the *value* of M_c is
+    DPO's Σ_i Δ_i, but its *gradient* is sg(R_c/R_c*)·(1 + w_i)·∇Δ_i per sentence, so
+    the weights move credit towards the high-weight sentences while the total stays on DPO's
+    scale, as the paper's stated purpose of the ratio (keep longer answers from gaining from
+    the total weight) asks. Degenerate ratios (paper silent; our choice): R_c* = 0 (e.g. the
+    first step, π_θ = π_ref) takes the equal-reward limit n/Σ_i(1 + w_i), and the ratio is
+    clamped to [1/(1 + max w), 1/(1 + min w)], the range it spans whenever the sentence
+    rewards share a sign, so sentence rewards of mixed signs cannot blow it up.
+
+    ``ratio="length"``: pairforge's earlier substitute, R_c = Σ_i L_i and R_c* = Σ_i (1+w_i)·L_i
+    with L_i the sentence's tokens, not detached (a documented option, not the paper's).
+
+    Shapes (B, S), padded with L_i = 0 (padding ignored); weights must be > −1. Returns M_c (B,)
+    and the ratio used (B,, detached)."""
+    if ratio not in ASPO_RATIOS:
+        raise ValueError(f"aspo ratio={ratio!r}; choose one of {ASPO_RATIOS}")
+    dtype = sentence_logratios.dtype
+    present = sentence_lengths > 0
+    logratios = torch.where(present, sentence_logratios, torch.zeros_like(sentence_logratios))
+    factor = torch.where(present, 1 + sentence_weights.to(dtype), torch.zeros_like(logratios))
+    weighted = (factor * logratios).sum(-1)
+    if ratio == "length":
+        lengths = sentence_lengths.to(dtype)
+        r = lengths.sum(-1) / (factor * lengths).sum(-1).clamp_min(torch.finfo(dtype).tiny)
+        return r * weighted, r.detach()
+    with torch.no_grad():
+        r_c = beta * logratios.sum(-1)
+        r_c_star = beta * weighted
+        n = present.sum(-1).to(dtype)
+        equal = n / factor.sum(-1).clamp_min(torch.finfo(dtype).tiny)
+        r = torch.where(r_c_star != 0, r_c / torch.where(r_c_star != 0, r_c_star, torch.ones_like(r_c_star)),
+                        equal)
+        big = torch.finfo(dtype).max
+        hi = 1 / torch.where(present, factor, torch.full_like(factor, big)).amin(-1)
+        lo = 1 / torch.where(present, factor, torch.zeros_like(factor)).amax(-1).clamp_min(torch.finfo(dtype).tiny)
+        r = torch.minimum(torch.maximum(r, lo), hi)
+    return r * weighted, r
 
 
 def aspo_loss(policy_chosen_sentence_logps: torch.Tensor, ref_chosen_sentence_logps: torch.Tensor,
               sentence_weights: torch.Tensor, sentence_lengths: torch.Tensor,
               policy_rejected_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
-              beta: float = BETA) -> PreferenceLoss:
-    """ASPO (Wang et al. 2025, arXiv:2505.19100): DPO whose chosen log-ratio is the
-    sentence-weighted, length-normalised :func:`aspo_weighted_logratio` M_c:
+              beta: float = BETA, ratio: str = "reward") -> PreferenceLoss:
+    """ASPO (Wang et al. 2025, arXiv:2505.19100, §3.2.1–3.2.2, Eqs. 12–13):
 
-        L = −log σ(β·(M_c − (log π(y_l|x) − log π_ref(y_l|x))))
+        M* = (R_c/R_c*)·Σ_i β(1 + w_i)·log(π_θ(s_i|x)/π_ref(s_i|x)) − β·log(π_θ(y_r|x)/π_ref(y_r|x))
+        L  = −log σ(M*)
 
+    with the ratio a stop-gradient normaliser (see :func:`aspo_weighted_logratio`: literally
+    it cancels and M* would be DPO's margin; detached, the weights shape the gradient).
     Sentence log-probs (B, S) are per-sentence sums of the chosen answer's token log-probs;
-    weights w_i are the stored ``sentence_weights`` (w_i = α·S'_i + (1−α)·PPL'_i from the
-    build); rejected log-probs are sums (B,). Chosen reward: β·M_c."""
-    chosen = aspo_weighted_logratio(policy_chosen_sentence_logps - ref_chosen_sentence_logps,
-                                    sentence_weights, sentence_lengths)
+    weights w_i (B, S) are Eq. 10's (the trainer recomputes their perplexity part from the
+    current policy, Alg. 1); rejected log-probs are sums (B,). Chosen reward: β·M_c.
+    Extras: ``aspo_ratio`` (B,)."""
+    chosen, r = aspo_weighted_logratio(policy_chosen_sentence_logps - ref_chosen_sentence_logps,
+                                       sentence_weights, sentence_lengths, ratio, beta)
     rejected = policy_rejected_logps - ref_rejected_logps
     losses = -F.logsigmoid(beta * (chosen - rejected))
-    return PreferenceLoss(losses, (beta * chosen).detach(), (beta * rejected).detach())
+    return PreferenceLoss(losses, (beta * chosen).detach(), (beta * rejected).detach(), {"aspo_ratio": r})
 
 
 # ----------------------------------------------------------------------------- P2-DPO

@@ -2,7 +2,8 @@
 a retry note (``prompts/vapr/retry.txt``), filling them, and reading the edited answer out of
 the model's reply. Pure string work; the model call is the recipe's (models protocol).
 
-Template fields: ``{question}``, ``{answer}``, ``{avoid}`` (the task's penalty list, or
+Template fields: ``{question}``, ``{answer}``, ``{context}`` (the textual description of the
+image, §3.4; :mod:`pairforge.recipes.vapr.describe`), ``{avoid}`` (the task's penalty list, or
 "none") and ``{feedback}`` (empty, or the filled retry note with ``{previous}`` and
 ``{reason}``). Other braces are left as they are.
 """
@@ -34,14 +35,19 @@ def fill(template: str, **fields: str) -> str:
 
 
 def editor_prompt(templates: dict[str, str], task: str, question: str, answer: str,
-                  penalty: Sequence[str], previous: str | None = None, reason: str | None = None) -> str:
-    """The editor prompt for one answer; with ``previous`` / ``reason`` it carries the retry note."""
+                  penalty: Sequence[str], previous: str | None = None, reason: str | None = None,
+                  context: str = "") -> str:
+    """The editor prompt for one answer (``context``: the image's description); with
+    ``previous`` / ``reason`` it carries the retry note."""
     feedback = ""
     if previous is not None:
         note = fill(templates[RETRY], previous=previous.replace("\n", " "), reason=reason or "")
         feedback = "\n" + note.strip() + "\n"
+    from pairforge.recipes.vapr.describe import NONE
+
     return fill(templates[template_name(task)], question=question.strip(), answer=answer.strip(),
-                avoid=", ".join(penalty) or "none", feedback=feedback)
+                avoid=", ".join(penalty) or "none", feedback=feedback,
+                context=" ".join(context.split()) or NONE)
 
 
 _PREFIX = re.compile(r"^\s*(?:wrong answer|edited answer|new answer|answer|edited|rejected)\s*:\s*",

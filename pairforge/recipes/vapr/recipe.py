@@ -13,16 +13,34 @@ from pairforge.diagnostics.lengths import length_unit
 from pairforge.errors import PairforgeError
 from pairforge.models.base import Capability, Request, SamplingParams, require
 from pairforge.recipes.base import BuildContext, Example, Outcome, Reject, pair_row, recipe_params
-from pairforge.recipes.vapr import llm
+from pairforge.recipes.vapr import describe, llm
 from pairforge.recipes.vapr.editing import Edit, Validator, rule_candidates
 from pairforge.recipes.vapr.penalty import PenaltyLists, replacement_distribution
 from pairforge.recipes.vapr.rules import VaprRules
+from pairforge.resources import read_prompt
 from pairforge.schema import template_hash, user_message
 
 EDITORS = ("rule", "llm")
+TASK_SHARES = ("source", "paper")
+#: Table 1 of the VaPR paper (vapr-summary §3.3): approximate share (%) of each task category in
+#: the 30k-pair dataset; ``task_shares=paper`` samples the source towards these (normalised).
+TABLE1_SHARES = {"object": 13.3, "color": 13.3, "size": 3.3, "background": 3.3, "spatial": 13.3,
+                 "counting": 16.7, "existence": 13.3, "referential": 13.3, "reasoning": 3.3,
+                 "captioning": 6.7}
 
 #: Length units are built once per process (the GPT-2 BPE takes about a second to build).
 _length_unit = functools.lru_cache(maxsize=4)(length_unit)
+
+
+def share_keep_probability(seen: Mapping[str, int], task: str,
+                           target: Mapping[str, float] = TABLE1_SHARES) -> float:
+    """Probability of keeping an example of ``task`` when the categorised source so far holds
+    ``seen`` examples per task: min(1, r_task / max_k r_k) with r_k = target_k / (seen_k / Σ seen)
+    (so kept shares ∝ target over the tasks seen; the most under-represented one is kept whole)."""
+    total = sum(seen.values())
+    ratio = {t: target.get(t, 0.0) * total / n for t, n in seen.items() if n > 0}
+    top = max(ratio.values(), default=0.0)
+    return 1.0 if top <= 0 else min(1.0, ratio.get(task, 0.0) / top)
 
 
 @dataclass(frozen=True)
@@ -33,7 +51,12 @@ class VaPRParams:
     ``length_unit`` tokens. Penalty lists: ``penalty_top_k`` values, refreshed every
     ``penalty_every`` examples. ``llm_max_new_tokens``: cap of the editor's reply.
     ``rules``: a rules YAML (empty: the packaged ``vapr_tasks.yaml``); ``rules_sha256``, when
-    given, must match it (a resumed build fails loudly if the rules changed)."""
+    given, must match it (a resumed build fails loudly if the rules changed).
+    ``describe``: the LLM editor's description of the image (§3.4;
+    :mod:`~pairforge.recipes.vapr.describe`): ``auto`` (the source's caption, else the
+    ``describer`` VLM when one is configured), ``source``, ``model`` or ``off``;
+    ``describe_max_new_tokens`` caps a generated description. ``task_shares``: ``source``
+    (categories as the source has them) or ``paper`` (sample the source towards Table 1)."""
 
     editor: str = "rule"
     trust_source_task: bool = False
@@ -46,8 +69,18 @@ class VaPRParams:
     llm_max_new_tokens: int = 96
     rules: str = ""
     rules_sha256: str = ""
+    describe: str = "auto"
+    describe_max_new_tokens: int = 96
+    task_shares: str = "source"
 
     def __post_init__(self):
+        if self.describe not in describe.MODES:
+            raise PairforgeError(f"vapr: describe={self.describe!r}; choose one of {', '.join(describe.MODES)}")
+        if self.task_shares not in TASK_SHARES:
+            raise PairforgeError(f"vapr: task_shares={self.task_shares!r}; choose one of "
+                                 f"{', '.join(TASK_SHARES)} (paper: Table 1's shares)")
+        if self.describe_max_new_tokens < 8:
+            raise PairforgeError(f"vapr: describe_max_new_tokens={self.describe_max_new_tokens}; must be >= 8")
         if self.editor not in EDITORS:
             raise PairforgeError(f"vapr: editor={self.editor!r}; choose one of {', '.join(EDITORS)}")
         if not 0 <= self.max_lev_norm <= 1:
@@ -80,15 +113,19 @@ class _Result:
     reject: Reject | None = None
     templates: list[str] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
+    described_by: str = ""  # "describer" when the policy VLM described the image
 
 
 class VaPR:
     """VaPR minimal-edit hard negatives (:mod:`pairforge.recipes.vapr`). Role ``editor``
-    (OpenAI-compatible or HF; default SmolLM2) is needed only with ``editor="llm"``."""
+    (OpenAI-compatible or HF; default SmolLM2) is needed only with ``editor="llm"``; role
+    ``describer`` (the policy VLM, e.g. ``--describer tiny-vlm``; no default, so that a toy
+    model never describes real photos) only when the LLM editor needs an image description
+    the source does not have (without one the prompt says so and ``describe/none`` counts it)."""
 
     name = "vapr"
     groups = ("vapr",)
-    roles = (("editor", False, "smollm2"),)
+    roles = (("editor", False, "smollm2"), ("describer", False, None))
 
     def __init__(self, params: VaPRParams | None = None):
         self.p = params or VaPRParams()
@@ -103,6 +140,12 @@ class VaPR:
                                    max_token_gap=self.p.max_token_gap)
         self.penalties = PenaltyLists(self.p.penalty_top_k, self.p.penalty_every)
         self._templates = llm.load_templates(self.rules.tasks) if self.p.editor == "llm" else {}
+        self.describer = None
+        if self.p.editor == "llm" and self.p.describe in ("auto", "model"):
+            self._templates[describe.TEMPLATE] = read_prompt(*describe.TEMPLATE.split("/"))
+            self.describer = describe.Describer(self._templates[describe.TEMPLATE],
+                                                self.p.describe_max_new_tokens)
+        self.task_seen: dict[str, int] = {}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> VaPR:
@@ -122,12 +165,43 @@ class VaPR:
             raise PairforgeError("vapr: editor=llm needs a model for role editor (e.g. smollm2, "
                                  "or openai:MODEL@URL); or use editor=rule")
         require(editor, Capability.GENERATE, purpose="vapr's LLM editor")
+        if self.p.describe == "model":
+            describer = ctx.models.get("describer")
+            if describer is None:
+                raise PairforgeError("vapr: describe=model needs a model for role describer (the policy "
+                                     "VLM, e.g. tiny-vlm); or use describe=auto|source|off")
+            require(describer, Capability.GENERATE, Capability.IMAGES, purpose="vapr's image descriptions")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"penalty": self.penalties.state_dict()}
+        return {"penalty": self.penalties.state_dict(), "task_seen": dict(self.task_seen)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.penalties.load_state_dict(state.get("penalty") or {})
+        self.task_seen = {str(k): int(v) for k, v in (state.get("task_seen") or {}).items()}
+
+    @classmethod
+    def summary_extras(cls, params: Mapping[str, Any], stats: Mapping[str, float]) -> dict[str, Any]:
+        """``task_shares`` for the build's summary: pairs and share per task, and Table 1's
+        target shares when ``task_shares=paper``."""
+        pairs = {k.split("/", 1)[1]: int(v) for k, v in stats.items() if k.startswith("task/")}
+        total = sum(pairs.values())
+        out: dict[str, Any] = {"mode": params.get("task_shares", "source"), "pairs": pairs,
+                               "share": {t: round(n / total, 4) for t, n in pairs.items()} if total else {}}
+        if out["mode"] == "paper":
+            norm = sum(TABLE1_SHARES.values())
+            out["target"] = {t: round(v / norm, 4) for t, v in TABLE1_SHARES.items()}
+            out["dropped"] = {k.rsplit("/", 1)[1]: int(v) for k, v in stats.items()
+                              if k.startswith("task_shares/dropped/")}
+        return {"task_shares": out}
+
+    def keep_for_shares(self, ex: Example, task: str, ctx: BuildContext) -> bool:
+        """``task_shares=paper``: keep an example of ``task`` with probability
+        min(1, r_task / max_k r_k), r_k = target_k / observed_k, the observed shares being those
+        of the categorised source examples so far (this one included): the kept mix then
+        follows Table 1 over the categories the source has, and the most under-represented
+        category is kept whole. Paper silent on how its source was sampled (our choice)."""
+        self.task_seen[task] = self.task_seen.get(task, 0) + 1
+        return ctx.rng(ex, "vapr-task-shares").random() < share_keep_probability(self.task_seen, task)
 
     def replacement_stats(self) -> dict[str, dict[str, Any]]:
         """Distribution of replacement values per task so far (counts, entropy, top share)."""
@@ -139,7 +213,7 @@ class VaPR:
         """One :class:`Outcome` per example, in order. Examples are edited block by block (a
         block = ``penalty_every`` consecutive examples by source position); within a block
         every example sees the same penalty lists and the LLM calls are batched."""
-        prepared = [self.prepare(ex) for ex in examples]
+        prepared = [self.prepare(ex, ctx) for ex in examples]
         out: list[Outcome] = []
         i = 0
         while i < len(examples):
@@ -156,12 +230,13 @@ class VaPR:
                     continue
                 self.penalties.record(w.task, r.edit.value)
                 out.append(Outcome(rows=[self._row(w, r, ctx)],
-                                   stats=w.stats | r.stats | {f"value/{w.task}/{r.edit.value}": 1}))
+                                   stats=w.stats | r.stats | {f"value/{w.task}/{r.edit.value}": 1,
+                                                              f"task/{w.task}": 1}))
             self.penalties.advance(j - i)
             i = j
         return out
 
-    def prepare(self, ex: Example) -> _Work | Outcome:
+    def prepare(self, ex: Example, ctx: BuildContext | None = None) -> _Work | Outcome:
         """Filters, yes/no sentence and task of one example: a :class:`_Work`, or a rejecting
         :class:`Outcome` (stage ``filter`` or ``categorize``)."""
         question, answer = ex.question, ex.answer
@@ -195,6 +270,10 @@ class VaPR:
                               f"trust_source_task", "categorize/none")
             if ex.task:
                 stats["categorizer/agree" if task == ex.task else "categorizer/disagree"] = 1
+        if self.p.task_shares == "paper" and not self.keep_for_shares(ex, task, ctx):
+            return Outcome(reject=Reject("sample", f"task_shares: {task} is above its Table 1 share "
+                                                   f"({TABLE1_SHARES.get(task, 0.0):g}%) in the source so far"),
+                           stats={**stats, f"task_shares/dropped/{task}": 1})
         return _Work(ex, task, question, answer, stats)
 
     # ------------------------------------------------------------------------- editors
@@ -249,14 +328,16 @@ class VaPR:
         failed validation; the rule editor for those that failed again; else a reject."""
         editor = ctx.models["editor"]
         penalty = {w.task: self.penalties.penalty(w.task) for w in works}
+        contexts, context_stats, by_model = self._contexts(works, ctx)
         first = self._generate(editor, ctx, works, [
-            llm.editor_prompt(self._templates, w.task, w.question, w.answer, penalty[w.task])
-            for w in works], suffix="")
+            llm.editor_prompt(self._templates, w.task, w.question, w.answer, penalty[w.task],
+                              context=contexts[k])
+            for k, w in enumerate(works)], suffix="")
         v1 = self._validate(works, first)
         retry = [k for k, v in enumerate(v1) if v is not None]
         second = self._generate(editor, ctx, [works[k] for k in retry], [
             llm.editor_prompt(self._templates, works[k].task, works[k].question, works[k].answer,
-                              penalty[works[k].task], previous=first[k], reason=v1[k])
+                              penalty[works[k].task], previous=first[k], reason=v1[k], context=contexts[k])
             for k in retry], suffix="/retry")
         v2 = dict(zip(retry, self._validate([works[k] for k in retry], second)))
         texts2 = dict(zip(retry, second))
@@ -264,20 +345,50 @@ class VaPR:
         rule = dict(zip(fallback, self._rule_edit([works[k] for k in fallback], ctx)))
         out = []
         for k, w in enumerate(works):
-            task_tpl = llm.template_name(w.task)
+            task_tpl = [llm.template_name(w.task)] + ([describe.TEMPLATE] if by_model[k] else [])
+            who = "describer" if by_model[k] else ""
             if v1[k] is None:
                 out.append(_Result(self.validator.describe(w.question, w.answer, w.task, first[k], "llm"),
-                                   templates=[task_tpl], stats={"editor/llm": 1, "llm/first_try": 1}))
+                                   templates=task_tpl, described_by=who,
+                                   stats={"editor/llm": 1, "llm/first_try": 1} | context_stats[k]))
             elif v2[k] is None:
                 out.append(_Result(self.validator.describe(w.question, w.answer, w.task, texts2[k], "llm"),
-                                   templates=[task_tpl, llm.RETRY], stats={"editor/llm": 1, "llm/retry": 1}))
+                                   templates=task_tpl + [llm.RETRY], described_by=who,
+                                   stats={"editor/llm": 1, "llm/retry": 1} | context_stats[k]))
             elif rule[k].edit is not None:
-                out.append(dataclasses.replace(rule[k], stats={"editor/rule": 1, "llm/fallback": 1}))
+                out.append(dataclasses.replace(rule[k], stats={"editor/rule": 1, "llm/fallback": 1}
+                                               | context_stats[k]))
             else:
                 reason = (f"llm edit failed ({v1[k]}); retry failed ({v2[k]}); "
                           f"rule editor: {rule[k].reject.reason}")
-                out.append(_Result(reject=Reject("validate", reason), stats={"llm/rejected": 1}))
+                out.append(_Result(reject=Reject("validate", reason), stats={"llm/rejected": 1} | context_stats[k]))
         return out
+
+    def _contexts(self, works: Sequence[_Work], ctx: BuildContext
+                  ) -> tuple[list[str], list[dict[str, float]], list[bool]]:
+        """The image description each LLM edit gets (§3.4): the source's own, else the
+        describer's (cached per image), else none; with a stat per example
+        (``describe/source|model|cached|none``) and whether the describer's text was used."""
+        texts = [""] * len(works)
+        stats: list[dict[str, float]] = [{"describe/none": 1} for _ in works]
+        by_model = [False] * len(works)
+        if self.p.describe == "off":
+            return texts, stats, by_model
+        todo = []
+        for k, w in enumerate(works):
+            own = describe.source_description(w.ex.meta) if self.p.describe != "model" else None
+            if own:
+                texts[k], stats[k] = own, {"describe/source": 1}
+            elif self.describer is not None:
+                todo.append(k)
+        model = ctx.models.get("describer") if todo else None
+        if model is not None:
+            got, cached = self.describer.describe(model, [(works[k].ex.id, works[k].ex.images) for k in todo],
+                                                  seed=ctx.seed)
+            for k, text, hit in zip(todo, got, cached):
+                texts[k], by_model[k] = text, True
+                stats[k] = {"describe/model": 1} | ({"describe/cached": 1} if hit else {})
+        return texts, stats, by_model
 
     def _validate(self, works: Sequence[_Work], texts: Sequence[str]) -> list[str | None]:
         return self.validator.check([(w.question, w.answer, w.task, t) for w, t in zip(works, texts)])
@@ -307,9 +418,9 @@ class VaPR:
                        rejected=edit.text, edit_original=edit.original,
                        edit_replacement=edit.replacement, editor=edit.editor)
         if edit.editor == "llm":
-            m = ctx.models["editor"]
-            row["models"] = [{"role": "editor", "name": str(m.name),
-                              "revision": str(getattr(m, "revision", "") or "")}]
+            roles = ["editor"] + ([r.described_by] if r.described_by else [])
+            row["models"] = [{"role": role, "name": str(ctx.models[role].name),
+                              "revision": str(getattr(ctx.models[role], "revision", "") or "")} for role in roles]
         else:
             row["models"] = [{"role": "editor", "name": "vapr-rules", "revision": self.rules.sha256[:16]}]
         row["prompt_templates"] = [{"name": n, "sha256": template_hash(self._templates[n])}
