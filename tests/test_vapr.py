@@ -141,7 +141,7 @@ def test_text_only_and_missing_answer_are_filtered():
 
 @pytest.mark.parametrize("question, answer, sentence", [
     ("Is there a red circle in the image?", "Yes.", "Yes, there is a red circle in the image."),
-    ("Is there a red circle in the image?", "no", "No, there is not a red circle in the image."),
+    ("Is there a red circle in the image?", "no", "No, there is no red circle in the image."),
     ("Are there more cats than dogs?", "Yes", "Yes, there are more cats than dogs."),
     ("Does the image contain a bicycle?", "Yes.", "Yes, the image contains a bicycle."),
     ("Does the image contain a bicycle?", "No.", "No, the image does not contain a bicycle."),
@@ -162,7 +162,7 @@ def test_yesno_without_rule_is_filtered_and_a_sentence_is_edited(rules):
     [o] = recipe.process([example("Is there a red circle in the image?", "Yes.", id="yn")], BuildContext())
     row = o.rows[0]
     assert response_text(row["chosen"]) == "Yes, there is a red circle in the image."
-    assert response_text(row["rejected"]) == "No, there is not a red circle in the image."
+    assert response_text(row["rejected"]) == "No, there is no red circle in the image."
     assert row["task"] == "existence" and o.stats["yesno_sentence"] == 1
 
 
@@ -221,14 +221,14 @@ def test_background_edit_matches_multiword_values(rules):
 
 
 def test_yesno_edit_coherent_variant_first(rules):
+    # a yes/no answer has one candidate: the opposite proposition, never a lead-only flip
     cands = candidates(rules, "Yes, there is a red circle in the image.", "Is there a red circle?", "existence")
-    assert cands == ["No, there is no red circle in the image.", "No, there is not a red circle in the image.",
-                     "No, there is a red circle in the image."]
+    assert cands == ["No, there is no red circle in the image."]
     cands = candidates(rules, "No, I cannot see a red circle.", "Can you see a red circle?", "existence")
-    assert cands == ["Yes, I can see a red circle.", "Yes, I cannot see a red circle."]
-    # only the leading yes/no is a yes/no span
-    assert candidates(rules, "No, it has no red shapes.", "Are there more red shapes?", "reasoning") == [
-        "Yes, it has no red shapes."]
+    assert cands == ["Yes, I can see a red circle."]
+    # a body stating other facts than the question's proposition has no coherent opposite
+    assert rule_candidates("No, it has no red shapes and two blue shapes.", "Are there more red shapes "
+                           "than blue shapes?", "reasoning", rules) == []
 
 
 def test_no_editable_span_is_rejected_at_edit():
@@ -261,9 +261,12 @@ def test_validator_reasons(validator, answer, edited, code):
 
 
 def test_validator_thresholds_and_copied_spans(rules):
-    short = ("What colour is the ball?", "It is red.", "color", "It is blue.")
+    short = ("What colour is the ball?", "The ball is red.", "color", "The ball is blue.")
     assert Validator(rules, length_unit("words")).check([short])[0].startswith("too_different:")
     assert Validator(rules, length_unit("words"), lev_floor_words=1).check([short]) == [None]
+    # a short answer is judged by its decisive span: its one value may change
+    assert Validator(rules, length_unit("words")).check([("What colour is the ball?", "It is red.", "color",
+                                                          "It is blue.")]) == [None]
     q = "What colour is the shape left of the blue square?"
     a = "The shape left of the blue square is red in colour."
     v = Validator(rules, length_unit("gpt2"))

@@ -17,8 +17,17 @@ from typing import Any
 import yaml
 
 from pairforge.errors import PairforgeError
+from pairforge.recipes.vapr import polarity
 
 DEFAULT_RULES = Path(__file__).resolve().parents[1] / "data" / "vapr_tasks.yaml"
+
+#: Answers of at most this many words are "short" (VQAv2/GQA style): their edit is judged by the
+#: decisive span, not by a share of the answer's words.
+SHORT_WORDS = 3
+_QTYPE = re.compile(r"^(?:what|which)\s+(?:(?:kind|type|sort|color|colour|brand|breed|species|style) of\s+)?([a-z]+)\b")
+_NOT_A_TYPE = {"is", "are", "was", "were", "do", "does", "did", "can", "could", "will", "would", "has",
+               "have", "the", "a", "an", "this", "that", "these", "those", "it", "they", "he", "she",
+               "of", "in", "on", "you", "there", "kind", "type", "sort"}
 
 #: Words with their character offsets: letter runs (with an inner apostrophe) and digit runs.
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?|\d+")
@@ -209,6 +218,9 @@ class VaprRules:
         if not m:
             return None
         yes = m.group(1).lower() == "yes"
+        sentence = polarity.yesno_sentence(question, yes)
+        if sentence is not None:
+            return sentence
         q = question.strip().rstrip("?").strip()
         for rule in self.yesno_rules:
             qm = rule.question.match(q)
@@ -220,8 +232,31 @@ class VaprRules:
                 fields["verb_s"] = third_person(fields["verb"]) if fields.get("aux") == "does" \
                     else fields["verb"]
             text = (rule.yes if yes else rule.no).format(**fields)
+            if polarity.double_negation(text):  # a YAML rule meeting a negated question
+                continue
             return text[:1].upper() + text[1:]
         return None
+
+    # ------------------------------------------------------------------------- answer values
+
+    def question_type(self, question: str, task: str) -> str:
+        """The type of value a question asks for, for the answer vocabularies collected from
+        the data: the noun after "what"/"which" ("What sport ..." -> "sport", "What kind of
+        animal ..." -> "animal"), or "<task>" ("How many ..." -> "counting")."""
+        m = _QTYPE.match(question.strip().lower())
+        if m and m.group(1) not in _NOT_A_TYPE:
+            return {"colour": "color", "colors": "color", "colours": "color"}.get(m.group(1), m.group(1))
+        return task
+
+    def short_value(self, answer: str) -> str | None:
+        """The value a short answer (at most ``SHORT_WORDS`` words, no yes/no) names, lower-cased
+        without article and final punctuation ("A dog." -> "dog"), or None."""
+        ws = [w.text for w in tokens(answer)]
+        if not ws or len(ws) > SHORT_WORDS or self.is_yesno(answer) or ws[0] in ("yes", "no"):
+            return None
+        if ws[0] in ("a", "an", "the", "some") and len(ws) > 1:
+            ws = ws[1:]
+        return " ".join(ws)
 
     # ------------------------------------------------------------------------- categorizer
 
