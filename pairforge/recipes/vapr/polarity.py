@@ -136,7 +136,8 @@ def _stem(w: str) -> str:
 
 def content(text: str) -> set[str]:
     """Stemmed content words (function words, auxiliaries, negations, yes/no removed)."""
-    return {_stem(w.text) for w in words(text) if w.text not in _STOP and not w.text.endswith("n't")}
+    out = {_stem(w.text) for w in words(text) if w.text not in _STOP and not w.text.endswith("n't")}
+    return {w for w in out if w not in _STOP and _lemma(w) is None or w not in _STOP and _lemma(w)[0] not in _STOP}
 
 
 def polarity(body: str, question: str = "") -> bool:
