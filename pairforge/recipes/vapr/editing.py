@@ -419,6 +419,9 @@ class Validator:
         text when it names no known value)."""
         d = word_diff(answer, edited)
         original, replacement = answer[slice(*d.a_hull)], edited[slice(*d.b_hull)]
+        lead = polarity.split_lead(edited)[0]
+        if polarity.split_lead(answer)[0] is not None and lead is not None:
+            return Edit(edited, original, replacement, lead, editor)
         _, new, _ = self._touched(question, answer, task, edited)
-        value = "+".join(sorted({s.value for s in new})) or replacement.lower()
+        value = "+".join(sorted({s.value for s in new})) or (self.rules.short_value(edited) or replacement).lower()
         return Edit(edited, original, replacement, value, editor)

@@ -248,6 +248,31 @@ class VaprRules:
             return {"colour": "color", "colors": "color", "colours": "color"}.get(m.group(1), m.group(1))
         return task
 
+    def short_sentence(self, question: str, answer: str) -> str | None:
+        """A short answer as a sentence from the question, where a pattern fits: "What colour
+        is the car?" + "red" -> "The car is red."; "What is the man holding?" + "umbrella" ->
+        "The man is holding an umbrella."; "How many dogs are there?" + "2" -> "There are 2
+        dogs."; "What is the red shape?" + "triangle" -> "The red shape is a triangle."."""
+        v = self.short_value(answer)
+        if v is None:
+            return None
+        q = question.strip().rstrip("?").strip()
+        art = "an" if v[:1] in "aeiou" else "a"
+        bare = v[:1].isdigit() or v in self.classes["color"].phrases.keys() if "color" in self.classes else False
+        m = re.match(r"(?i)^what colou?r (is|are) (the [\w ]+)$", q)
+        if m:
+            return f"{m.group(2)[:1].upper()}{m.group(2)[1:]} {m.group(1).lower()} {v}."
+        m = re.match(r"(?i)^how many ([\w ]+?) (?:are there|can you see|are (?:in|on) the [\w ]+)$", q)
+        if m and v not in ("1", "one"):
+            return f"There are {v} {m.group(1)}."
+        m = re.match(r"(?i)^what is (the [\w ]+?) (holding|wearing|eating|riding|carrying|playing)$", q)
+        if m:
+            return f"{m.group(1)[:1].upper()}{m.group(1)[1:]} is {m.group(2).lower()} {'' if bare else art + ' '}{v}."
+        m = re.match(r"(?i)^what is (the [\w ]+)$", q)
+        if m and not bare:
+            return f"{m.group(1)[:1].upper()}{m.group(1)[1:]} is {art} {v}."
+        return None
+
     def short_value(self, answer: str) -> str | None:
         """The value a short answer (at most ``SHORT_WORDS`` words, no yes/no) names, lower-cased
         without article and final punctuation ("A dog." -> "dog"), or None."""
