@@ -381,6 +381,13 @@ class Validator:
         if old and new and not {s.cls for s in old} & {s.cls for s in new}:
             return (f"type_change: {'/'.join(sorted({s.cls for s in old}))} value replaced by a "
                     f"{'/'.join(sorted({s.cls for s in new}))} value; keep the type")
+        if old and not new and not inserted_only:
+            d = word_diff(answer, edited)
+            other = {sp.cls for sp in self.rules.spans(edited, list(self.rules.classes))
+                     if _overlaps(sp, d.b_ranges)} - {sp.cls for sp in old}
+            if other:
+                return (f"type_change: {'/'.join(sorted({sp.cls for sp in old}))} value replaced by a "
+                        f"{'/'.join(sorted(other))} value; keep the type")
         if old and not new and not inserted_only and len(tokens(answer)) <= SHORT_WORDS:
             return (f"type_change: the replacement names no {'/'.join(sorted({s.cls for s in old}))} "
                     f"value; keep the type")

@@ -136,8 +136,15 @@ def _stem(w: str) -> str:
 
 def content(text: str) -> set[str]:
     """Stemmed content words (function words, auxiliaries, negations, yes/no removed)."""
-    out = {_stem(w.text) for w in words(text) if w.text not in _STOP and not w.text.endswith("n't")}
-    return {w for w in out if w not in _STOP and _lemma(w) is None or w not in _STOP and _lemma(w)[0] not in _STOP}
+    out = set()
+    for w in words(text):
+        if w.text in _STOP or w.text.endswith("n't"):
+            continue
+        lem = _lemma(w.text)
+        base = lem[0] if lem else _stem(w.text)
+        if base not in _STOP:
+            out.add(base)
+    return out
 
 
 def polarity(body: str, question: str = "") -> bool:
