@@ -229,14 +229,15 @@ def _past(verb: str) -> str:
 
 def _lemma(word: str) -> tuple[str, str] | None:
     """(base form, tense "3sg" | "past" | "base") of a lexical verb form the converter knows."""
-    for v in VERBS:
-        if word == v:
-            return v, "base"
-        if word == _third(v):
-            return v, "3sg"
-        if word == _past(v):
-            return v, "past"
-    return None
+    return _FORMS.get(word)
+
+
+_FORMS: dict[str, tuple[str, str]] = {}
+for _v in sorted(VERBS):
+    _FORMS.setdefault(_past(_v), (_v, "past"))
+    _FORMS.setdefault(_third(_v), (_v, "3sg"))
+for _v in sorted(VERBS):
+    _FORMS[_v] = (_v, "base")
 
 
 def _case(orig: str, new: str) -> str:
