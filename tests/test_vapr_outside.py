@@ -102,9 +102,14 @@ def test_yesno_sentences_and_their_opposites(question, yes, no):
     ("No, the circle is smaller than the star.", "Is the circle larger than the star?",
      "Yes, the circle is larger than the star."),
     ("No, the man isn't wearing a hat.", "Is the man wearing a hat?", "Yes, the man is wearing a hat."),
-    ("No, I don't see any cars.", "Do you see any cars?", "Yes, I see some cars."),
+    # the fewest changed words: emphatic do instead of a new verb form, "no" for the article
+    ("No, I don't see any cars.", "Do you see any cars?", "Yes, I do see some cars."),
+    ("No, the image does not contain a bicycle.", "Does the image contain a bicycle?",
+     "Yes, the image does contain a bicycle."),
     ("Yes, the image contains a bicycle.", "Does the image contain a bicycle?",
-     "No, the image does not contain a bicycle."),
+     "No, the image contains no bicycle."),
+    ("Yes, the image has more red shapes than blue shapes.", "Does the image have more red shapes than "
+     "blue shapes?", "No, the image does not have more red shapes than blue shapes."),
     ("No, the numbers of circles and squares are different.",
      "Is the number of circles the same as the number of squares?",
      "Yes, the numbers of circles and squares are the same."),

@@ -56,7 +56,7 @@ COLOR_WORDS: dict[str, str] = {c: c for c in COLORS} | {
     # colours outside the palette: stated values that are never right
     "gray": "gray", "grey": "gray", "cyan": "cyan", "teal": "teal", "turquoise": "turquoise",
     "gold": "gold", "golden": "gold", "silver": "silver", "beige": "beige", "navy": "navy",
-    "maroon": "maroon", "tan": "tan",
+    "maroon": "maroon", "tan": "tan", "khaki": "khaki",
 }
 KIND_WORDS: dict[str, str] = {k: k for k in KINDS} | {p: k for k, p in PLURALS.items()} | {
     "disc": "circle", "discs": "circle", "disk": "circle", "disks": "circle", "circular": "circle",
@@ -79,7 +79,8 @@ BACKGROUND_WORDS: dict[str, str] = {b: b for b in BACKGROUNDS} | {
     "charcoal": "dark", "dark blue": "dark blue", "dark green": "dark green",
 }
 NUMBER_WORDS: dict[str, int] = {w: i for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve".split())} | {
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())} | {
     "none": 0, "single": 1}
 RELATION_PATTERNS: dict[str, str] = {
     "left": r"\bleft\b", "right": r"\bright\b",

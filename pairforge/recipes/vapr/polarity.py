@@ -248,8 +248,12 @@ def _article(next_word: str) -> str:
     return "an" if next_word[:1].lower() in "aeiou" or next_word[:1] == "8" else "a"
 
 
-def toggle_negation(body: str, question: str = "") -> str | None:
-    out = _toggle(body, question)
+def toggle_negation(body: str, question: str = "", *, minimal: bool = True) -> str | None:
+    """``body`` with the polarity of its first clause flipped (:func:`_toggle`). ``minimal``
+    (the rule editor's rejected answers): the fewest changed words - "does not contain" ->
+    "does contain", "contains a" -> "contains no"; else (chosen sentences) the plain forms -
+    "does not contain" <-> "contains"."""
+    out = _toggle(body, question, minimal)
     if out is None or out == body:
         return None
     # "do not see any cars" <-> "see some cars": the quantifier follows the polarity
@@ -263,7 +267,7 @@ def toggle_negation(body: str, question: str = "") -> str | None:
     return clause + out[head:]
 
 
-def _toggle(body: str, question: str) -> str | None:
+def _toggle(body: str, question: str, minimal: bool = True) -> str | None:
     """``body`` with the polarity of its first clause flipped by the smallest edit: an
     existing negation removed ("there is not a" -> "there is a", "does not contain" ->
     "contains", "cannot" -> "can", "no circle" -> "a circle"), else an antonym of a question's
@@ -281,11 +285,11 @@ def _toggle(body: str, question: str) -> str | None:
             return text[:w.start] + _case(text[w.start:w.end], "can") + text[w.end:]
         if t.endswith("n't") and t in CONTRACTIONS:
             aux = CONTRACTIONS[t]
-            if aux in DO and nxt and _lemma(nxt.text):
+            if aux in DO and nxt and _lemma(nxt.text) and not minimal:
                 return _undo_support(text, w, nxt, aux)
             return text[:w.start] + _case(text[w.start:w.end], aux) + text[w.end:]
         if t == "not" and prev is not None:
-            if prev.text in DO and nxt and _lemma(nxt.text):
+            if prev.text in DO and nxt and _lemma(nxt.text) and not minimal:
                 return _undo_support(text, prev, nxt, prev.text, not_word=w)
             return text[:prev.end] + text[w.end:]
         if t == "no" and nxt is not None:
@@ -312,7 +316,7 @@ def _toggle(body: str, question: str) -> str | None:
             if w.text == "same" and re.search(r"\bthe\s+$", before, re.IGNORECASE):
                 before = re.sub(r"\bthe\s+$", "", before, flags=re.IGNORECASE)
             return before + _case(text[w.start:w.end], q) + text[w.end:]
-    return _negate(text, ws)
+    return _negate(text, ws, minimal)
 
 
 def _undo_support(text: str, aux: Word, verb: Word, aux_text: str, not_word: Word | None = None) -> str:
@@ -322,7 +326,7 @@ def _undo_support(text: str, aux: Word, verb: Word, aux_text: str, not_word: Wor
     return text[:aux.start] + _case(text[aux.start:aux.end], new) + text[verb.end:]
 
 
-def _negate(text: str, ws: list[Word]) -> str | None:
+def _negate(text: str, ws: list[Word], minimal: bool = True) -> str | None:
     for i, w in enumerate(ws):
         t = w.text
         nxt = ws[i + 1] if i + 1 < len(ws) else None
@@ -346,6 +350,8 @@ def _negate(text: str, ws: list[Word]) -> str | None:
             subj = ws[i - 1].text
             if tense == "base" and subj not in ("i", "you", "we", "they") and not subj.endswith("s"):
                 continue
+            if minimal and nxt is not None and nxt.text in ("a", "an", "any", "some"):
+                return text[:nxt.start] + _case(text[nxt.start:nxt.end], "no") + text[nxt.end:]
             aux = "does" if tense == "3sg" else "did" if tense == "past" else "do"
             return text[:w.start] + f"{aux} not {base}" + text[w.end:]
     return None
@@ -519,7 +525,7 @@ def yesno_sentence(question: str, yes: bool) -> str | None:
     prop = declarative(question)
     if prop is None:
         return None
-    body = prop.text if yes else toggle_negation(prop.text, question)
+    body = prop.text if yes else toggle_negation(prop.text, question, minimal=False)
     if body is None:
         return None
     body = body[:1].upper() + body[1:] if body.startswith("I ") else body
