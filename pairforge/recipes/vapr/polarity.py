@@ -15,6 +15,7 @@ body's polarity equals the question's.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -86,8 +87,10 @@ class Word:
     end: int
 
 
-def words(text: str) -> list[Word]:
-    return [Word(m.group().lower(), m.start(), m.end()) for m in _WORD.finditer(text.replace("’", "'"))]
+@functools.lru_cache(maxsize=16384)
+def words(text: str) -> tuple[Word, ...]:
+    """The words of ``text`` (lower-cased, apostrophes normalised) with their character spans."""
+    return tuple(Word(m.group().lower(), m.start(), m.end()) for m in _WORD.finditer(text.replace("’", "'")))
 
 
 _LEAD = re.compile(r"^\s*(?:(yes|yeah|yep)\b[\s,.!;:]*|(no|nope)\b(?:\s*[,.!;:]+\s*|\s*$))", re.IGNORECASE)
@@ -134,7 +137,8 @@ def _stem(w: str) -> str:
     return w
 
 
-def content(text: str) -> set[str]:
+@functools.lru_cache(maxsize=16384)
+def content(text: str) -> frozenset[str]:
     """Stemmed content words (function words, auxiliaries, negations, yes/no removed)."""
     out = set()
     for w in words(text):
@@ -144,7 +148,7 @@ def content(text: str) -> set[str]:
         base = lem[0] if lem else _stem(w.text)
         if base not in _STOP:
             out.add(base)
-    return out
+    return frozenset(out)
 
 
 def polarity(body: str, question: str = "") -> bool:

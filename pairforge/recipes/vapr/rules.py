@@ -7,6 +7,7 @@ Pure logic: the YAML is read once by :meth:`VaprRules.load`; everything else wor
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -40,9 +41,10 @@ class Word:
     end: int
 
 
-def tokens(text: str) -> list[Word]:
+@functools.lru_cache(maxsize=16384)
+def tokens(text: str) -> tuple[Word, ...]:
     """The words of ``text`` with their character spans (punctuation is not a word)."""
-    return [Word(m.group().lower(), m.start(), m.end()) for m in _WORD.finditer(text)]
+    return tuple(Word(m.group().lower(), m.start(), m.end()) for m in _WORD.finditer(text))
 
 
 @dataclass(frozen=True)
