@@ -34,14 +34,14 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from pairforge.recipes import BuildContext, Example, Outcome  # noqa: E402
-from pairforge.recipes.vapr import VaPR  # noqa: E402
-from pairforge.recipes.vapr import polarity as P  # noqa: E402
-from pairforge.recipes.vapr.rules import VaprRules, tokens  # noqa: E402
-from pairforge.schema import response_text  # noqa: E402
-from pairforge.sources.sft import read_examples  # noqa: E402
+from pairforge.recipes import BuildContext, Example, Outcome
+from pairforge.recipes.vapr import VaPR
+from pairforge.recipes.vapr import polarity as P
+from pairforge.recipes.vapr.rules import VaprRules, tokens
+from pairforge.schema import response_text
+from pairforge.sources.sft import read_examples
 
 CORPUS = Path(__file__).resolve().parent.parent / "tests" / "data" / "vapr_outside.jsonl"
 FILTERS = ("text_only", "multiple_choice", "bbox", "ocr")
@@ -120,7 +120,7 @@ def verdict(case: dict, outcome: Outcome, rules: VaprRules) -> tuple[str, str]:
         return "wrong_chosen", chosen
     if value in orig and _states(repl, value, rules):
         return "still_true", rejected
-    classes = lambda text: {s.cls for s in rules.spans(text, list(rules.classes))}  # noqa: E731
+    classes = lambda text: {s.cls for s in rules.spans(text, list(rules.classes))}
     co, cr = classes(orig), classes(repl)
     if co and cr and not co & cr:
         return "type_change", f"{orig} -> {repl}"

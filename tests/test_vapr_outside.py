@@ -108,8 +108,9 @@ def test_yesno_sentences_and_their_opposites(question, yes, no):
      "Yes, the image does contain a bicycle."),
     ("Yes, the image contains a bicycle.", "Does the image contain a bicycle?",
      "No, the image contains no bicycle."),
-    ("Yes, the image has more red shapes than blue shapes.", "Does the image have more red shapes than "
-     "blue shapes?", "No, the image does not have more red shapes than blue shapes."),
+    ("Yes, the image has more red shapes than blue shapes.",
+     "Does the image have more red shapes than blue shapes?",
+     "No, the image does not have more red shapes than blue shapes."),
     ("No, the numbers of circles and squares are different.",
      "Is the number of circles the same as the number of squares?",
      "Yes, the numbers of circles and squares are the same."),

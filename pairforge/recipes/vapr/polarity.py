@@ -120,11 +120,9 @@ def double_negation(text: str) -> bool:
     """A negation governing another one within two words ("is not no", "can't see no",
     "does not not contain", "there is not not a ...")."""
     ws = words(text)
-    for i, w in enumerate(ws):
-        if w.text in _STRONG or w.text.endswith("n't"):
-            if any(v.text in NEGATIONS or v.text.endswith("n't") for v in ws[i + 1:i + 3]):
-                return True
-    return False
+    return any((w.text in _STRONG or w.text.endswith("n't"))
+               and any(v.text in NEGATIONS or v.text.endswith("n't") for v in ws[i + 1:i + 3])
+               for i, w in enumerate(ws))
 
 
 def _stem(w: str) -> str:

@@ -260,7 +260,7 @@ class VaprRules:
             return None
         q = question.strip().rstrip("?").strip()
         art = "an" if v[:1] in "aeiou" else "a"
-        bare = v[:1].isdigit() or v in self.classes["color"].phrases.keys() if "color" in self.classes else False
+        bare = v[:1].isdigit() or (v,) in self.classes["color"].phrases if "color" in self.classes else False
         m = re.match(r"(?i)^what colou?r (is|are) (the [\w ]+)$", q)
         if m:
             return f"{m.group(2)[:1].upper()}{m.group(2)[1:]} {m.group(1).lower()} {v}."
