@@ -106,6 +106,10 @@ def rule_candidates(answer: str, question: str, task: str, rules: VaprRules, *,
         flipped = polarity.flip_answer(answer, question)
         return [flipped] if flipped else []
     spans = rules.editable_spans(answer, question, task)
+    options = rules.alternatives(question)
+    own = rules.short_value(answer)
+    if own is not None and own in options:  # "wooden or metal?" -> "metal": the other option
+        return _data_candidates(answer, rules, [o for o in options if o != own], set(), {}, rng)
     if not spans and data_values:
         return _data_candidates(answer, rules, data_values, penalised, counts, rng)
     stated = {(s.cls, s.value) for s in rules.spans(answer, rules.tasks[task])}
@@ -157,7 +161,8 @@ def substitute(answer: str, span: Span, rules: VaprRules, value: str) -> list[st
         agreed = agree_number(text, span.start, span.start + len(rep), rules, vc,
                               plural=vc.grammatical_number(value) == "plural")
         if agreed is None:
-            if vc.grammatical_number(span.value) != vc.grammatical_number(value):
+            if vc.grammatical_number(span.value) != vc.grammatical_number(value) \
+                    and len(tokens(answer)) > SHORT_WORDS:  # a bare "2" -> "3" needs no agreement
                 return []
         else:
             text = agreed
@@ -369,7 +374,7 @@ class Validator:
 
     def _critical(self, question: str, answer: str, task: str, edited: str) -> str | None:
         old, new, inserted_only = self._touched(question, answer, task, edited)
-        if not old and not new and len(tokens(answer)) <= SHORT_WORDS:
+        if not old and len(tokens(answer)) <= SHORT_WORDS:
             return self._data_value(question, answer, task, edited)
         if not old and not (inserted_only and new):
             names = "/".join(self.rules.tasks[task])
@@ -404,8 +409,9 @@ class Validator:
         """A short answer with no value of the task's classes: the edit must name another value
         of the same question type seen in the data."""
         qtype = self.rules.question_type(question, task)
-        values = self.data_values.get(qtype, set())
         new, own = self.rules.short_value(edited), self.rules.short_value(answer)
+        options = self.rules.alternatives(question)
+        values = set(options) if own in options else self.data_values.get(qtype, set())
         if new is None or new not in values:
             return (f"type_change: {edited.strip()[:40]!r} is not an answer value of "
                     f"{qtype!r} questions in the data; replace the value by one of its type")

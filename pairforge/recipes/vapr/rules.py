@@ -25,6 +25,7 @@ DEFAULT_RULES = Path(__file__).resolve().parents[1] / "data" / "vapr_tasks.yaml"
 #: Answers of at most this many words are "short" (VQAv2/GQA style): their edit is judged by the
 #: decisive span, not by a share of the answer's words.
 SHORT_WORDS = 3
+_ALTERNATIVE = re.compile(r"\b(?:to the )?(\w+)(?: of the \w+)?,? or (?:to the )?(\w+)\b")
 _QTYPE = re.compile(r"^(?:what|which)\s+(?:(?:kind|type|sort|color|colour|brand|breed|species|style) of\s+)?([a-z]+)\b")
 _NOT_A_TYPE = {"is", "are", "was", "were", "do", "does", "did", "can", "could", "will", "would", "has",
                "have", "the", "a", "an", "this", "that", "these", "those", "it", "they", "he", "she",
@@ -249,6 +250,15 @@ class VaprRules:
         if m and m.group(1) not in _NOT_A_TYPE:
             return {"colour": "color", "colors": "color", "colours": "color"}.get(m.group(1), m.group(1))
         return task
+
+    def alternatives(self, question: str) -> list[str]:
+        """The options of an alternative question ("Is the fence wooden or metal?" -> [wooden,
+        metal]; "Is the cup to the left or to the right of the plate?" -> [left, right]), or []."""
+        m = _ALTERNATIVE.search(question.strip().lower())
+        if not m:
+            return []
+        a, b = m.group(1), m.group(2)
+        return [a, b] if a != b else []
 
     def short_sentence(self, question: str, answer: str) -> str | None:
         """A short answer as a sentence from the question, where a pattern fits: "What colour
