@@ -159,3 +159,54 @@ def test_validator_type_and_repeated_value(outside):
                      "The car is white and white.")])[0].startswith("repeated_value:")
     assert v.check([("How many dogs are there?", "2", "counting", "3")]) == [None]
     assert v.check([("How many dogs are there?", "2", "counting", "blue")])[0].startswith("type_change:")
+
+
+def _sport(i: int, answer: str):
+    from pairforge.recipes import Example
+    from pairforge.schema import assistant_message, user_message
+    return Example(id=f"s{i}", messages=[user_message("What sport is this?"), assistant_message(answer)],
+                   images=["img"])
+
+
+SPORTS = ["tennis", "baseball", "soccer", "skiing", "surfing", "golf"]
+
+
+def test_answer_values_come_from_the_data_per_block_and_survive_resume():
+    """Sports are in no class of the rules: the first block (8 examples) has no value to swap in;
+    later ones swap in values the source's earlier blocks answered, never a colour or shape."""
+    from pairforge.recipes import BuildContext
+    from pairforge.recipes.vapr import VaPR
+    from pairforge.schema import response_text
+
+    exs = [_sport(i, SPORTS[i % len(SPORTS)]) for i in range(32)]
+    whole = VaPR.from_params({"penalty_every": 8})
+    outs = whole.process(exs, BuildContext(seed=1))
+    assert all(o.reject and o.reject.reason.startswith("no_span:") for o in outs[:8])
+    rows = [(ex, o.rows[0]) for ex, o in zip(exs[8:], outs[8:])]
+    assert len(rows) == 24
+    for ex, row in rows:
+        rejected = response_text(row["rejected"])
+        assert rejected in SPORTS and rejected != ex.answer
+    # batching and resume give the same rows: the vocabulary is committed per block and saved
+    chunked = VaPR.from_params({"penalty_every": 8})
+    first = chunked.process(exs[:13], BuildContext(seed=1))
+    resumed = VaPR.from_params({"penalty_every": 8})
+    resumed.load_state_dict(chunked.state_dict())
+    rest = resumed.process(exs[13:], BuildContext(seed=1))
+    assert [response_text(o.rows[0]["rejected"]) if o.rows else None for o in first + rest] == \
+        [response_text(o.rows[0]["rejected"]) if o.rows else None for o in outs]
+    # the validator accepts a value of the data, and nothing else, for such an answer
+    v = whole.validator
+    assert v.check([("What sport is this?", "tennis", "object", "golf")]) == [None]
+    assert v.check([("What sport is this?", "tennis", "object", "chess")])[0].startswith("type_change:")
+
+
+def test_alternative_question_takes_the_other_option():
+    from pairforge.recipes import BuildContext, Example
+    from pairforge.recipes.vapr import VaPR
+    from pairforge.schema import assistant_message, response_text, user_message
+
+    ex = Example(id="alt", messages=[user_message("Is the fence wooden or metal?"), assistant_message("metal")],
+                 images=["img"])
+    [o] = VaPR().process([ex], BuildContext())
+    assert response_text(o.rows[0]["rejected"]) == "wooden"
