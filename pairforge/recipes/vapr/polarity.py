@@ -265,7 +265,8 @@ def toggle_negation(body: str, question: str = "", *, minimal: bool = True) -> s
     if was_neg:
         clause = re.sub(r"\bany\b", "some", clause, count=1)
     else:
-        clause = re.sub(r"\b(not \w+ |not |n't \w+ )some\b", lambda m: m.group(1) + "any", clause, count=1)
+        clause = re.sub(r"\b(not \w+ |not |n't \w+ |cannot \w+ |no )some\b", lambda m: m.group(1) + "any",
+                        clause, count=1)
     return clause + out[head:]
 
 
@@ -302,7 +303,8 @@ def _toggle(body: str, question: str, minimal: bool = True) -> str | None:
                 plural = False
             else:
                 plural = nxt.text.endswith("s") and not nxt.text.endswith("ss")
-            new = "some" if plural else _article(after)
+            asked_any = re.search(r"\bany\b", question, re.IGNORECASE) is not None
+            new = "some" if plural or asked_any else _article(after)
             return text[:w.start] + _case(text[w.start:w.end], new) + text[w.end:]
         if t in ("nothing", "nobody", "none"):
             new = {"nothing": "something", "nobody": "somebody", "none": "some"}[t]
@@ -337,7 +339,8 @@ def _negate(text: str, ws: list[Word], minimal: bool = True) -> str | None:
                 return text[:nxt.start] + "no" + text[nxt.end:]
             if i > 0 and ws[i - 1].text == "there" and nxt is not None and nxt.text not in (
                     "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "many",
-                    "several", "more", "fewer", "as", "only", "exactly", "at") and not nxt.text.isdigit():
+                    "several", "more", "fewer", "as", "only", "exactly", "at", "both", "either", "all", "the",
+                    "lots", "plenty", "enough") and not nxt.text.isdigit():
                 return text[:w.end] + " no" + text[w.end:]
             return text[:w.end] + " not" + text[w.end:]
         if t == "can":
@@ -508,8 +511,15 @@ def _subject(ws: list[Word], aux: str) -> tuple[int, int] | None:
                 return j, j
         return (2, 2) if len(ws) > 2 else None
     # is/are SUBJ PRED: the predicate starts at the first predicate word after the subject's head
-    start = 1 if ws[0].text in _DETERMINERS or ws[0].text.endswith("'s") else 0
-    for j in range(max(start, 1), len(ws)):
+    start = 0
+    if ws[0].text in ("both", "either", "neither"):  # "both the cup and the plate" is one subject
+        conj = next((k for k, w in enumerate(ws) if w.text in ("and", "or", "nor")), None)
+        if conj is None:
+            return None
+        start = conj + 1
+    while start < len(ws) - 1 and (ws[start].text in _DETERMINERS or ws[start].text.endswith("'s")):
+        start += 1
+    for j in range(start + 1, len(ws)):
         w = ws[j].text
         if w in _PRED_START or w in _PARTICIPLES or w.endswith("ing") and len(w) > 4 \
                 or w.endswith("ed") and len(w) > 4:

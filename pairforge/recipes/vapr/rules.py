@@ -79,6 +79,7 @@ class ValueClass:
     agreement_nouns: tuple[str, ...] = ()
     agreement_generic: tuple[tuple[str, str], ...] = ()
     agreement_verbs: tuple[tuple[str, str], ...] = ()
+    groups: tuple[tuple[str, str], ...] = ()  # (value, group): a value is replaced within its group
 
     @classmethod
     def parse(cls, name: str, spec: Mapping[str, Any], where: str) -> ValueClass:
@@ -103,13 +104,21 @@ class ValueClass:
             raise PairforgeError(f"{where}: classes.{name} has no values")
         critical = spec.get("critical") or [w for p in phrases for w in p]
         agree = spec.get("agreement") or {}
+        groups = []
+        for group, members in (spec.get("groups") or {}).items():
+            for v in members or ():
+                if str(v) not in values:
+                    raise PairforgeError(f"{where}: classes.{name}.groups.{group} names '{v}', which is "
+                                         f"not a value of the class; add it to values first")
+                groups.append((str(v), str(group)))
         return cls(name, forms, values, phrases, frozenset(w.lower() for w in critical),
                    frozenset(map(str, spec.get("singular") or ())),
                    frozenset(map(str, spec.get("neutral") or ())), bool(spec.get("leading_only")),
                    tuple((str(a), str(b)) for a, b in spec.get("polarity") or ()),
                    tuple(agree.get("nouns") or ()),
                    tuple((str(a), str(b)) for a, b in (agree.get("generic") or {}).items()),
-                   tuple((str(a), str(b)) for a, b in (agree.get("verbs") or {}).items()))
+                   tuple((str(a), str(b)) for a, b in (agree.get("verbs") or {}).items()),
+                   tuple(groups))
 
     def grammatical_number(self, value: str) -> str:
         """"singular", "neutral" or "plural" (only meaningful for classes that declare them)."""
@@ -120,6 +129,9 @@ class ValueClass:
         singular value is replaced only by singular or neutral ones, a plural one only by
         plural or neutral ones; with them any value goes (the noun and verb follow)."""
         out = [v for v in self.values if v != span.value]
+        group = dict(self.groups)
+        if span.value in group:  # "dog" -> another animal, "man" -> another person
+            out = [v for v in out if group.get(v) == group[span.value]]
         if (self.singular or self.neutral) and not self.agreement_nouns:
             ok = self.singular | self.neutral if span.value in self.singular \
                 else set(self.values) - self.singular
