@@ -2,10 +2,12 @@
 
 Calls the recipe directly (no build engine) on ``--n`` world SFT examples and reports:
 
-- how many rejected answers the world's grader finds verifiably wrong (target >= 95 %), and
-  that every chosen answer is graded correct;
-- median normalised word Levenshtein (target <= 0.15) and median |token length gap| in GPT-2
-  tokens (target <= 2) between chosen and rejected (``pairforge.diagnostics.text``);
+- how many rejected answers the world's grader finds coherent and wrong (target >= 95 %;
+  a yes/no sentence whose leading word and statement disagree is graded ``incoherent`` and
+  counted apart), and that every chosen answer is graded correct;
+- median normalised word Levenshtein over sentence answers (more than three words; target
+  <= 0.15) and median |token length gap| in GPT-2 tokens (target <= 2) between chosen and
+  rejected (``pairforge.diagnostics.text``);
 - the replacement values per task: counts, entropy, top share (target: no value above 50 %);
 - the categorizer's accuracy against the world's task labels, and the filters against the
   world's ``filter_reason``;
@@ -71,10 +73,14 @@ def evaluate(examples: list[Example], outs: list[Outcome]) -> dict:
     for o in outs:
         if o.reject:
             rejects.update(k for k in o.stats if k.split("/")[0] in (o.reject.stage, "llm"))
+    sentence = [len(c.split()) > 3 for c in chosen]
     not_wrong = [(p["task"], g, c, x) for (r, p), g, c, x in zip(kept, grades, chosen, rejected) if g != "wrong"]
     return {
         "n": len(examples), "kept": len(kept), "rejects": dict(rejects.most_common()),
         "grades": dict(Counter(grades)), "wrong_share": grades.count("wrong") / max(len(kept), 1),
+        "incoherent_share": grades.count("incoherent") / max(len(kept), 1),
+        "median_lev_norm_sentences": float(np.median(m["lev_norm"][np.array(sentence)]))
+        if m is not None and any(sentence) else None,
         "chosen_correct_share": chosen_ok / max(len(kept), 1),
         "per_task_grades": {t: dict(c) for t, c in sorted(per_task.items())},
         "median_lev_norm": float(np.median(m["lev_norm"])) if m else None,
@@ -171,9 +177,12 @@ def show(rep: dict) -> None:
     top = max(d["top_share"] for d in rep["distribution"].values())
     for name, value, target in [
         ("pairs kept", f"{r['kept']} / {r['n']}", ""),
-        ("rejected graded wrong", f"{r['wrong_share']:.1%}", ">= 95 %"),
+        ("rejected graded coherent and wrong", f"{r['wrong_share']:.1%}", ">= 95 %"),
+        ("rejected graded incoherent", f"{r['incoherent_share']:.1%}", "0 %"),
         ("chosen graded correct", f"{r['chosen_correct_share']:.1%}", "100 %"),
-        ("median normalised word Levenshtein", f"{r['median_lev_norm']:.3f}", "<= 0.15"),
+        ("median normalised word Levenshtein, sentence answers", f"{r['median_lev_norm_sentences']:.3f}",
+         "<= 0.15"),
+        ("median normalised word Levenshtein, all", f"{r['median_lev_norm']:.3f}", ""),
         ("median |token gap| (gpt2)", f"{r['median_abs_token_gap']:.1f}", "<= 2"),
         ("largest top-value share of a task", f"{top:.1%}", "<= 50 %"),
         ("categorizer accuracy", f"{r['categorizer_accuracy']:.1%} of {r['categorized']}", ""),

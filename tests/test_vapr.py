@@ -141,7 +141,7 @@ def test_text_only_and_missing_answer_are_filtered():
 
 @pytest.mark.parametrize("question, answer, sentence", [
     ("Is there a red circle in the image?", "Yes.", "Yes, there is a red circle in the image."),
-    ("Is there a red circle in the image?", "no", "No, there is not a red circle in the image."),
+    ("Is there a red circle in the image?", "no", "No, there is no red circle in the image."),
     ("Are there more cats than dogs?", "Yes", "Yes, there are more cats than dogs."),
     ("Does the image contain a bicycle?", "Yes.", "Yes, the image contains a bicycle."),
     ("Does the image contain a bicycle?", "No.", "No, the image does not contain a bicycle."),
@@ -162,7 +162,7 @@ def test_yesno_without_rule_is_filtered_and_a_sentence_is_edited(rules):
     [o] = recipe.process([example("Is there a red circle in the image?", "Yes.", id="yn")], BuildContext())
     row = o.rows[0]
     assert response_text(row["chosen"]) == "Yes, there is a red circle in the image."
-    assert response_text(row["rejected"]) == "No, there is not a red circle in the image."
+    assert response_text(row["rejected"]) == "No, there is no red circle in the image."
     assert row["task"] == "existence" and o.stats["yesno_sentence"] == 1
 
 
@@ -174,8 +174,7 @@ def test_colour_edit_keeps_case_and_skips_copied_and_stated_values(rules):
                        "What colour is the shape left of the blue square?", "color")
     firsts = {c.split()[0] for c in cands}
     # the copied "blue square" is never edited, and blue is never used: the answer states it
-    assert firsts == {"Green", "Yellow", "Purple", "Orange", "White", "Black", "Pink", "Brown", "Gray",
-                      "Cyan", "Gold", "Silver"}
+    assert firsts == {v.capitalize() for v in rules.classes["color"].values} - {"Red", "Blue"}
     assert all(c.endswith(" the blue square.") for c in cands)
 
 
@@ -197,7 +196,7 @@ def test_size_edit(rules):
 def test_number_edit_keeps_form_and_agreement(rules):
     plural = candidates(rules, "There are 3 circles.", "How many circles are there?", "counting")
     assert "There are 5 circles." in plural and "There is 1 circle." in plural
-    assert "There are no circles." in plural and "There are three circles." not in plural
+    assert "There are 0 circles." in plural and "There are three circles." not in plural  # a digit stays a digit
     single = candidates(rules, "There is one blue circle in the image.", "How many blue circles are there?",
                         "counting")
     assert "There is no blue circle in the image." in single
@@ -221,14 +220,14 @@ def test_background_edit_matches_multiword_values(rules):
 
 
 def test_yesno_edit_coherent_variant_first(rules):
+    # a yes/no answer has one candidate: the opposite proposition, never a lead-only flip
     cands = candidates(rules, "Yes, there is a red circle in the image.", "Is there a red circle?", "existence")
-    assert cands == ["No, there is no red circle in the image.", "No, there is not a red circle in the image.",
-                     "No, there is a red circle in the image."]
+    assert cands == ["No, there is no red circle in the image."]
     cands = candidates(rules, "No, I cannot see a red circle.", "Can you see a red circle?", "existence")
-    assert cands == ["Yes, I can see a red circle.", "Yes, I cannot see a red circle."]
-    # only the leading yes/no is a yes/no span
-    assert candidates(rules, "No, it has no red shapes.", "Are there more red shapes?", "reasoning") == [
-        "Yes, it has no red shapes."]
+    assert cands == ["Yes, I can see a red circle."]
+    # a body stating other facts than the question's proposition has no coherent opposite
+    assert rule_candidates("No, it has no red shapes and two blue shapes.", "Are there more red shapes "
+                           "than blue shapes?", "reasoning", rules) == []
 
 
 def test_no_editable_span_is_rejected_at_edit():
@@ -261,9 +260,12 @@ def test_validator_reasons(validator, answer, edited, code):
 
 
 def test_validator_thresholds_and_copied_spans(rules):
-    short = ("What colour is the ball?", "It is red.", "color", "It is blue.")
+    short = ("What colour is the ball?", "The ball is red.", "color", "The ball is blue.")
     assert Validator(rules, length_unit("words")).check([short])[0].startswith("too_different:")
     assert Validator(rules, length_unit("words"), lev_floor_words=1).check([short]) == [None]
+    # a short answer is judged by its decisive span: its one value may change
+    assert Validator(rules, length_unit("words")).check([("What colour is the ball?", "It is red.", "color",
+                                                          "It is blue.")]) == [None]
     q = "What colour is the shape left of the blue square?"
     a = "The shape left of the blue square is red in colour."
     v = Validator(rules, length_unit("gpt2"))
@@ -338,13 +340,14 @@ def test_penalty_lists_spread_world_edits(world):
 
 
 def test_penalty_lists_make_repeated_edits_round_robin():
-    """13 colours can replace "red"; with every=1 and top_k=12 each example must take the one
-    least used value, so 26 identical questions use every colour exactly twice."""
-    exs = [example("What colour is the cube?", "The cube on the table is red.", id=f"c{i}") for i in range(26)]
-    steered = VaPR.from_params({"penalty_every": 1, "penalty_top_k": 12})
+    """n colours can replace "red"; with every=1 and top_k=n-1 each example must take the one
+    least used value, so 2n identical questions use every colour exactly twice."""
+    n = len(VaPR().rules.classes["color"].values) - 1
+    exs = [example("What colour is the cube?", "The cube on the table is red.", id=f"c{i}") for i in range(2 * n)]
+    steered = VaPR.from_params({"penalty_every": 1, "penalty_top_k": n - 1})
     steered.process(exs, BuildContext(seed=0))
     counts = steered.replacement_stats()["color"]["counts"]
-    assert len(counts) == 13 and set(counts.values()) == {2}
+    assert len(counts) == n and set(counts.values()) == {2}
     free = VaPR.from_params({"penalty_top_k": 0})
     free.process(exs, BuildContext(seed=0))
     assert max(free.replacement_stats()["color"]["counts"].values()) > 2

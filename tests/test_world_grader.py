@@ -8,6 +8,7 @@ import pytest
 
 import pairforge.world as W
 from pairforge.errors import PairforgeError
+from pairforge.recipes.vapr.polarity import flip_answer
 from pairforge.world.grader import KIND_WORDS
 
 SCENE = W.Scene(112, 112, "beige", (
@@ -59,7 +60,15 @@ def test_own_answers_correct_corrupted_wrong_gibberish_unparseable(rows):
         s, e = r["answer_span_start"], r["answer_span_end"]
         alt = rng.choice(_other_values(r))
         corrupted = r["answer"][:s] + alt + r["answer"][e:]
-        assert W.grade(r, corrupted) == "wrong", (r["question"], corrupted)
+        if r["target"]["attribute"] == "yesno":
+            # only the leading word flipped: the sentence contradicts itself unless its body
+            # says nothing the grader can read; the opposite proposition is wrong
+            assert W.grade(r, corrupted) in ("incoherent", "wrong"), (r["question"], corrupted)
+            flipped = flip_answer(r["answer"], r["question"])
+            if flipped:
+                assert W.grade(r, flipped) == "wrong", (r["question"], flipped)
+        else:
+            assert W.grade(r, corrupted) == "wrong", (r["question"], corrupted)
         for junk in ("Lorem ipsum dolor sit amet.", "", "Hmm, hard to say."):
             assert W.grade(r, junk) == "unparseable", (r["question"], junk)
         seen.add(r["filter_reason"] or r["task"])
@@ -127,6 +136,31 @@ def test_existence_yes_no():
     assert W.grade(yes, "Yes there is. No other shape is red.") == "correct"
     assert W.grade(no, "no") == "correct"
     assert W.grade(yes, "Maybe.") == "unparseable"
+
+
+def test_yesno_sentence_whose_lead_and_body_disagree_is_incoherent():
+    q = {"target": {"attribute": "yesno", "value": "no", "ignore": ["circle"]},
+         "question": "Does the image contain a circle?"}
+    assert W.grade(q, "No, the image does not contain a circle.") == "correct"
+    assert W.grade(q, "Yes, the image contains a circle.") == "wrong"
+    assert W.grade(q, "Yes, the image does not contain a circle.") == "incoherent"
+    assert W.grade(q, "No, the image contains a circle.") == "incoherent"
+    neg = {"target": {"attribute": "yesno", "value": "yes", "ignore": ["black shape"]},
+           "question": "Is there not a black shape in the image?"}
+    assert W.grade(neg, "Yes, there is no black shape in the image.") == "correct"
+    assert W.grade(neg, "No, there is a black shape in the image.") == "wrong"
+    assert W.grade(neg, "No, there is not a black shape in the image.") == "incoherent"
+    more = {"target": {"attribute": "yesno", "value": "no", "relation": "more",
+                       "ignore": ["red shapes", "blue shapes"]},
+            "question": "Are there more red shapes than blue shapes?"}
+    assert W.grade(more, "No, it has one red shape and three blue shapes.") == "correct"
+    assert W.grade(more, "Yes, it has one red shape and three blue shapes.") == "incoherent"
+    assert W.grade(more, "Yes, there are fewer red shapes than blue shapes.") == "incoherent"
+    larger = {"target": {"attribute": "yesno", "value": "no", "relation": "larger", "ignore": ["circle", "star"]},
+              "question": "Is the circle larger than the star?"}
+    assert W.grade(larger, "No, the circle is smaller than the star.") == "correct"
+    assert W.grade(larger, "Yes, the circle is smaller than the star.") == "incoherent"
+    assert W.grade(larger, "Yes, the circle is larger than the star.") == "wrong"
 
 
 def test_reasoning_needs_yes_or_no():

@@ -17,7 +17,12 @@ ours. Rules, by ``target["attribute"]``:
 - ``relation``: "left", "right", "above"/"over"/"on top of"/"higher", "below"/"under"/
   "beneath"/"underneath"/"lower"; exactly one distinct relation.
 - ``yesno``: the "yes"/"no" opening the answer (or a later sentence, when punctuation follows
-  it: "No." but not "No other shape ..."); both → unparseable.
+  it: "No." but not "No other shape ..."); both → unparseable. A whole sentence is judged:
+  when the statement after the leading word restates the question's proposition and says
+  the opposite of it ("Yes, the image does not contain a circle." to "Does the image contain
+  a circle?", :func:`pairforge.recipes.vapr.polarity.coherent`), or states two counts that
+  contradict it ("Yes, it has one red shape and three blue shapes." to "Are there more red
+  shapes than blue shapes?"), the answer is ``incoherent``, whatever its leading word.
   Without one, existence questions (no ``relation`` in the target) read a negation ("no",
   "not", "cannot", "none", "n't") as no, and a plain statement as yes; comparisons without a
   yes/no are unparseable.
@@ -40,17 +45,18 @@ import re
 from collections.abc import Mapping
 
 from pairforge.errors import PairforgeError
+from pairforge.recipes.vapr.polarity import coherent, split_lead
 from pairforge.world.scenes import BACKGROUNDS, COLORS, KINDS, OCR_WORDS, PLURALS
 from pairforge.world.tasks import OPTION_LETTERS, tokenize
 
-GRADES = ("correct", "wrong", "unparseable")
+GRADES = ("correct", "wrong", "unparseable", "incoherent")
 
 COLOR_WORDS: dict[str, str] = {c: c for c in COLORS} | {
     "violet": "purple", "lilac": "purple", "magenta": "pink",
     # colours outside the palette: stated values that are never right
     "gray": "gray", "grey": "gray", "cyan": "cyan", "teal": "teal", "turquoise": "turquoise",
     "gold": "gold", "golden": "gold", "silver": "silver", "beige": "beige", "navy": "navy",
-    "maroon": "maroon", "tan": "tan",
+    "maroon": "maroon", "tan": "tan", "khaki": "khaki",
 }
 KIND_WORDS: dict[str, str] = {k: k for k in KINDS} | {p: k for k, p in PLURALS.items()} | {
     "disc": "circle", "discs": "circle", "disk": "circle", "disks": "circle", "circular": "circle",
@@ -73,7 +79,8 @@ BACKGROUND_WORDS: dict[str, str] = {b: b for b in BACKGROUNDS} | {
     "charcoal": "dark", "dark blue": "dark blue", "dark green": "dark green",
 }
 NUMBER_WORDS: dict[str, int] = {w: i for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve".split())} | {
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())} | {
     "none": 0, "single": 1}
 RELATION_PATTERNS: dict[str, str] = {
     "left": r"\bleft\b", "right": r"\bright\b",
@@ -92,7 +99,7 @@ def grade(example: Mapping, answer: str) -> str:
     if attr == "caption":
         return _grade_caption(example["scene"], text)
     if attr == "yesno":
-        return _grade_yesno(text, expected, target)
+        return _grade_yesno(text, expected, target, str(example.get("question") or ""))
     if attr == "choice":
         return _grade_choice(text, expected, target.get("options") or [])
     if attr == "bbox":
@@ -185,8 +192,10 @@ def _leading_yesno(text: str) -> set[str]:
     return out
 
 
-def _grade_yesno(text: str, expected: str, target: Mapping) -> str:
+def _grade_yesno(text: str, expected: str, target: Mapping, question: str = "") -> str:
     found = _leading_yesno(text)
+    if len(found) == 1 and _incoherent(text, next(iter(found)), target, question):
+        return "incoherent"
     if found:
         return _verdict(found, expected)
     if target.get("relation"):  # a comparison stated without yes/no: not parsed
@@ -197,6 +206,23 @@ def _grade_yesno(text: str, expected: str, target: Mapping) -> str:
     mentions = any(re.search(r"\b" + re.escape(p.lower()) + r"s?\b", low)
                    for p in target.get("ignore") or [])
     return _verdict({"yes"}, expected) if mentions else "unparseable"
+
+
+def _incoherent(text: str, lead: str, target: Mapping, question: str) -> bool:
+    """The leading yes/no disagrees with the sentence's own statement (see the module docstring)."""
+    if question and coherent(text.strip(), question) is False:
+        return True
+    rel = target.get("relation")
+    if rel not in ("more", "fewer", "same"):
+        return False
+    _, body = split_lead(text.strip())
+    counts = [int(w) if w.isdigit() else NUMBER_WORDS.get(w, 0) for w in _words(body)
+              if w.isdigit() or w in NUMBER_WORDS or w == "no"]
+    if len(counts) != 2 or re.search(r"\b(more|fewer|less|as many|same|different)\b", body.lower()):
+        return False
+    a, b = counts
+    says_yes = a > b if rel == "more" else a < b if rel == "fewer" else a == b
+    return says_yes != (lead == "yes")
 
 
 def _grade_choice(text: str, expected: str, options: list[str]) -> str:

@@ -73,6 +73,40 @@ class PenaltyLists:
                         for t, c in (state.get("pending") or {}).items()}
 
 
+class AnswerValues:
+    """The answer values of a source, per question type (:meth:`VaprRules.question_type`), in
+    the order first seen: the vocabulary the rule editor draws replacements from for short
+    answers whose value no class of the rules lists ("tennis", "kitchen"). Committed per block
+    of the penalty lists, so every example of a block sees the same vocabulary whatever the
+    batching; kept in the recipe's state for resume."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[str, None]] = {}   # committed, insertion-ordered
+        self.pending: dict[str, dict[str, None]] = {}
+
+    def record(self, qtype: str, value: str) -> None:
+        self.pending.setdefault(qtype, {})[value] = None
+
+    def commit(self) -> None:
+        for q, vs in self.pending.items():
+            self.values.setdefault(q, {}).update(vs)
+        self.pending = {}
+
+    def get(self, qtype: str) -> list[str]:
+        return list(self.values.get(qtype, {}))
+
+    def as_sets(self) -> dict[str, set[str]]:
+        return {q: set(vs) for q, vs in self.values.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": {q: list(vs) for q, vs in self.values.items()},
+                "pending": {q: list(vs) for q, vs in self.pending.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.values = {q: dict.fromkeys(map(str, vs)) for q, vs in (state.get("values") or {}).items()}
+        self.pending = {q: dict.fromkeys(map(str, vs)) for q, vs in (state.get("pending") or {}).items()}
+
+
 def replacement_distribution(counts: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, Any]]:
     """Per task: ``counts`` (most used first), ``n`` edits, Shannon ``entropy_bits``
     H = −Σ p_i log2 p_i, ``max_entropy_bits`` = log2(#values), and the most used value with

@@ -13,9 +13,9 @@ from pairforge.diagnostics.lengths import length_unit
 from pairforge.errors import PairforgeError
 from pairforge.models.base import Capability, Request, SamplingParams, require
 from pairforge.recipes.base import BuildContext, Example, Outcome, Reject, pair_row, recipe_params
-from pairforge.recipes.vapr import describe, llm
+from pairforge.recipes.vapr import describe, llm, polarity
 from pairforge.recipes.vapr.editing import Edit, Validator, rule_candidates
-from pairforge.recipes.vapr.penalty import PenaltyLists, replacement_distribution
+from pairforge.recipes.vapr.penalty import AnswerValues, PenaltyLists, replacement_distribution
 from pairforge.recipes.vapr.rules import VaprRules
 from pairforge.resources import read_prompt
 from pairforge.schema import template_hash, user_message
@@ -56,7 +56,12 @@ class VaPRParams:
     :mod:`~pairforge.recipes.vapr.describe`): ``auto`` (the source's caption, else the
     ``describer`` VLM when one is configured), ``source``, ``model`` or ``off``;
     ``describe_max_new_tokens`` caps a generated description. ``task_shares``: ``source``
-    (categories as the source has them) or ``paper`` (sample the source towards Table 1)."""
+    (categories as the source has them) or ``paper`` (sample the source towards Table 1).
+    ``short_answers``: "keep" (default) keeps a short answer ("triangle", "2") as the chosen
+    answer, so the pair stays in the source's own answer style (VaPR's chosen is the SFT
+    ground truth) and its edit is judged by its decisive span; "sentence" expands it into a
+    sentence from the question where a pattern fits ("What colour is the car?" + "red" ->
+    "The car is red."), for sources whose model should answer in sentences."""
 
     editor: str = "rule"
     trust_source_task: bool = False
@@ -72,6 +77,7 @@ class VaPRParams:
     describe: str = "auto"
     describe_max_new_tokens: int = 96
     task_shares: str = "source"
+    short_answers: str = "keep"
 
     def __post_init__(self):
         if self.describe not in describe.MODES:
@@ -91,6 +97,9 @@ class VaPRParams:
         if self.penalty_top_k < 0 or self.penalty_every < 1:
             raise PairforgeError(f"vapr: penalty_top_k={self.penalty_top_k} must be >= 0 and "
                                  f"penalty_every={self.penalty_every} >= 1")
+        if self.short_answers not in ("keep", "sentence"):
+            raise PairforgeError(f"vapr: short_answers={self.short_answers!r}; choose keep (default) "
+                                 f"or sentence")
         if self.llm_max_new_tokens < 8:
             raise PairforgeError(f"vapr: llm_max_new_tokens={self.llm_max_new_tokens}; must be >= 8")
 
@@ -139,6 +148,7 @@ class VaPR:
                                    lev_floor_words=self.p.lev_floor_words,
                                    max_token_gap=self.p.max_token_gap)
         self.penalties = PenaltyLists(self.p.penalty_top_k, self.p.penalty_every)
+        self.answer_values = AnswerValues()
         self._templates = llm.load_templates(self.rules.tasks) if self.p.editor == "llm" else {}
         self.describer = None
         if self.p.editor == "llm" and self.p.describe in ("auto", "model"):
@@ -173,11 +183,13 @@ class VaPR:
             require(describer, Capability.GENERATE, Capability.IMAGES, purpose="vapr's image descriptions")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"penalty": self.penalties.state_dict(), "task_seen": dict(self.task_seen)}
+        return {"penalty": self.penalties.state_dict(), "task_seen": dict(self.task_seen),
+                "answer_values": self.answer_values.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.penalties.load_state_dict(state.get("penalty") or {})
         self.task_seen = {str(k): int(v) for k, v in (state.get("task_seen") or {}).items()}
+        self.answer_values.load_state_dict(state.get("answer_values") or {})
 
     @classmethod
     def summary_extras(cls, params: Mapping[str, Any], stats: Mapping[str, float]) -> dict[str, Any]:
@@ -219,7 +231,12 @@ class VaPR:
         while i < len(examples):
             j = min(len(examples), i + self.p.penalty_every - self.penalties.n_seen % self.p.penalty_every)
             works = [w for w in prepared[i:j] if isinstance(w, _Work)]
+            self.validator.data_values = self.answer_values.as_sets()
             results = iter(self._edit(works, ctx))
+            for w in works:
+                value = self.rules.short_value(w.answer)
+                if value is not None:
+                    self.answer_values.record(self.rules.question_type(w.question, w.task), value)
             for w in prepared[i:j]:
                 if isinstance(w, Outcome):
                     out.append(w)
@@ -233,6 +250,8 @@ class VaPR:
                                    stats=w.stats | r.stats | {f"value/{w.task}/{r.edit.value}": 1,
                                                               f"task/{w.task}": 1}))
             self.penalties.advance(j - i)
+            if self.penalties.n_seen % self.p.penalty_every == 0:
+                self.answer_values.commit()
             i = j
         return out
 
@@ -260,6 +279,10 @@ class VaPR:
                               f"{self.rules.where} turns question {question.strip()!r} into a "
                               f"sentence; add a yesno rule", "filter/yesno")
             answer, stats["yesno_sentence"] = sentence, 1
+        elif self.p.short_answers == "sentence":
+            sentence = self.rules.short_sentence(question, answer)
+            if sentence is not None:
+                answer, stats["short_sentence"] = sentence, 1
         if self.p.trust_source_task and ex.task in self.rules.tasks:
             task = ex.task
         else:
@@ -289,7 +312,8 @@ class VaPR:
         cands = [rule_candidates(w.answer, w.question, w.task, self.rules,
                                  penalty=self.penalties.penalty(w.task),
                                  counts=self.penalties.committed(w.task),
-                                 rng=ctx.rng(w.ex, "vapr-rule-editor"))
+                                 rng=ctx.rng(w.ex, "vapr-rule-editor"),
+                                 data_values=self.answer_values.get(self.rules.question_type(w.question, w.task)))
                  for w in works]
         # validate in rounds: each example's next candidate until one passes (same result as
         # taking the first valid candidate in order, with far fewer checks)
@@ -313,6 +337,12 @@ class VaPR:
                 out.append(_Result(self.validator.describe(w.question, w.answer, w.task, chosen[k], "rule")))
             elif not cands[k]:
                 names = "/".join(self.rules.tasks[w.task])
+                if polarity.split_lead(w.answer)[0] is not None:
+                    out.append(_Result(reject=Reject("edit", "no_flip: the yes/no answer's statement is "
+                                                     "not the question's proposition (nor a short "
+                                                     "echo of it); negating it would not answer the "
+                                                     "question"), stats={"edit/no_flip": 1}))
+                    continue
                 out.append(_Result(reject=Reject("edit", f"no_span: the answer has no {names} value "
                                                  f"to replace for a {w.task} question (values "
                                                  f"copied from the question are not edited)"),

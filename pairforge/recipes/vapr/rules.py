@@ -7,6 +7,7 @@ Pure logic: the YAML is read once by :meth:`VaprRules.load`; everything else wor
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -17,8 +18,18 @@ from typing import Any
 import yaml
 
 from pairforge.errors import PairforgeError
+from pairforge.recipes.vapr import polarity
 
 DEFAULT_RULES = Path(__file__).resolve().parents[1] / "data" / "vapr_tasks.yaml"
+
+#: Answers of at most this many words are "short" (VQAv2/GQA style): their edit is judged by the
+#: decisive span, not by a share of the answer's words.
+SHORT_WORDS = 3
+_ALTERNATIVE = re.compile(r"\b(?:to the )?(\w+)(?: of the \w+)?,? or (?:to the )?(\w+)\b")
+_QTYPE = re.compile(r"^(?:what|which)\s+(?:(?:kind|type|sort|color|colour|brand|breed|species|style) of\s+)?([a-z]+)\b")
+_NOT_A_TYPE = {"is", "are", "was", "were", "do", "does", "did", "can", "could", "will", "would", "has",
+               "have", "the", "a", "an", "this", "that", "these", "those", "it", "they", "he", "she",
+               "of", "in", "on", "you", "there", "kind", "type", "sort"}
 
 #: Words with their character offsets: letter runs (with an inner apostrophe) and digit runs.
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?|\d+")
@@ -31,9 +42,10 @@ class Word:
     end: int
 
 
-def tokens(text: str) -> list[Word]:
+@functools.lru_cache(maxsize=16384)
+def tokens(text: str) -> tuple[Word, ...]:
     """The words of ``text`` with their character spans (punctuation is not a word)."""
-    return [Word(m.group().lower(), m.start(), m.end()) for m in _WORD.finditer(text)]
+    return tuple(Word(m.group().lower(), m.start(), m.end()) for m in _WORD.finditer(text))
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,7 @@ class ValueClass:
     agreement_nouns: tuple[str, ...] = ()
     agreement_generic: tuple[tuple[str, str], ...] = ()
     agreement_verbs: tuple[tuple[str, str], ...] = ()
+    groups: tuple[tuple[str, str], ...] = ()  # (value, group): a value is replaced within its group
 
     @classmethod
     def parse(cls, name: str, spec: Mapping[str, Any], where: str) -> ValueClass:
@@ -91,13 +104,21 @@ class ValueClass:
             raise PairforgeError(f"{where}: classes.{name} has no values")
         critical = spec.get("critical") or [w for p in phrases for w in p]
         agree = spec.get("agreement") or {}
+        groups = []
+        for group, members in (spec.get("groups") or {}).items():
+            for v in members or ():
+                if str(v) not in values:
+                    raise PairforgeError(f"{where}: classes.{name}.groups.{group} names '{v}', which is "
+                                         f"not a value of the class; add it to values first")
+                groups.append((str(v), str(group)))
         return cls(name, forms, values, phrases, frozenset(w.lower() for w in critical),
                    frozenset(map(str, spec.get("singular") or ())),
                    frozenset(map(str, spec.get("neutral") or ())), bool(spec.get("leading_only")),
                    tuple((str(a), str(b)) for a, b in spec.get("polarity") or ()),
                    tuple(agree.get("nouns") or ()),
                    tuple((str(a), str(b)) for a, b in (agree.get("generic") or {}).items()),
-                   tuple((str(a), str(b)) for a, b in (agree.get("verbs") or {}).items()))
+                   tuple((str(a), str(b)) for a, b in (agree.get("verbs") or {}).items()),
+                   tuple(groups))
 
     def grammatical_number(self, value: str) -> str:
         """"singular", "neutral" or "plural" (only meaningful for classes that declare them)."""
@@ -108,6 +129,9 @@ class ValueClass:
         singular value is replaced only by singular or neutral ones, a plural one only by
         plural or neutral ones; with them any value goes (the noun and verb follow)."""
         out = [v for v in self.values if v != span.value]
+        group = dict(self.groups)
+        if span.value in group:  # "dog" -> another animal, "man" -> another person
+            out = [v for v in out if group.get(v) == group[span.value]]
         if (self.singular or self.neutral) and not self.agreement_nouns:
             ok = self.singular | self.neutral if span.value in self.singular \
                 else set(self.values) - self.singular
@@ -209,6 +233,9 @@ class VaprRules:
         if not m:
             return None
         yes = m.group(1).lower() == "yes"
+        sentence = polarity.yesno_sentence(question, yes)
+        if sentence is not None:
+            return sentence
         q = question.strip().rstrip("?").strip()
         for rule in self.yesno_rules:
             qm = rule.question.match(q)
@@ -220,8 +247,65 @@ class VaprRules:
                 fields["verb_s"] = third_person(fields["verb"]) if fields.get("aux") == "does" \
                     else fields["verb"]
             text = (rule.yes if yes else rule.no).format(**fields)
+            if polarity.double_negation(text):  # a YAML rule meeting a negated question
+                continue
             return text[:1].upper() + text[1:]
         return None
+
+    # ------------------------------------------------------------------------- answer values
+
+    def question_type(self, question: str, task: str) -> str:
+        """The type of value a question asks for, for the answer vocabularies collected from
+        the data: the noun after "what"/"which" ("What sport ..." -> "sport", "What kind of
+        animal ..." -> "animal"), or "<task>" ("How many ..." -> "counting")."""
+        m = _QTYPE.match(question.strip().lower())
+        if m and m.group(1) not in _NOT_A_TYPE:
+            return {"colour": "color", "colors": "color", "colours": "color"}.get(m.group(1), m.group(1))
+        return task
+
+    def alternatives(self, question: str) -> list[str]:
+        """The options of an alternative question ("Is the fence wooden or metal?" -> [wooden,
+        metal]; "Is the cup to the left or to the right of the plate?" -> [left, right]), or []."""
+        m = _ALTERNATIVE.search(question.strip().lower())
+        if not m:
+            return []
+        a, b = m.group(1), m.group(2)
+        return [a, b] if a != b else []
+
+    def short_sentence(self, question: str, answer: str) -> str | None:
+        """A short answer as a sentence from the question, where a pattern fits: "What colour
+        is the car?" + "red" -> "The car is red."; "What is the man holding?" + "umbrella" ->
+        "The man is holding an umbrella."; "How many dogs are there?" + "2" -> "There are 2
+        dogs."; "What is the red shape?" + "triangle" -> "The red shape is a triangle."."""
+        v = self.short_value(answer)
+        if v is None:
+            return None
+        q = question.strip().rstrip("?").strip()
+        art = "an" if v[:1] in "aeiou" else "a"
+        bare = v[:1].isdigit() or (v,) in self.classes["color"].phrases if "color" in self.classes else False
+        m = re.match(r"(?i)^what colou?r (is|are) (the [\w ]+)$", q)
+        if m:
+            return f"{m.group(2)[:1].upper()}{m.group(2)[1:]} {m.group(1).lower()} {v}."
+        m = re.match(r"(?i)^how many ([\w ]+?) (?:are there|can you see|are (?:in|on) the [\w ]+)$", q)
+        if m and v not in ("1", "one"):
+            return f"There are {v} {m.group(1)}."
+        m = re.match(r"(?i)^what is (the [\w ]+?) (holding|wearing|eating|riding|carrying|playing)$", q)
+        if m:
+            return f"{m.group(1)[:1].upper()}{m.group(1)[1:]} is {m.group(2).lower()} {'' if bare else art + ' '}{v}."
+        m = re.match(r"(?i)^what is (the [\w ]+)$", q)
+        if m and not bare:
+            return f"{m.group(1)[:1].upper()}{m.group(1)[1:]} is {art} {v}."
+        return None
+
+    def short_value(self, answer: str) -> str | None:
+        """The value a short answer (at most ``SHORT_WORDS`` words, no yes/no) names, lower-cased
+        without article and final punctuation ("A dog." -> "dog"), or None."""
+        ws = [w.text for w in tokens(answer)]
+        if not ws or len(ws) > SHORT_WORDS or self.is_yesno(answer) or ws[0] in ("yes", "no"):
+            return None
+        if ws[0] in ("a", "an", "the", "some") and len(ws) > 1:
+            ws = ws[1:]
+        return " ".join(ws)
 
     # ------------------------------------------------------------------------- categorizer
 
