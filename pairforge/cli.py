@@ -267,6 +267,12 @@ def build(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Discard an existing build in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    executor: Annotated[str | None, typer.Option(
+        "--executor", help="local (default) or ray: build on a Ray cluster, one actor pool "
+                           "per model role (pip install 'pairforge[ray]').")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Ray cluster to join (e.g. auto, ray://HOST:10001); default: "
+                              "a local Ray instance.")] = None,
 ) -> None:
     """Build preference pairs from SFT examples with a recipe (checkpointed, resumable)."""
     import shlex
@@ -278,7 +284,8 @@ def build(
                       editor=editor, judge=judge, limit=limit, shard=shard, seed=seed,
                       batch_size=batch_size, chunk_size=chunk_size, image_root=image_root,
                       max_pixels=max_pixels, overwrite=overwrite or None,
-                      params=parse_params(param or []) or None)
+                      params=parse_params(param or []) or None, executor=executor,
+                      ray_address=ray_address)
     run_build(cfg, command=shlex.join(["pairforge", *sys.argv[1:]]), progress=not quiet)
 
 
