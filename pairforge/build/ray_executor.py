@@ -33,10 +33,10 @@ Settings (``ray:`` in the YAML config; ``--ray-address`` on the command line)::
     ray:
       address: auto             # default: a local Ray instance
       num_cpus: 2               # CPUs of a local instance (default: all)
-      stage: {concurrency: 4, num_cpus: 0.25}   # recipe-stage actors
+      stage: {pool: 4, num_cpus: 0.25}   # recipe-stage actors
       window: 64                # chunks per Ray Data dataset (bounds driver memory)
       roles:
-        policy: {pool: 8, num_gpus: 1, num_cpus: 1}
+        policy: {pool: 4, tp: 2, num_cpus: 2}  # vllm: policy: 4 engines over 2 GPUs each
         clip: {pool: 2, num_gpus: 0.25}
 
 Defaults fit a 2-core machine (every actor asks for a fraction of a CPU, so the recipe stage
@@ -79,6 +79,8 @@ class Pool:
     num_cpus: float = 0.25
     num_gpus: float = 0.0
     threads: int | None = None
+    #: vLLM roles: ``tensor_parallel_size`` of each actor's engine (its ``num_gpus``)
+    tp: int | None = None
 
 
 @dataclass(frozen=True)
@@ -110,23 +112,25 @@ class RayOptions:
             if not isinstance(v, Mapping):
                 raise bad(where, f"expected a mapping like {{pool: 2, num_cpus: 0.5, "
                                  f"num_gpus: 1}}, got {v!r}")
-            keys = {"pool", "concurrency", "size", "num_cpus", "num_gpus", "threads"}
+            keys = {"pool", "num_cpus", "num_gpus", "threads", "tp"}
             extra = sorted(set(v) - keys)
             if extra:
                 raise bad(f"{where}.{extra[0]}", "unknown key; use pool, num_cpus, num_gpus, "
-                                                 "threads")
-            threads = v.get("threads")
-            if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
-                                        or threads < 1):
-                raise bad(f"{where}.threads", f"{threads!r}: must be an integer >= 1")
-            size = v.get("pool", v.get("concurrency", v.get("size", default.size)))
+                                                 "threads, tp")
+            threads, tp = v.get("threads"), v.get("tp")
+            for name, x in (("threads", threads), ("tp", tp)):
+                if x is not None and (not isinstance(x, int) or isinstance(x, bool) or x < 1):
+                    raise bad(f"{where}.{name}", f"{x!r}: must be an integer >= 1")
+            size = v.get("pool", default.size)
             cpus, gpus = v.get("num_cpus", default.num_cpus), v.get("num_gpus", default.num_gpus)
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
                 raise bad(f"{where}.pool", f"{size!r}: must be an integer >= 1")
             for name, x in (("num_cpus", cpus), ("num_gpus", gpus)):
                 if not isinstance(x, (int, float)) or isinstance(x, bool) or x < 0:
                     raise bad(f"{where}.{name}", f"{x!r}: must be a number >= 0")
-            return Pool(size, float(cpus), float(gpus), threads)
+            if tp and "num_gpus" not in v:
+                gpus = tp  # one vLLM engine over tp GPUs per actor
+            return Pool(size, float(cpus), float(gpus), threads, tp)
 
         roles_in = values.get("roles") or {}
         if not isinstance(roles_in, Mapping):
@@ -162,8 +166,10 @@ class RoleServer:
     """A Ray actor holding one model of a role, loaded on first use; ``call`` runs a
     models-protocol method (``generate``, ``score``, ``cosine`` ...) on it."""
 
-    def __init__(self, role: str, spec: Any, threads: int | None = None):
+    def __init__(self, role: str, spec: Any, threads: int | None = None,
+                 load_kw: Mapping[str, Any] | None = None):
         self.role, self.spec, self._model = role, spec, None
+        self.load_kw = dict(load_kw or {})
         if threads:
             import torch
 
@@ -174,7 +180,7 @@ class RoleServer:
         if self._model is None:
             from pairforge.models.factory import load_model
 
-            model = load_model(self.spec, role=self.role)
+            model = load_model(self.spec, role=self.role, **self.load_kw)
             if hasattr(model, "progress"):
                 model.progress = False  # the driver shows the build's progress
             self._model = model
@@ -206,9 +212,16 @@ class RoleServer:
         return getattr(self.model, method)(*args, **kwargs)
 
 
+#: Protocol methods whose leading positional arguments are per-item lists and whose result is
+#: one entry per item (seeds are per request, so a split call gives the same items): a pool
+#: of several actors shares each such call, in contiguous parts.
+SPLIT = {"generate": 1, "score": 2, "cosine": 2}
+
+
 class RemoteModel:
     """A model of a role's actor pool, as the recipe sees it: the model's plain attributes,
-    and its methods forwarded to the pool's actors in turn (one blocking call each)."""
+    and its methods forwarded to the pool's actors in turn; a :data:`SPLIT` call on a pool of
+    several actors is cut into one contiguous part per actor, run at once, joined in order."""
 
     def __init__(self, role: str, actors: list, info: Mapping[str, Any]):
         self._role, self._actors = role, list(actors)
@@ -218,9 +231,22 @@ class RemoteModel:
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         import ray
 
-        actor = self._actors[self._turn % len(self._actors)]
-        self._turn += 1
-        return ray.get(actor.call.remote(method, args, kwargs))
+        k = SPLIT.get(method, 0)
+        n = len(args[0]) if k and len(args) >= k and isinstance(args[0], (list, tuple)) else 0
+        parts = min(len(self._actors), n)
+        if parts < 2 or any(len(a) != n for a in args[1:k]):
+            actor = self._actors[self._turn % len(self._actors)]
+            self._turn += 1
+            return ray.get(actor.call.remote(method, args, kwargs))
+        bounds = [n * i // parts for i in range(parts + 1)]
+        refs = []
+        for i in range(parts):
+            lo, hi = bounds[i], bounds[i + 1]
+            part = tuple(list(a[lo:hi]) for a in args[:k]) + args[k:]
+            refs.append(self._actors[(self._turn + i) % len(self._actors)].call.remote(
+                method, part, kwargs))
+        self._turn += parts
+        return [x for got in ray.get(refs) for x in got]
 
     def __repr__(self) -> str:
         return f"RemoteModel({self._role}: {self.__dict__.get('name', '?')})"
@@ -386,10 +412,16 @@ class RayExecutor:
             if spec is None:
                 continue
             pool = self.options.roles.get(role, Pool())
+            load_kw = {}
+            if pool.tp:
+                if spec.backend != "vllm":
+                    raise PairforgeError(f"ray: roles.{role}.tp: tensor parallelism is for vllm: "
+                                         f"models, and {role} is {spec}; drop tp")
+                load_kw["tensor_parallel_size"] = pool.tp
             self.pools[role] = [server.options(
                 num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, max_restarts=-1,
                 max_task_retries=-1, name=f"pairforge-{role}-{i}-{os.getpid()}-{id(self):x}",
-            ).remote(role, spec, pool.threads) for i in range(pool.size)]
+            ).remote(role, spec, pool.threads, load_kw) for i in range(pool.size)]
         models = RemoteModels(self.specs, self.pools)
         for role, required, _ in recipe.roles:
             if required:
