@@ -228,8 +228,8 @@ def test_unknown_executor_and_missing_ray_are_one_line_errors(tmp_path, monkeypa
 
 
 def test_a_pool_shares_each_per_item_call_in_order(monkeypatch):
-    """generate/score/cosine on a pool of 3 go out as 3 contiguous parts, one per actor, and
-    come back joined in order; other calls go whole to one actor."""
+    """With split, generate/score/cosine on a pool of 3 go out as 3 contiguous parts, one per
+    actor, and come back joined in order; other calls, and all without split, go whole."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'pairforge[ray]')")
     from pairforge.build.ray_executor import remote_model
 
@@ -252,7 +252,7 @@ def test_a_pool_shares_each_per_item_call_in_order(monkeypatch):
             return [f"{method}:{x}" for x in args[0]]
 
     monkeypatch.setattr(ray, "get", lambda x: x)
-    m = remote_model("policy", [Actor(0), Actor(1), Actor(2)], "fake")
+    m = remote_model("policy", [Actor(0), Actor(1), Actor(2)], "fake", split=True)
     assert m.name == "fake"
     out = m.generate(list("abcdefg"), 4, None)
     assert out == [f"generate:{x}" for x in "abcdefg"]
@@ -267,3 +267,20 @@ def test_a_pool_shares_each_per_item_call_in_order(monkeypatch):
     assert m.embed(list("abc")) == "whole" and len(calls) == 1
     with pytest.raises(AttributeError):
         m.cosine_matrix
+    calls.clear()
+    whole = remote_model("policy", [Actor(0), Actor(1)], "fake")
+    assert whole.generate(list("abc"), 1, None) == ["generate:a", "generate:b", "generate:c"]
+    assert len(calls) == 1
+
+
+def test_pools_the_cluster_cannot_hold_are_refused_before_any_actor(tmp_path):
+    from pairforge.build.ray_executor import RayExecutor
+
+    ex = RayExecutor(BuildConfig(recipe="m3po", out=tmp_path, executor="ray", ray={
+        "roles": {"policy": {"pool": 2, "num_gpus": 1}}}))
+    ex.specs = {"policy": "tiny-vlm", "clip": "tiny-clip", "judge": None}
+    ex.check_resources({"CPU": 16.0, "GPU": 2.0})  # 2 GPUs, 0.25 * 5 CPUs: fits
+    with pytest.raises(PairforgeError, match="ask for 2 GPUs at once, the cluster has 1"):
+        ex.check_resources({"CPU": 16.0, "GPU": 1.0})
+    with pytest.raises(PairforgeError, match="ask for 1.25 CPUs at once, the cluster has 1"):
+        ex.check_resources({"CPU": 1.0, "GPU": 2.0})

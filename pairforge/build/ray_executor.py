@@ -37,6 +37,7 @@ Settings (``ray:`` in the YAML config; ``--ray-address`` on the command line)::
       window: 64                # chunks per Ray Data dataset (bounds driver memory)
       roles:
         policy: {pool: 4, tp: 2, num_cpus: 2}  # vllm: policy: 4 engines over 2 GPUs each
+        # split: true cuts each generate/score/cosine call over the pool (VaPR, CW-DPO)
         clip: {pool: 2, num_gpus: 0.25}
 
 Defaults fit a 2-core machine (every actor asks for a fraction of a CPU, so the recipe stage
@@ -81,6 +82,10 @@ class Pool:
     threads: int | None = None
     #: vLLM roles: ``tensor_parallel_size`` of each actor's engine (its ``num_gpus``)
     tp: int | None = None
+    #: cut each per-item call (:data:`SPLIT`) into one part per actor: a pool then speeds up
+    #: a recipe that has one call in flight (VaPR, CW-DPO), but the model sees other batches
+    #: than locally, so floats (and rarely a sampled token) may differ from a local build
+    split: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,11 +117,14 @@ class RayOptions:
             if not isinstance(v, Mapping):
                 raise bad(where, f"expected a mapping like {{pool: 2, num_cpus: 0.5, "
                                  f"num_gpus: 1}}, got {v!r}")
-            keys = {"pool", "num_cpus", "num_gpus", "threads", "tp"}
+            keys = {"pool", "num_cpus", "num_gpus", "threads", "tp", "split"}
             extra = sorted(set(v) - keys)
             if extra:
                 raise bad(f"{where}.{extra[0]}", "unknown key; use pool, num_cpus, num_gpus, "
-                                                 "threads, tp")
+                                                 "threads, tp, split")
+            split = v.get("split", False)
+            if not isinstance(split, bool):
+                raise bad(f"{where}.split", f"{split!r}: must be true or false")
             threads, tp = v.get("threads"), v.get("tp")
             for name, x in (("threads", threads), ("tp", tp)):
                 if x is not None and (not isinstance(x, int) or isinstance(x, bool) or x < 1):
@@ -130,7 +138,7 @@ class RayOptions:
                     raise bad(f"{where}.{name}", f"{x!r}: must be a number >= 0")
             if tp and "num_gpus" not in v:
                 gpus = tp  # one vLLM engine over tp GPUs per actor
-            return Pool(size, float(cpus), float(gpus), threads, tp)
+            return Pool(size, float(cpus), float(gpus), threads, tp, split)
 
         roles_in = values.get("roles") or {}
         if not isinstance(roles_in, Mapping):
@@ -213,25 +221,26 @@ class RoleServer:
 
 
 #: Protocol methods whose leading positional arguments are per-item lists and whose result is
-#: one entry per item (seeds are per request, so a split call gives the same items): a pool
-#: of several actors shares each such call, in contiguous parts.
+#: one entry per item (seeds are per request): with the role's ``split``, a pool of several
+#: actors shares each such call, in contiguous parts.
 SPLIT = {"generate": 1, "score": 2, "cosine": 2}
 
 
 class RemoteModel:
     """A model of a role's actor pool, as the recipe sees it: the model's plain attributes,
-    and its methods forwarded to the pool's actors in turn; a :data:`SPLIT` call on a pool of
-    several actors is cut into one contiguous part per actor, run at once, joined in order."""
+    and its methods forwarded whole to the pool's actors in turn (the batches a local build
+    makes); with ``split``, a :data:`SPLIT` call is cut into one contiguous part per actor,
+    run at once, joined in order."""
 
-    def __init__(self, role: str, actors: list, info: Mapping[str, Any]):
-        self._role, self._actors = role, list(actors)
+    def __init__(self, role: str, actors: list, info: Mapping[str, Any], split: bool = False):
+        self._role, self._actors, self._split = role, list(actors), split
         self._turn = random.Random(os.getpid()).randrange(len(self._actors))
         self.__dict__.update(info["attrs"])
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         import ray
 
-        k = SPLIT.get(method, 0)
+        k = SPLIT.get(method, 0) if self._split else 0
         n = len(args[0]) if k and len(args) >= k and isinstance(args[0], (list, tuple)) else 0
         parts = min(len(self._actors), n)
         if parts < 2 or any(len(a) != n for a in args[1:k]):
@@ -252,7 +261,7 @@ class RemoteModel:
         return f"RemoteModel({self._role}: {self.__dict__.get('name', '?')})"
 
 
-def remote_model(role: str, actors: list, spec: Any) -> RemoteModel:
+def remote_model(role: str, actors: list, spec: Any, split: bool = False) -> RemoteModel:
     """A :class:`RemoteModel` of the pool ``actors`` with the model's methods as real methods
     (so ``isinstance`` checks against the models protocols hold, on every Python)."""
     import ray
@@ -272,23 +281,24 @@ def remote_model(role: str, actors: list, spec: Any) -> RemoteModel:
         return method
 
     cls = type(f"Remote_{role}", (RemoteModel,), {m: forward(m) for m in info["methods"]})
-    return cls(role, actors, info)
+    return cls(role, actors, info, split)
 
 
 class RemoteModels(Models):
     """``ctx.models`` on Ray: a role maps to a :class:`RemoteModel` of its pool, made on first
     access (like the local lazy loading, so provenance names the roles the recipe used)."""
 
-    def __init__(self, specs: Mapping[str, Any], pools: Mapping[str, list]):
+    def __init__(self, specs: Mapping[str, Any], pools: Mapping[str, list],
+                 split: Iterable[str] = ()):
         super().__init__(specs)
-        self.pools = dict(pools)
+        self.pools, self.split = dict(pools), set(split)
 
     def __getitem__(self, role: str) -> Any:
         spec = self.specs[role]
         if spec is None:
             return None
         if role not in self.loaded:
-            self.loaded[role] = remote_model(role, self.pools[role], spec)
+            self.loaded[role] = remote_model(role, self.pools[role], spec, role in self.split)
         return self.loaded[role]
 
 
@@ -318,7 +328,7 @@ class ChunkWorker:
 
         cfg: BuildConfig = job["cfg"]
         recipe = load_recipe(cfg.recipe, cfg.params)
-        models = RemoteModels(job["specs"], job["pools"])
+        models = RemoteModels(job["specs"], job["pools"], job["split"])
         for role, required, _ in recipe.roles:  # as configure_models: required ones at once
             if required:
                 models[role]
@@ -407,6 +417,7 @@ class RayExecutor:
         import ray
 
         self.specs = dict(local.specs)
+        self.check_resources(ray.cluster_resources())
         server = ray.remote(RoleServer)
         for role, spec in self.specs.items():
             if spec is None:
@@ -428,6 +439,21 @@ class RayExecutor:
                 models[role]
         return models
 
+    def check_resources(self, cluster: Mapping[str, float]) -> None:
+        """Refuse settings the cluster cannot place all at once (the model pools and the
+        recipe stage run together; Ray would wait for the missing CPUs or GPUs forever)."""
+        o = self.options
+        pools = [o.roles.get(r, Pool()) for r, spec in self.specs.items() if spec is not None]
+        pools.append(o.stage)
+        for kind, key in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+            need = sum(p.size * getattr(p, key) for p in pools)
+            have = float(cluster.get(kind, 0.0))
+            if need > have + 1e-9:
+                raise PairforgeError(
+                    f"ray: the model pools and the recipe stage ask for {need:g} {kind}s at "
+                    f"once, the cluster has {have:g}; lower {key} or pool under ray: roles / "
+                    f"stage, or add nodes")
+
     @property
     def chunker(self) -> Any:
         return functools.partial(RayChunker, executor=self)
@@ -444,7 +470,9 @@ class RayChunker(Chunker):
 
     def job(self) -> dict:
         data = {k: v for k, v in self.manifest.data.items() if k not in ("chunks", "state")}
+        split = [r for r, p in self.executor.options.roles.items() if p.split]
         return {"cfg": self.cfg, "specs": self.executor.specs, "pools": self.executor.pools,
+                "split": split,
                 "out": str(self.out), "manifest": {**data, "chunks": [], "state": None},
                 "batch_size": self.batch_size}
 
