@@ -269,7 +269,7 @@ def build(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     executor: Annotated[str | None, typer.Option(
         "--executor", help="local (default) or ray: build on a Ray cluster, one actor pool "
-                           "per model role (pip install 'pairforge[ray]').")] = None,
+                           "per model role (needs pairforge's ray extra).")] = None,
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Ray cluster to join (e.g. auto, ray://HOST:10001); default: "
                               "a local Ray instance.")] = None,

@@ -437,6 +437,11 @@ class RayExecutor:
         for role, required, _ in recipe.roles:
             if required:
                 models[role]
+        if self.console is not None:
+            res = ray.cluster_resources()
+            pools = ", ".join(f"{r} {len(a)}" for r, a in self.pools.items())
+            self.console.print(f"ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; "
+                               f"model actors: {pools or 'none'}")
         return models
 
     def check_resources(self, cluster: Mapping[str, float]) -> None:
@@ -467,6 +472,9 @@ class RayChunker(Chunker):
         super().__init__(*args, **kw)
         self.executor = executor
         self.stateful = bool(self.recipe.state_dict())
+        if self.stateful and executor.console is not None:
+            executor.console.print(f"ray: {self.recipe.name} keeps cross-example state, so its "
+                                   f"chunks are built one after the other, in source order")
 
     def job(self) -> dict:
         data = {k: v for k, v in self.manifest.data.items() if k not in ("chunks", "state")}
