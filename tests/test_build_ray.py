@@ -266,7 +266,7 @@ def test_a_pool_shares_each_per_item_call_in_order(monkeypatch):
     calls.clear()
     assert m.embed(list("abc")) == "whole" and len(calls) == 1
     with pytest.raises(AttributeError):
-        m.cosine_matrix
+        m.cosine_matrix  # noqa: B018 - not a method of this model
     calls.clear()
     whole = remote_model("policy", [Actor(0), Actor(1)], "fake")
     assert whole.generate(list("abc"), 1, None) == ["generate:a", "generate:b", "generate:c"]
@@ -284,3 +284,29 @@ def test_pools_the_cluster_cannot_hold_are_refused_before_any_actor(tmp_path):
         ex.check_resources({"CPU": 16.0, "GPU": 1.0})
     with pytest.raises(PairforgeError, match="ask for 1.25 CPUs at once, the cluster has 1"):
         ex.check_resources({"CPU": 1.0, "GPU": 2.0})
+
+
+def test_a_crash_on_a_worker_is_one_line_on_the_driver_with_the_traceback_in_error_log(tmp_path):
+    """A recipe crash inside a recipe-stage actor comes back as data (no Ray retry of a
+    deterministic failure); the driver writes its traceback to error.log and stops with one
+    line naming the chunk and the resume."""
+    from pairforge.build.ray_executor import ChunkWorker, RayChunker
+
+    class Broken:
+        recipe = None
+
+        def build_chunk(self, index, entries):
+            raise ValueError("bad crop box")
+
+    worker = ChunkWorker.__new__(ChunkWorker)
+    worker.chunker = Broken()
+    res = worker.run(3, [], None)
+    assert res["index"] == 3 and "ValueError: bad crop box" in res["error"]
+    assert "Traceback" in res["trace"]
+    chunker = RayChunker.__new__(RayChunker)
+    chunker.out = tmp_path
+    with pytest.raises(PairforgeError, match=r"chunk 3 failed on Ray \(ValueError: bad crop "
+                                             r"box\).*traceback is in .*error.log; 3 chunk\(s\) "
+                                             r"are committed.*rerun the same command"):
+        chunker._result(res)
+    assert "bad crop box" in (tmp_path / "error.log").read_text()
