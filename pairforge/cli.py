@@ -329,6 +329,12 @@ def build(
         "--overwrite", help="Discard an existing build in --out (only the files it wrote; "
                             "other files stay).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    executor: Annotated[str | None, typer.Option(
+        "--executor", help="local (default) or ray: build on a Ray cluster, one actor pool "
+                           "per model role (needs pairforge's ray extra).")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Ray cluster to join (e.g. auto, ray://HOST:10001); default: "
+                              "a local Ray instance.")] = None,
 ) -> None:
     """Build preference pairs from SFT examples with a recipe (checkpointed, resumable)."""
     from pairforge.build import build as run_build
@@ -338,7 +344,8 @@ def build(
                       editor=editor, judge=judge, describer=describer, limit=limit, shard=shard, seed=seed,
                       batch_size=batch_size, chunk_size=chunk_size, image_root=image_root,
                       max_pixels=max_pixels, overwrite=overwrite or None,
-                      params=parse_params(param or []) or None)
+                      params=parse_params(param or []) or None, executor=executor,
+                      ray_address=ray_address)
     run_build(cfg, command=recorded_command(), progress=not quiet)
 
 

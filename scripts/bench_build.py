@@ -24,6 +24,15 @@
    both without the engine). Target: >= 3x. Batched and one-by-one greedy answers are compared first (reported, not
    asserted).
 
+3. **Ray on one node** (``--ray``, instead of 1 and 2). The same M3PO build (tiny-vlm policy,
+   tiny-clip, ``--ray-examples`` world examples) locally and with ``--executor ray`` on a local
+   Ray instance of all this machine's cores, side by side: Ray's start (``ray.init``) apart,
+   then the build with one policy actor, and with one policy actor per core. Rows are
+   compared (every model on one torch thread on both sides, so they must be equal). The
+   ratio Ray / local is Ray's overhead on one node (actor start, model load per actor,
+   remote calls, pickling); on one node Ray only pays off when the local build leaves
+   cores idle.
+
 The policy is ``tiny-vlm`` when the shipped checkpoint exists, else the trained candidate at
 /tmp/tw/run1/tiny-llava, else a random tiny LLaVA (same architecture and sizes: 112 px images,
 14 px patches) written to a temporary folder. Prints a table and one line of JSON; timings
@@ -228,6 +237,44 @@ def bench_batching(tmp: Path, spec: str, n: int, batch: int, max_new_tokens: int
             "per_batch_s": SleepRecipe.model_s / -(-n // batch)}
 
 
+def bench_ray(tmp: Path, n: int, batch: int, max_new_tokens: int) -> dict:
+    """Part 3: the same M3PO build locally and on a local Ray instance (docstring)."""
+    import ray
+
+    from pairforge.build import load_build
+
+    cores = os.cpu_count() or 1
+    kw = dict(recipe="m3po", source=f"shapes?n={n}&seed=11", batch_size=batch, chunk_size=16,
+              params={"n": 4, "max_new_tokens": max_new_tokens}, overwrite=True)
+    t = time.perf_counter()
+    quiet_build(out=tmp / "local", **kw)
+    local_s = time.perf_counter() - t
+    t = time.perf_counter()
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    init_s = time.perf_counter() - t
+    runs = {}
+    try:
+        share = max(0.1, round(0.5 / cores, 2))  # every actor a fraction: all fit together
+        for label, pool in (("ray, 1 policy actor", 1), (f"ray, {cores} policy actors", cores)):
+            if label in runs:
+                continue
+            roles = {"policy": {"pool": pool, "num_cpus": share, "threads": 1},
+                     "clip": {"num_cpus": share, "threads": 1},
+                     "judge": {"num_cpus": share, "threads": 1}}
+            out = tmp / f"ray{pool}"
+            t = time.perf_counter()
+            quiet_build(out=out, executor="ray", ray={"roles": roles,
+                                                     "stage": {"pool": 2 * pool,
+                                                               "num_cpus": share}}, **kw)
+            wall = time.perf_counter() - t
+            same = (load_build(out).with_format("arrow")[:].to_pylist()
+                    == load_build(tmp / "local").with_format("arrow")[:].to_pylist())
+            runs[label] = {"wall_s": wall, "ratio_to_local": wall / local_s, "same_rows": same}
+    finally:
+        ray.shutdown()
+    return {"n": n, "cores": cores, "local_s": local_s, "ray_init_s": init_s, "runs": runs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller runs (~1 min)")
@@ -236,8 +283,23 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--per-batch", type=float, default=None,
                     help="sleep per batch in part 1 (default: part 2's measured VLM batch time)")
+    ap.add_argument("--ray", action="store_true",
+                    help="part 3 only: local vs --executor ray on this machine (pairforge[ray])")
+    ap.add_argument("--ray-examples", type=int, default=64)
     args = ap.parse_args()
     register()
+    if args.ray:
+        with tempfile.TemporaryDirectory() as d:
+            r = bench_ray(Path(d), args.ray_examples, args.batch_size, args.max_new_tokens)
+        load = os.getloadavg()[0]
+        print(f"M3PO, {r['n']} world examples, {r['cores']} cores, load average {load:.1f}")
+        print(f"  local executor            {r['local_s']:8.2f} s")
+        print(f"  ray.init (local instance) {r['ray_init_s']:8.2f} s (not in the builds below)")
+        for label, x in r["runs"].items():
+            print(f"  {label:25s} {x['wall_s']:8.2f} s  = {x['ratio_to_local']:.2f}x local; "
+                  f"same rows: {x['same_rows']}")
+        print(json.dumps({"load_average": load, "ray": r}))
+        return
     n1, n2 = (192, 48) if args.quick else (384, 128)
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as d:

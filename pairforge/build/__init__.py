@@ -7,7 +7,8 @@
 Modules in the order a build runs through them: ``config`` (YAML + command line),
 ``manifest`` (run identity, atomic files, resume), ``engine`` (select, chunks: read → recipe
 → rows → commit), ``summary`` (rejects.jsonl, dataset/, summary.json, table; ``load_build``),
-``merge`` (join ``--shard I/N`` builds).
+``merge`` (join ``--shard I/N`` builds), ``ray_executor`` (``--executor ray``: the same
+chunks built on a Ray cluster).
 """
 
 from pairforge.build.config import BuildConfig, load_config, parse_params, parse_shard

@@ -12,6 +12,9 @@ under ``params:``::
     batch-size: 16
     params:
       editor: rules
+
+``executor: ray`` builds on a Ray cluster (:mod:`pairforge.build.ray_executor`); its settings
+(address, per-role actor pools) go under ``ray:``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pairforge.sources.sft import DEFAULT_MAX_PIXELS, WORLD
 MODEL_ROLES = ("policy", "clip", "editor", "judge", "describer")
 #: Source examples per committed chunk (a new build; a resumed one keeps its manifest's).
 CHUNK_SIZE = 64
+#: Where the chunks are built (``--executor``).
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -49,6 +54,11 @@ class BuildConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     params: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
+    #: ``local`` (this process) or ``ray`` (:mod:`pairforge.build.ray_executor`; never enters
+    #: the run identity, like batch size and device)
+    executor: str = "local"
+    #: Ray settings: ``address``, ``roles`` (per-role pools), ``stage``, ``read``, ...
+    ray: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> BuildConfig:
         """Raise a one-line :class:`PairforgeError` for a missing or out-of-range setting."""
@@ -63,6 +73,9 @@ class BuildConfig:
                                      f"be >= {low}")
         if self.limit is not None and self.limit < 0:
             raise PairforgeError(f"--limit {self.limit}: must be >= 0")
+        if self.executor not in EXECUTORS:
+            raise PairforgeError(f"--executor {self.executor}: choose from "
+                                 f"{', '.join(EXECUTORS)}")
         unknown = sorted(set(self.models) - set(MODEL_ROLES))
         if unknown:
             raise PairforgeError(f"model role {unknown[0]!r}: choose from {', '.join(MODEL_ROLES)}")
@@ -110,6 +123,8 @@ def load_config(path: str | os.PathLike | None = None, **cli: Any) -> BuildConfi
             continue
         if key == "params":
             values["params"] = {**values.get("params", {}), **value}
+        elif key == "ray_address":
+            values["ray"] = {**values.get("ray", {}), "address": value}
         elif key == "overwrite":
             values[key] = bool(value) or values.get(key, False)
         else:
@@ -149,11 +164,12 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         if key not in known:
             raise PairforgeError(f"--config {where}: unknown key {raw_key!r}; use "
                                  f"{', '.join(sorted(known))} (recipe settings go under params:)")
-        if key == "params" and not isinstance(value, Mapping):
-            raise PairforgeError(f"--config {where}: 'params' must be a mapping of recipe "
-                                 f"parameters, got {type(value).__name__}")
+        if key in ("params", "ray") and not isinstance(value, Mapping):
+            raise PairforgeError(f"--config {where}: '{key}' must be a mapping of "
+                                 f"{'recipe parameters' if key == 'params' else 'Ray settings'}"
+                                 f", got {type(value).__name__}")
         if key in ("limit", "seed", "batch_size", "chunk_size", "max_pixels") and \
                 value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise PairforgeError(f"--config {where}: {raw_key} must be an integer, got {value!r}")
-        out[key] = dict(value) if key == "params" else value
+        out[key] = dict(value) if key in ("params", "ray") else value
     return out

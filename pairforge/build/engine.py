@@ -72,16 +72,30 @@ def build(cfg: BuildConfig, *, command: str = "", console: Any = None,
     """Run (or resume) the build ``cfg`` describes; returns the summary (``summary.json``)."""
     from rich.console import Console
 
-    from pairforge.build.summary import finish, print_summary
-
     console = console or Console(stderr=True)
     cfg.check()
+    if cfg.executor == "ray":  # same flow; models in Ray actor pools, chunks built on Ray
+        from pairforge.build.ray_executor import RayExecutor
+
+        with RayExecutor(cfg, console=console) as executor:
+            return _build(cfg, executor, command=command, console=console, progress=progress)
+    return _build(cfg, None, command=command, console=console, progress=progress)
+
+
+def _build(cfg: BuildConfig, executor: Any, *, command: str, console: Any,
+           progress: bool) -> dict:
+    """:func:`build` with ``executor`` None (local) or a
+    :class:`~pairforge.build.ray_executor.RayExecutor` (its models and its chunker)."""
+    from pairforge.build.summary import finish, print_summary
+
     t0 = time.perf_counter()
     out = Path(cfg.out)
 
     # 1. setup: recipe, models, source, identity, manifest
     recipe = load_recipe(cfg.recipe, cfg.params)
-    models, model_rows = configure_models(recipe, cfg.models)
+    models, model_rows = configure_models(recipe, cfg.models, load=executor is None)
+    if executor is not None:
+        models = executor.models(recipe, models)
     ctx = BuildContext(seed=cfg.seed, models=models)
     recipe.check(ctx)
     stream = read_examples(cfg.source, image_root=cfg.image_root, max_pixels=cfg.max_pixels)
@@ -129,7 +143,8 @@ def build(cfg: BuildConfig, *, command: str = "", console: Any = None,
         # 2.-3. select and build chunk by chunk
         t_setup = time.perf_counter()
         if not manifest["exhausted"]:
-            chunker = Chunker(recipe, ctx, cfg, manifest, out, t0, progress, batch_size)
+            chunker = (executor.chunker if executor is not None else Chunker)(
+                recipe, ctx, cfg, manifest, out, t0, progress, batch_size)
             chunker.run(stream)
         t_chunks = time.perf_counter()
         summary = finish(out, manifest, console=console, wall_s=t_chunks - t0,
@@ -179,9 +194,11 @@ class Models(Mapping):
                 for role, m in self.loaded.items()]
 
 
-def configure_models(recipe: Recipe, given: Mapping[str, str]) -> tuple[Models, list[dict]]:
+def configure_models(recipe: Recipe, given: Mapping[str, str], *,
+                     load: bool = True) -> tuple[Models, list[dict]]:
     """The recipe's roles with their specs (given, else the role's default; a required role
-    with neither is an error; a given role the recipe lacks too), required ones loaded, and
+    with neither is an error; a given role the recipe lacks too), required ones loaded (unless
+    not ``load``: the Ray executor loads them in its actors), and
     the configured models as ``{role, name, revision}`` for the run identity (revisions
     known without loading: :func:`static_revision`)."""
     from pairforge.models.spec import parse_model_spec
@@ -200,7 +217,7 @@ def configure_models(recipe: Recipe, given: Mapping[str, str]) -> tuple[Models, 
         specs[role] = None if spec is None else parse_model_spec(spec)
     models = Models(specs)
     for role, (required, _) in roles.items():
-        if required:
+        if required and load:
             models[role]
     configured = [{"role": r, "name": str(s), "revision": static_revision(s)}
                   for r, s in specs.items() if s is not None]
@@ -290,14 +307,13 @@ class Chunker:
                   desc=f"build {self.recipe.name}", disable=not self.progress or None,
                   smoothing=0.1) as bar, ThreadPoolExecutor(1, "pairforge-commit") as writer:
             pending: Future | None = None
-            for chunk in batched(todo, chunk_size):
-                record, rows, rejects = self.build_chunk(index, chunk)
+            for record, rows, rejects in self.built(index, batched(todo, chunk_size)):
                 state = self.state()  # after this chunk, before the next one changes it
                 if pending is not None:
                     pending.result()  # raises the writer's error, if any
                 pending = writer.submit(self.commit, record, rows, rejects, state)
                 index, pairs, rejected = index + 1, pairs + len(rows), rejected + len(rejects)
-                bar.update(len(chunk))
+                bar.update(record["n_in"])
                 bar.set_postfix(pairs=pairs, rejected=rejected, refresh=False)
             if pending is not None:
                 pending.result()
@@ -321,10 +337,21 @@ class Chunker:
 
     # -- one chunk: read → recipe → rows
 
+    def built(self, index: int, chunks: Iterable[list[Entry]]
+              ) -> Iterator[tuple[dict, list[dict], list[dict]]]:
+        """:meth:`build_chunk` of each chunk in order, numbered from ``index`` (the Ray executor
+        builds them on a cluster and yields them in the same order)."""
+        for k, chunk in enumerate(chunks, start=index):
+            yield self.build_chunk(k, chunk)
+
     def build_chunk(self, index: int,
                     entries: Sequence[Entry]) -> tuple[dict, list[dict], list[dict]]:
         """(manifest record, rows, rejects) of one chunk, in source order."""
-        items = [e.load() for e in entries]                                  # read
+        return self.build_items(index, [e.load() for e in entries])          # read
+
+    def build_items(self, index: int, items: Sequence[Example | ReadReject]
+                    ) -> tuple[dict, list[dict], list[dict]]:
+        """(manifest record, rows, rejects) of one chunk's read ``items``: recipe, rows."""
         examples = [x for x in items if isinstance(x, Example)]
         outcomes = self.process(index, examples)                             # recipe
         by_id = dict(zip((ex.id for ex in examples), outcomes))
@@ -387,7 +414,7 @@ class Chunker:
                 self.recipe.load_state_dict(before)
                 got = self._one_by_one(index, batch, e)
             except Exception as e:  # noqa: BLE001 - a recipe bug: report it, keep committed work
-                self._stop(index, batch, e)
+                raise self.recipe_failed(index, batch, e, traceback.format_exc()) from e
             self._check_outcomes(got, batch)
             outcomes.extend(got)
         if len(examples) > 1 and all(o.stats.get(_FAILED) for o in outcomes):
@@ -414,25 +441,27 @@ class Chunker:
                 self.recipe.load_state_dict(before)
                 got = [_error_outcome(self.recipe.name, e)]
             except Exception as e:  # noqa: BLE001
-                self._stop(index, [ex], e)
+                raise self.recipe_failed(index, [ex], e, traceback.format_exc()) from e
             self._check_outcomes(got, [ex])
             out.extend(got)
         return out
-
-    def _stop(self, index: int, batch: list[Example], e: Exception) -> None:
-        log = self.out / "error.log"
-        log.write_text(traceback.format_exc(), encoding="utf-8", errors="backslashreplace")
-        raise PairforgeError(
-            f"recipe {self.recipe.name} failed in chunk {index} on examples "
-            f"{batch[0].id}..{batch[-1].id} ({type(e).__name__}: {_first_line(e)}); "
-            f"{index} chunk(s) are committed, the traceback is in {log}; fix the cause "
-            f"and rerun the same command to resume") from e
 
     def _check_outcomes(self, got: Any, batch: list[Example]) -> None:
         if len(got) != len(batch) or not all(isinstance(o, Outcome) for o in got):
             raise PairforgeError(f"recipe {self.recipe.name} returned {len(got)} outcomes "
                                  f"for {len(batch)} examples; it must return one Outcome "
                                  f"per example, in order")
+
+    def recipe_failed(self, index: int, batch: Sequence[Example], error: Exception,
+                      trace: str) -> PairforgeError:
+        """The one-line error of a recipe crash; the traceback goes to ``error.log``."""
+        log = self.out / "error.log"
+        log.write_text(trace, encoding="utf-8", errors="backslashreplace")
+        return PairforgeError(
+            f"recipe {self.recipe.name} failed in chunk {index} on examples "
+            f"{batch[0].id}..{batch[-1].id} ({type(error).__name__}: {_first_line(error)}); "
+            f"{index} chunk(s) are committed, the traceback is in {log}; "
+            f"fix the cause and rerun the same command to resume")
 
     def finish_row(self, row: Mapping[str, Any], ex: Example) -> dict:
         """A recipe row with provenance filled in and checked; BadInput when invalid."""
@@ -485,6 +514,16 @@ class Chunker:
                                  f"serialisable ({e}); return plain lists, dicts, numbers "
                                  f"and strings") from None
 
+    def encode_images(self, rows: list[dict]) -> bool:
+        """PIL images of ``rows`` → ``{"bytes", "path"}`` in place (:class:`_ImageEncoder`);
+        True when some image is given by path only. Idempotent (encoded values stay)."""
+        encode = _ImageEncoder()
+        for r in rows:
+            for col, is_list in self.image_columns:
+                if r.get(col) is not None:
+                    r[col] = [encode(v) for v in r[col]] if is_list else encode(r[col])
+        return encode.by_path
+
     def commit(self, record: dict, rows: list[dict], rejects: list[dict], state: dict) -> None:
         """Chunk files first (atomic each), then the manifest with the recipe state after the
         chunk: a chunk is there or not."""
@@ -493,15 +532,11 @@ class Chunker:
         from datasets.table import embed_table_storage
 
         self.add_diagnostics(rows)
-        encode = _ImageEncoder()
-        for r in rows:
-            for col, is_list in self.image_columns:
-                if r.get(col) is not None:
-                    r[col] = [encode(v) for v in r[col]] if is_list else encode(r[col])
+        by_path = self.encode_images(rows)
         columns = self.features.encode_batch({k: [r.get(k) for r in rows] for k in self.features})
         # the schema carries the HF features (metadata), so datasets reads the types back
         table = pa.Table.from_pydict(columns, schema=self.schema)
-        if encode.by_path:  # a recipe gave an image by path: embed its bytes
+        if by_path:  # a recipe gave an image by path: embed its bytes
             table = embed_table_storage(table)
         write_atomic(self.out / record["data"], lambda f: pq.write_table(table, f))
         write_atomic(self.out / record["rejects"], "".join(
