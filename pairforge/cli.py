@@ -337,8 +337,8 @@ def build(
                               "a local Ray instance.")] = None,
 ) -> None:
     """Build preference pairs from SFT examples with a recipe (checkpointed, resumable)."""
-    from pairforge.build import build as run_build
-    from pairforge.build import load_config, parse_params
+    from pairforge.engine import build as run_build
+    from pairforge.engine import load_config, parse_params
 
     cfg = load_config(config, recipe=recipe, source=source, out=out, policy=policy, clip=clip,
                       editor=editor, judge=judge, describer=describer, limit=limit, shard=shard, seed=seed,
@@ -358,7 +358,7 @@ def merge(
                             "beside other files (never removed).")] = False,
 ) -> None:
     """Join shard builds (same run, all shards, no overlap) into one build folder."""
-    from pairforge.build import merge as run_merge
+    from pairforge.engine import merge as run_merge
 
     run_merge(shards, out, overwrite=overwrite, command=recorded_command())
 

@@ -54,8 +54,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from pairforge.build import BuildConfig, build  # noqa: E402
-from pairforge.build.engine import batched  # noqa: E402
+from pairforge.engine import BuildConfig, build  # noqa: E402
+from pairforge.engine.engine import batched  # noqa: E402
 from pairforge.recipes import RECIPES  # noqa: E402
 from pairforge.recipes.base import BuildContext, Example, Outcome, Reject  # noqa: E402
 from pairforge.schema import make_pair  # noqa: E402
@@ -241,7 +241,7 @@ def bench_ray(tmp: Path, n: int, batch: int, max_new_tokens: int) -> dict:
     """Part 3: the same M3PO build locally and on a local Ray instance (docstring)."""
     import ray
 
-    from pairforge.build import load_build
+    from pairforge.engine import load_build
 
     cores = os.cpu_count() or 1
     kw = dict(recipe="m3po", source=f"shapes?n={n}&seed=11", batch_size=batch, chunk_size=16,

@@ -632,8 +632,8 @@ class Bench:
     def build_recipe(self, name: str, res: SetResult):
         from rich.console import Console
 
-        from pairforge.build import BuildConfig, build, load_build
-        from pairforge.build.manifest import local_fingerprint
+        from pairforge.engine import BuildConfig, build, load_build
+        from pairforge.engine.manifest import local_fingerprint
         from pairforge.recipes import load_recipe
 
         a = self.args

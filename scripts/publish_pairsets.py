@@ -7,7 +7,7 @@
     python scripts/publish_pairsets.py --list
 
 RECIPE: vapr, m3po, p2dpo, cwdpo, aspo. Every run makes the same two calls, whatever the
-preset: :func:`pairforge.build.build` (the engine of ``pairforge build``: checkpointed chunks,
+preset: :func:`pairforge.engine.build` (the engine of ``pairforge build``: checkpointed chunks,
 resumable by rerunning the same command, every dropped example in ``rejects.jsonl``) into
 ``ROOT/NAME``, then :func:`pairforge.publish.hub.publish` (``pairforge publish``: parquet shards
 with embedded images, card, plots, verified with ``datasets.load_dataset``, pushed in one
@@ -43,7 +43,7 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from pairforge.build import BuildConfig, parse_params, parse_shard  # noqa: E402
+from pairforge.engine import BuildConfig, parse_params, parse_shard  # noqa: E402
 from pairforge.errors import PairforgeError  # noqa: E402
 from pairforge.recipes import RECIPES  # noqa: E402
 
@@ -191,7 +191,7 @@ def run(p: Plan, *, command: str = "", console: Any = None, progress: bool = Tru
     ``staging`` and ``pushed`` (the commit URL, None for a dry run) added."""
     from rich.console import Console
 
-    from pairforge.build import build
+    from pairforge.engine import build
     from pairforge.publish.hub import publish
 
     console = console or Console(stderr=True)

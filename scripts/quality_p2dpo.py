@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pairforge.build import parse_params
+    from pairforge.engine import parse_params
     from pairforge.errors import PairforgeError
     from pairforge.models import load_model
     from pairforge.models.hf import HFModel

@@ -20,9 +20,9 @@ from test_build_fakes import CRASH_ENV, Echo, register
 from typer.testing import CliRunner
 
 from pairforge import __version__
-from pairforge.build import BuildConfig, build, load_build, load_config, merge, parse_params
-from pairforge.build.manifest import Manifest, run_identity, settings_diff, shard_of
-from pairforge.build.merge import check_disjoint
+from pairforge.engine import BuildConfig, build, load_build, load_config, merge, parse_params
+from pairforge.engine.manifest import Manifest, run_identity, settings_diff, shard_of
+from pairforge.engine.merge import check_disjoint
 from pairforge.cli import app
 from pairforge.diagnostics.lengths import gpt2_tokenizer
 from pairforge.diagnostics.text import reference_pair_metrics
@@ -419,3 +419,13 @@ def test_run_pass_fits_the_margin_window_on_the_whole_run_and_resumes(tmp_path):
     m = merge([tmp_path / "s0", tmp_path / "s1"], tmp_path / "m", console=quiet)
     assert (m["margin_window_lo"], m["margin_window_hi"]) == (pytest.approx(lo), pytest.approx(hi))
     assert m["counts"]["pairs"] == c["pairs"] and m["counts"]["rejected"] == c["rejected"]
+
+
+def test_old_import_path_still_works():
+    """The engine moved from ``pairforge/build/`` to ``pairforge/engine/`` (issue 17 item 21);
+    ``from pairforge.build import load_build`` stays a working alias for users' scripts."""
+    import pairforge.build as old
+    import pairforge.engine as new
+
+    for name in old.__all__:
+        assert getattr(old, name) is getattr(new, name)

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from pairforge.build import BuildConfig, build, load_build, load_config
-from pairforge.build.ray_executor import RayOptions, import_ray
+from pairforge.engine import BuildConfig, build, load_build, load_config
+from pairforge.engine.ray_executor import RayOptions, import_ray
 from pairforge.errors import PairforgeError
 
 #: Small but real builds with the shipped tiny models (a few seconds each, locally).
@@ -231,7 +231,7 @@ def test_a_pool_shares_each_per_item_call_in_order(monkeypatch):
     """With split, generate/score/cosine on a pool of 3 go out as 3 contiguous parts, one per
     actor, and come back joined in order; other calls, and all without split, go whole."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'pairforge[ray]')")
-    from pairforge.build.ray_executor import remote_model
+    from pairforge.engine.ray_executor import remote_model
 
     calls: list[tuple[int, str, tuple]] = []
 
@@ -274,7 +274,7 @@ def test_a_pool_shares_each_per_item_call_in_order(monkeypatch):
 
 
 def test_pools_the_cluster_cannot_hold_are_refused_before_any_actor(tmp_path):
-    from pairforge.build.ray_executor import RayExecutor
+    from pairforge.engine.ray_executor import RayExecutor
 
     ex = RayExecutor(BuildConfig(recipe="m3po", out=tmp_path, executor="ray", ray={
         "roles": {"policy": {"pool": 2, "num_gpus": 1}}}))
@@ -290,7 +290,7 @@ def test_a_crash_on_a_worker_is_one_line_on_the_driver_with_the_traceback_in_err
     """A recipe crash inside a recipe-stage actor comes back as data (no Ray retry of a
     deterministic failure); the driver writes its traceback to error.log and stops with one
     line naming the chunk and the resume."""
-    from pairforge.build.ray_executor import ChunkWorker, RayChunker
+    from pairforge.engine.ray_executor import ChunkWorker, RayChunker
 
     class Broken:
         recipe = None

@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from test_build_fakes import HERE, register
 
-from pairforge.build import BuildConfig, build, load_build
+from pairforge.engine import BuildConfig, build, load_build
 
 # a slow-ish build: 12 chunks of 6 examples, 2 batches of 3 per chunk, 0.08 s per batch
 SOURCE, CHUNK, BATCH, SLEEP = "shapes?n=72&seed=1", 6, 3, 0.08

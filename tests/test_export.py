@@ -1,7 +1,7 @@
 """`pairforge export`: LLaMA-Factory and ms-swift files read back with the project's own loaders
 (`read_pairs(..., format=...)`) equal the original rows: messages, answers, image pixels, counts.
 Hand-made rows (a `save_to_disk` folder, parquet) cover the shapes a format must carry; a real
-build dir (`pairforge.build.build`, VaPR on the offline world) covers what the engine writes."""
+build dir (`pairforge.engine.build`, VaPR on the offline world) covers what the engine writes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pairforge.build import build, load_build, load_config
+from pairforge.engine import build, load_build, load_config
 from pairforge.cli import app
 from pairforge.errors import BadInput
 from pairforge.publish.export import (

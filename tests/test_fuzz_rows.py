@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image as PILImage
 from rich.console import Console
 
-from pairforge.build import BuildConfig, build
+from pairforge.engine import BuildConfig, build
 from pairforge.diagnostics.audit import run_audit
 from pairforge.errors import PairforgeError
 from pairforge.sources import read_pairs

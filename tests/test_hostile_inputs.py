@@ -17,7 +17,7 @@ from PIL import Image as PILImage
 from rich.console import Console
 from test_build_fakes import BAD_ENV, register
 
-from pairforge.build import BuildConfig, build, merge
+from pairforge.engine import BuildConfig, build, merge
 from pairforge.diagnostics.audit import run_audit
 from pairforge.errors import PairforgeError, first_line
 from pairforge.recipes.base import Example
@@ -112,7 +112,7 @@ def test_first_line_masks_object_addresses():
 
 def test_a_lone_surrogate_in_a_reject_id_is_written_as_its_json_escape(tmp_path):
     """The rejects writer survives text no UTF-8 writer can store, and reads back the same."""
-    from pairforge.build.manifest import JSON_TEXT
+    from pairforge.engine.manifest import JSON_TEXT
 
     text = json.dumps({"id": "x\ud800"}, ensure_ascii=False).encode(*JSON_TEXT)
     assert json.loads(text) == {"id": "x\ud800"}
@@ -171,7 +171,7 @@ def test_an_example_the_recipe_fails_on_is_a_reject_and_the_run_goes_on(tmp_path
     run_echo(tmp_path / "b", batch_size=1)
     for name in ("rejects.jsonl",):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    from pairforge.build import load_build
+    from pairforge.engine import load_build
 
     rows = lambda p: load_build(p).with_format("arrow")[:].drop_columns(["models"]).to_pylist()  # noqa: E731
     assert rows(tmp_path / "a") == rows(tmp_path / "b")
@@ -472,7 +472,7 @@ def test_unused_editor_is_fingerprinted_without_converting(tmp_path, monkeypatch
     monkeypatch.setattr(local, "convert_gguf", no_convert)
     s = build(BuildConfig(recipe="vapr", source="shapes?n=4", out=tmp_path / "b"),
               progress=False, **QUIET)
-    from pairforge.build.manifest import local_fingerprint
+    from pairforge.engine.manifest import local_fingerprint
 
     assert s["settings"]["models"]["editor"]["revision"] == local_fingerprint(gguf)
 

@@ -2,7 +2,7 @@
 the one-commit push with HfApi's network methods replaced by recorders (the token is set to a
 fake value and must appear in no output, file or log).
 
-Build dirs are made by the real engine (`pairforge.build.build`: VaPR with the rule editor on
+Build dirs are made by the real engine (`pairforge.engine.build`: VaPR with the rule editor on
 the offline world, a P2-DPO build with a random tiny LLaVA); hand-made rows stand only for sets
 that are not build dirs (a `save_to_disk` folder, a parquet file)."""
 
@@ -28,8 +28,8 @@ from PIL import Image
 from rich.console import Console
 
 from pairforge import __version__, cli
-from pairforge.build import build, load_build, load_config, merge
-from pairforge.build.manifest import Manifest
+from pairforge.engine import build, load_build, load_config, merge
+from pairforge.engine.manifest import Manifest
 from pairforge.diagnostics.lengths import length_unit
 from pairforge.diagnostics.text import pair_metrics
 from pairforge.errors import PairforgeError

@@ -93,7 +93,7 @@ def test_vapr_world_builds_stages_and_resumes(script, tmp_path):
     # two shards: built apart, not published; merged, they hold the same pairs
     from rich.console import Console
 
-    from pairforge.build import load_build, merge
+    from pairforge.engine import load_build, merge
 
     shards = [_main(script, [*argv, "--shard", f"{i}/2"]) for i in range(2)]
     assert all(s["staging"] is None for s in shards)

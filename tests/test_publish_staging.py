@@ -14,7 +14,7 @@ from PIL import Image
 from rich.console import Console
 from typer.testing import CliRunner
 
-from pairforge.build import build, load_config
+from pairforge.engine import build, load_config
 from pairforge.cli import app
 from pairforge.errors import PairforgeError
 from pairforge.publish import export, publish

@@ -315,7 +315,7 @@ def test_pair_rows_read_as_examples_with_the_pair_in_meta(tmp_path):
 @pytest.fixture(scope="module")
 def vapr_build(tmp_path_factory) -> Path:
     """VaPR (rule editor) on 12 world examples, built by the engine."""
-    from pairforge.build import build, load_config
+    from pairforge.engine import build, load_config
 
     out = tmp_path_factory.mktemp("vapr") / "vapr-12"
     build(load_config(recipe="vapr", source="shapes:train?n=12", out=out), progress=False,
@@ -324,7 +324,7 @@ def vapr_build(tmp_path_factory) -> Path:
 
 
 def test_a_build_dir_reads_as_its_pairs(vapr_build, tmp_path):
-    from pairforge.build import load_build
+    from pairforge.engine import load_build
 
     pairs = load_build(vapr_build)
     stream = read_examples(vapr_build)
@@ -339,7 +339,7 @@ def test_a_build_dir_reads_as_its_pairs(vapr_build, tmp_path):
     assert [ex.id for ex in read_examples(vapr_build / "dataset")] == pairs["id"]
     import shutil
 
-    from pairforge.build.manifest import Manifest
+    from pairforge.engine.manifest import Manifest
 
     unfinished = shutil.copytree(vapr_build, tmp_path / "unfinished")
     m = Manifest.load(unfinished)
@@ -373,7 +373,7 @@ def test_aspo_build_annotates_a_vapr_build_dir(vapr_build, tiny_models, tmp_path
     import sys
 
     from pairforge import cli
-    from pairforge.build import load_build
+    from pairforge.engine import load_build
 
     llava, clip = tiny_models
     out = tmp_path / "aspo"
@@ -409,7 +409,7 @@ def test_aspo_build_annotates_a_vapr_build_dir(vapr_build, tiny_models, tmp_path
 def test_aspo_weighs_the_sentences_of_canonical_rows(tiny_models, tmp_path):
     """Multi-sentence answers read from a parquet of canonical rows get one weight per
     sentence, min-max mixed: the top sentence of one of the two terms gets at least 1/2."""
-    from pairforge.build import build, load_build, load_config
+    from pairforge.engine import build, load_build, load_config
     from pairforge.schema import make_pair, to_dataset
 
     rng = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]

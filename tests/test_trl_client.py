@@ -56,7 +56,7 @@ def build_dir(tmp_path_factory) -> Path:
 
     from rich.console import Console
 
-    from pairforge.build import BuildConfig, build
+    from pairforge.engine import BuildConfig, build
 
     out = tmp_path_factory.mktemp("vapr") / "build"
     summary = build(BuildConfig(recipe="vapr", source="shapes:train?n=16", out=out,
@@ -68,7 +68,7 @@ def build_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pairs(build_dir):
-    from pairforge.build import load_build
+    from pairforge.engine import load_build
 
     return load_build(build_dir)
 

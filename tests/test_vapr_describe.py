@@ -160,7 +160,7 @@ def test_build_summary_reports_task_shares(tmp_path):
     the pairs per task, their shares and Table 1's targets, and the sampling rejects."""
     from rich.console import Console
 
-    from pairforge.build import build, load_config
+    from pairforge.engine import build, load_config
 
     out = tmp_path / "b"
     s = build(load_config(recipe="vapr", source="shapes?n=60", out=out, chunk_size=30,

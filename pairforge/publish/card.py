@@ -202,7 +202,7 @@ MODEL_KEYS = ("role", "name", "revision")
 
 def provenance(pset: PairSet) -> dict[str, Any]:
     """Models, editor, prompt templates, parameters, seed, version, source, commands and run
-    identity. A build's come from its manifest (:class:`pairforge.build.manifest.Manifest`):
+    identity. A build's come from its manifest (:class:`pairforge.engine.manifest.Manifest`):
     ``settings.params``, ``prompt_templates``, ``seed``, ``source`` and ``settings.source.limit``,
     ``shard``, ``merged_from``, the ``command`` of each session, ``identity``. The models are
     those the rows name (the models that ran, with their revisions); a configured model that

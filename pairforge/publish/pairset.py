@@ -2,10 +2,10 @@
 canonical rows, as a :class:`PairSet`.
 
 A build dir is the ``--out`` folder of a finished ``pairforge build`` or ``pairforge merge``
-(:mod:`pairforge.build`): ``manifest.json`` (run identity, settings, models, prompt templates,
+(:mod:`pairforge.engine`): ``manifest.json`` (run identity, settings, models, prompt templates,
 seed, source, sessions with their commands), ``summary.json`` (counts, rejects by stage, recipe
 stats, diagnostics), ``rejects.jsonl`` and ``dataset/``, read through
-:func:`pairforge.build.load_build`. Its rejects are counted by stage and reason kind (as the
+:func:`pairforge.engine.load_build`. Its rejects are counted by stage and reason kind (as the
 summary counts them) and must reconcile with the summary's counts. A plain set is a
 ``save_to_disk`` folder or a ``.parquet`` file of canonical rows (an audited set, or rows made
 elsewhere); it has no manifest, so its card takes provenance from the rows alone.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from datasets import Dataset, Features
 
-from pairforge.build.manifest import MANIFEST, Manifest
+from pairforge.engine.manifest import MANIFEST, Manifest
 from pairforge.errors import PairforgeError
 from pairforge.errors import first_line as _first_line
 from pairforge.recipes import RECIPES
@@ -127,7 +127,7 @@ def _open(p: Path, where: str) -> PairSet:
 def open_build_dir(p: Path, where: str) -> PairSet:
     """A finished build (or merge) folder: its rows through ``load_build`` (which refuses an
     unfinished build or a foreign manifest), manifest, summary and rejects, reconciled."""
-    from pairforge.build import load_build
+    from pairforge.engine import load_build
 
     ds = load_build(p)
     manifest = Manifest.load(p).data

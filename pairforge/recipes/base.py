@@ -26,7 +26,7 @@ Rules every recipe follows (the engine's guarantees depend on them):
   margins; CW-DPO's cooling floor from the quantiles of its negatives' ℓ̄) cannot be applied
   inside ``process``. A recipe that has one defines ``run_pass()`` returning a
   :class:`RunPass`: ``process`` stores the value in a row column and keeps the row; when the
-  build finishes, :func:`pairforge.build.summary.finish` reads that column from every
+  build finishes, :func:`pairforge.engine.summary.finish` reads that column from every
   committed row, ``fit``s the rule once (recorded in ``summary.json``), and drops the rows the
   rule ``judge``s out (an example left with no row becomes a reject of stage ``filter``).
   Finishing is a pure function of the committed chunks, so pass two is as resumable as the

@@ -341,10 +341,10 @@ def is_pair_record(record: Any) -> bool:
 
 def build_dataset(path: Path) -> Path | None:
     """``path/dataset`` when ``path`` is a build folder (it has a build manifest), else None;
-    an unfinished build is a one-line error (:func:`pairforge.build.load_build`)."""
-    if not (path / "manifest.json").is_file():  # pairforge.build.manifest.MANIFEST
+    an unfinished build is a one-line error (:func:`pairforge.engine.load_build`)."""
+    if not (path / "manifest.json").is_file():  # pairforge.engine.manifest.MANIFEST
         return None
-    from pairforge.build.summary import load_build
+    from pairforge.engine.summary import load_build
 
     load_build(path)  # the manifest's format and the build finished, or a one-line error
     return path / "dataset"

@@ -52,7 +52,7 @@ LOSS_COLUMNS: dict[str, tuple[str, ...]] = {
 
 def load_pairs(path: str | Path):
     """The pair set at ``path`` as a ``datasets.Dataset``: a build folder (through
-    :func:`pairforge.build.load_build`, which checks the build finished; a bare ``DIR/dataset/``
+    :func:`pairforge.engine.load_build`, which checks the build finished; a bare ``DIR/dataset/``
     works too), a ``save_to_disk`` folder (``Dataset``, or ``DatasetDict`` → ``train``), a
     parquet file or a folder of parquet files. Images that rows only point to must lie inside
     the set's folder (the parquet file's folder), be bounded and decode
@@ -73,7 +73,7 @@ def _load_pairs(p: Path):
         raise PairforgeError(f"{p}: no such file or folder; pass a build folder, a save_to_disk "
                              f"folder or parquet of canonical pairs")
     if p.is_dir() and (p / "manifest.json").is_file():  # a build (or merge) folder
-        from pairforge.build import load_build
+        from pairforge.engine import load_build
 
         return load_build(p)
     if p.is_dir() and (p / "dataset").is_dir():

@@ -1,11 +1,11 @@
 """``pairforge build --executor ray``: the same build on a Ray cluster.
 
-What runs where (the flow of :mod:`pairforge.build.engine` is unchanged):
+What runs where (the flow of :mod:`pairforge.engine.engine` is unchanged):
 
 - **driver** (the ``pairforge build`` process): setup, run identity, manifest, selection of
   the examples and their cut into chunks, exactly as locally; it never loads a model. Chunks
   come back from the cluster in any order and are committed in source order by the same
-  writer (:meth:`~pairforge.build.engine.Chunker.commit`), so the build folder (chunk files,
+  writer (:meth:`~pairforge.engine.engine.Chunker.commit`), so the build folder (chunk files,
   ``manifest.json``, ``rejects.jsonl``, ``summary.json``, ``dataset/``) is the local one;
 - **model roles** (policy, clip, editor, judge): one pool of :class:`RoleServer` actors per
   configured role, each loading its model once (on first use) with the role's ``num_cpus``,
@@ -56,9 +56,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pairforge.build.config import BuildConfig
-from pairforge.build.engine import Chunker, Models
-from pairforge.build.manifest import Manifest
+from pairforge.engine.config import BuildConfig
+from pairforge.engine.engine import Chunker, Models
+from pairforge.engine.manifest import Manifest
 from pairforge.errors import PairforgeError
 from pairforge.errors import first_line as _first_line
 
@@ -100,11 +100,11 @@ class RayOptions:
 
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> RayOptions:
-        from pairforge.build.config import MODEL_ROLES
+        from pairforge.engine.config import MODEL_ROLES
 
         def bad(key: str, why: str) -> PairforgeError:
             return PairforgeError(f"ray: {key}: {why} (see `ray:` in "
-                                  f"pairforge.build.ray_executor)")
+                                  f"pairforge.engine.ray_executor)")
 
         known = {"address", "num_cpus", "stage", "window", "roles"}
         unknown = sorted(set(values) - known)
@@ -323,7 +323,7 @@ class ChunkWorker:
     callable class of a Ray Data ``map_batches`` stage)."""
 
     def __init__(self, job: Mapping[str, Any]):
-        from pairforge.build.engine import BuildContext
+        from pairforge.engine.engine import BuildContext
         from pairforge.recipes import load_recipe
 
         cfg: BuildConfig = job["cfg"]
@@ -465,7 +465,7 @@ class RayExecutor:
 
 
 class RayChunker(Chunker):
-    """:class:`~pairforge.build.engine.Chunker` whose chunks are built on Ray; selection,
+    """:class:`~pairforge.engine.engine.Chunker` whose chunks are built on Ray; selection,
     ordering, commit and manifest stay on the driver."""
 
     def __init__(self, *args: Any, executor: RayExecutor, **kw: Any):

@@ -14,7 +14,7 @@ The flow, top to bottom (each step counts what it forwarded and dropped):
    (provenance, validation; an invalid row rejects its example, stage ``row``) → commit
    (diagnostics, images, chunk files, then the manifest with the recipe state; on a writer
    thread, overlapping the next chunk's model calls);
-4. **finish** (:mod:`pairforge.build.summary`): ``rejects.jsonl``, ``dataset/``,
+4. **finish** (:mod:`pairforge.engine.summary`): ``rejects.jsonl``, ``dataset/``,
    ``summary.json``, the terminal table.
 
 In every chunk: examples in = examples with pairs + rejected (checked).
@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from pairforge import __version__
-from pairforge.build.config import BuildConfig
-from pairforge.build.manifest import (
+from pairforge.engine.config import BuildConfig
+from pairforge.engine.manifest import (
     JSON_TEXT,
     BuildLock,
     Manifest,
@@ -75,7 +75,7 @@ def build(cfg: BuildConfig, *, command: str = "", console: Any = None,
     console = console or Console(stderr=True)
     cfg.check()
     if cfg.executor == "ray":  # same flow; models in Ray actor pools, chunks built on Ray
-        from pairforge.build.ray_executor import RayExecutor
+        from pairforge.engine.ray_executor import RayExecutor
 
         with RayExecutor(cfg, console=console) as executor:
             return _build(cfg, executor, command=command, console=console, progress=progress)
@@ -85,8 +85,8 @@ def build(cfg: BuildConfig, *, command: str = "", console: Any = None,
 def _build(cfg: BuildConfig, executor: Any, *, command: str, console: Any,
            progress: bool) -> dict:
     """:func:`build` with ``executor`` None (local) or a
-    :class:`~pairforge.build.ray_executor.RayExecutor` (its models and its chunker)."""
-    from pairforge.build.summary import finish, print_summary
+    :class:`~pairforge.engine.ray_executor.RayExecutor` (its models and its chunker)."""
+    from pairforge.engine.summary import finish, print_summary
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
@@ -226,7 +226,7 @@ def configure_models(recipe: Recipe, given: Mapping[str, str], *,
 
 def static_revision(spec: Any) -> str:
     """A model's revision known without loading it: the spec's ``@REV``, else a fingerprint
-    of its local files (:func:`~pairforge.build.manifest.local_fingerprint`), else ''."""
+    of its local files (:func:`~pairforge.engine.manifest.local_fingerprint`), else ''."""
     if spec.revision:
         return spec.revision
     path = _local_path(spec)

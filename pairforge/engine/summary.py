@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pairforge import __version__
-from pairforge.build.manifest import Manifest, write_atomic, write_json
+from pairforge.engine.manifest import Manifest, write_atomic, write_json
 from pairforge.errors import PairforgeError
 from pairforge.schema import count_image_parts, features, prompt_text, response_text
 from pairforge.sources.sft import reason_kind
@@ -217,7 +217,7 @@ def audit_rows(out: Path, manifest: Manifest, skip: frozenset[str] = frozenset()
     in ``skip``, dropped by pass two); also refuses duplicate row ids."""
     import pyarrow.parquet as pq
 
-    from pairforge.build.engine import diagnostics_unit
+    from pairforge.engine.engine import diagnostics_unit
     from pairforge.diagnostics.audit import SetAudit
 
     audit = SetAudit(manifest["recipe"], diagnostics_unit())

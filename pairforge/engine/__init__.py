@@ -1,6 +1,6 @@
 """The build engine: SFT examples → a recipe → a checkpointed, resumable pair dataset.
 
-    from pairforge.build import BuildConfig, build, load_build
+    from pairforge.engine import BuildConfig, build, load_build
     build(BuildConfig(recipe="vapr", out=Path("builds/vapr")))
     pairs = load_build("builds/vapr")          # datasets.Dataset of canonical rows
 
@@ -11,10 +11,10 @@ Modules in the order a build runs through them: ``config`` (YAML + command line)
 chunks built on a Ray cluster).
 """
 
-from pairforge.build.config import BuildConfig, load_config, parse_params, parse_shard
-from pairforge.build.engine import build
-from pairforge.build.merge import merge
-from pairforge.build.summary import load_build
+from pairforge.engine.config import BuildConfig, load_config, parse_params, parse_shard
+from pairforge.engine.engine import build
+from pairforge.engine.merge import merge
+from pairforge.engine.summary import load_build
 
 __all__ = ["BuildConfig", "build", "load_build", "load_config", "merge", "parse_params",
            "parse_shard"]

@@ -21,14 +21,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pairforge.build.manifest import (
+from pairforge.engine.manifest import (
     BuildLock,
     Manifest,
     check_out_folder,
     open_build,
     settings_diff,
 )
-from pairforge.build.summary import finish, print_summary
+from pairforge.engine.summary import finish, print_summary
 from pairforge.errors import PairforgeError
 
 

@@ -13,7 +13,7 @@ under ``params:``::
     params:
       editor: rules
 
-``executor: ray`` builds on a Ray cluster (:mod:`pairforge.build.ray_executor`); its settings
+``executor: ray`` builds on a Ray cluster (:mod:`pairforge.engine.ray_executor`); its settings
 (address, per-role actor pools) go under ``ray:``.
 """
 
@@ -54,7 +54,7 @@ class BuildConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     params: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
-    #: ``local`` (this process) or ``ray`` (:mod:`pairforge.build.ray_executor`; never enters
+    #: ``local`` (this process) or ``ray`` (:mod:`pairforge.engine.ray_executor`; never enters
     #: the run identity, like batch size and device)
     executor: str = "local"
     #: Ray settings: ``address``, ``roles`` (per-role pools), ``stage``, ``read``, ...
