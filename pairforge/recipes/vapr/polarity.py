@@ -209,7 +209,8 @@ def coherent(answer: str, question: str) -> bool | None:
 # ----------------------------------------------------------------------------- negation
 
 
-def _third(verb: str) -> str:
+def third_person(verb: str) -> str:
+    """English third person singular: have -> has, contain -> contains, go -> goes."""
     if verb == "have":
         return "has"
     if verb.endswith(("s", "sh", "ch", "x", "z", "o")):
@@ -237,7 +238,7 @@ def _lemma(word: str) -> tuple[str, str] | None:
 _FORMS: dict[str, tuple[str, str]] = {}
 for _v in sorted(VERBS):
     _FORMS.setdefault(_past(_v), (_v, "past"))
-    _FORMS.setdefault(_third(_v), (_v, "3sg"))
+    _FORMS.setdefault(third_person(_v), (_v, "3sg"))
 for _v in sorted(VERBS):
     _FORMS[_v] = (_v, "base")
 
@@ -326,7 +327,7 @@ def _toggle(body: str, question: str, minimal: bool = True) -> str | None:
 def _undo_support(text: str, aux: Word, verb: Word, aux_text: str, not_word: Word | None = None) -> str:
     """"does not contain" -> "contains", "don't see" -> "see", "did not see" -> "saw"."""
     base, _ = _lemma(verb.text)
-    new = _third(base) if aux_text == "does" else _past(base) if aux_text == "did" else base
+    new = third_person(base) if aux_text == "does" else _past(base) if aux_text == "did" else base
     return text[:aux.start] + _case(text[aux.start:aux.end], new) + text[verb.end:]
 
 
@@ -474,7 +475,7 @@ def declarative(question: str) -> Proposition | None:
         after = pred[pred_ws[0].end:]
         if neg:
             return Proposition(f"{subj} {aux} not {base}{after}", True)
-        verb = _third(base) if aux == "does" else _past(base) if aux == "did" else base
+        verb = third_person(base) if aux == "does" else _past(base) if aux == "did" else base
         return Proposition(f"{subj} {verb}{_some(after)}", qneg)
     if aux == "can" and neg:
         return Proposition(f"{subj} cannot {pred}", True)

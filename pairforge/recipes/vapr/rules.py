@@ -19,6 +19,7 @@ import yaml
 
 from pairforge.errors import PairforgeError
 from pairforge.recipes.vapr import polarity
+from pairforge.recipes.vapr.polarity import third_person
 
 DEFAULT_RULES = Path(__file__).resolve().parents[1] / "data" / "vapr_tasks.yaml"
 
@@ -378,12 +379,3 @@ def _contains(seq: Sequence[str], sub: Sequence[str]) -> bool:
     return any(list(seq[i:i + n]) == list(sub) for i in range(len(seq) - n + 1))
 
 
-def third_person(verb: str) -> str:
-    """English third person singular: have -> has, contain -> contains, go -> goes."""
-    if verb == "have":
-        return "has"
-    if verb.endswith(("s", "sh", "ch", "x", "z", "o")):
-        return verb + "es"
-    if verb.endswith("y") and len(verb) > 1 and verb[-2] not in "aeiou":
-        return verb[:-1] + "ies"
-    return verb + "s"
