@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import io
+import json
 import math
 import re
 import time
@@ -93,6 +94,17 @@ class _Batch:
     response_lengths: list[int]  # per response, rows concatenated
 
 
+#: Image-text-to-text model types whose image tokens are not one patch grid per image, so
+#: answer-to-image attention maps (P2-DPO focus crops) are not defined for them; why, per type.
+TILED_IMAGE_TYPES = {
+    "llava_next": "splits each image into anyres tiles plus a base image with row newlines",
+    "llava_onevision": "splits each image into anyres tiles plus a base image with row newlines",
+    "idefics3": "splits each image into tiles plus a global image, each pixel-shuffled",
+    "smolvlm": "splits each image into tiles plus a global image, each pixel-shuffled",
+}
+#: Families whose attention maps are tested (tests/test_model_families.py).
+GRID_IMAGE_FAMILIES = ("LLaVA-1.5", "Qwen2-VL", "Qwen2.5-VL", "Gemma 3", "PaliGemma")
+
 #: At most this many responses share one packed sequence with their prompt.
 MAX_RESPONSES_PER_ROW = 8
 
@@ -107,12 +119,14 @@ class HFModel:
     ``revision`` overrides the spec's ``@REV``. ``progress`` shows a bar over batches.
     ``attn_implementation`` is passed to ``from_pretrained`` (default: transformers' choice,
     SDPA where available); attention maps switch to eager attention for their call.
+    ``trust_remote_code`` (default off) runs model code from the model repository; only
+    when the user passes it.
     """
 
     def __init__(self, spec_or_path: str | Path | ModelSpec, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, batch_size: int = 8,
                  revision: str | None = None, *, progress: bool = True,
-                 attn_implementation: str | None = None):
+                 attn_implementation: str | None = None, trust_remote_code: bool = False):
         spec = spec_or_path if isinstance(spec_or_path, ModelSpec) else parse_model_spec(str(spec_or_path))
         if batch_size < 1:
             raise PairforgeError(f"batch_size={batch_size}: must be >= 1")
@@ -123,10 +137,13 @@ class HFModel:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _resolve_dtype(dtype, self.device)
         source, rev = _resolve_source(spec, revision)
+        self.trust_remote_code = bool(trust_remote_code)
         self._load(source, rev, attn_implementation)
         caps = {Capability.GENERATE, Capability.SCORE, Capability.ATTENTION, Capability.CONTRASTIVE}
         if self.is_vlm:
             caps.add(Capability.IMAGES)
+            if self.model_type in TILED_IMAGE_TYPES:
+                caps.discard(Capability.ATTENTION)
         self.capabilities = frozenset(caps)
 
     def __repr__(self) -> str:
@@ -147,11 +164,13 @@ class HFModel:
 
         revision, self.revision = _pin_revision(source, revision)
         kw: dict[str, Any] = {"revision": revision} if revision else {}
+        if self.trust_remote_code:
+            kw["trust_remote_code"] = True
         try:
             config = AutoConfig.from_pretrained(source, **kw)
             self.is_vlm = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
             if self.is_vlm:
-                self.processor = AutoProcessor.from_pretrained(source, **kw)
+                self.processor = _load_processor(AutoProcessor, source, kw)
                 self.tokenizer = self.processor.tokenizer
                 auto = AutoModelForImageTextToText
             else:
@@ -162,6 +181,7 @@ class HFModel:
                                          **kw)
         except (OSError, ValueError, KeyError, ImportError) as e:
             raise PairforgeError(_load_error(self.name, source, e)) from None
+        self.model_type = config.model_type
         self.model = model.to(self.device).eval()
         self._template_owner = self.processor if self.is_vlm else self.tokenizer
         if not getattr(self._template_owner, "chat_template", None):
@@ -216,13 +236,16 @@ class HFModel:
         texts = [p.text for p in prompts]
         bos = self.tokenizer.bos_token
         kw = dict(return_tensors="pt", padding=True, padding_side=padding_side,
-                  add_special_tokens=not (bos and texts[0].startswith(bos)))
-        images = [im for p in prompts for im in p.images]
+                  add_special_tokens=not (bos and bos in texts[0]))
         if self.is_vlm:
-            enc = self.processor(text=texts, images=images or None, **kw)
+            # one list of images per prompt: processors that count images per sample (Gemma 3)
+            # need it, and every other one accepts it
+            images = [list(p.images) for p in prompts] if any(p.images for p in prompts) else None
+            enc = self.processor(text=texts, images=images, **kw)
         else:
             enc = self.tokenizer(texts, **kw)
-        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        # PaliGemma's processor returns all-ignored training labels; the model would compute a loss
+        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor) and k != "labels"}
 
     def _tokenize_responses(self, responses: Sequence[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
         for k, r in enumerate(responses):
@@ -272,7 +295,7 @@ class HFModel:
         input_ids = torch.full((b, t), self.pad_id, dtype=ids.dtype)
         positions = torch.zeros((b, t), dtype=torch.long)
         segment = torch.full((b, t), -1, dtype=torch.long)  # 0 prompt, j response j, −1 padding
-        grown = {k: v.new_zeros((b, t, *v.shape[2:])) for k, v in per_token.items()}
+        grown = {k: v.new_full((b, t, *v.shape[2:]), self._response_fill(k)) for k, v in per_token.items()}
         sources: list[int] = []  # flat (row · t + position) of the logits predicting each target
         for i, (p, rs) in enumerate(zip(plens, responses)):
             input_ids[i, :p] = ids[i, :p]
@@ -301,6 +324,12 @@ class HFModel:
         targets = torch.tensor([tok for rs in responses for r in rs for tok in r], dtype=torch.long)
         return _Batch(inputs, keep.view(b, t), source, targets, plens,
                       [len(r) for rs in responses for r in rs])
+
+    def _response_fill(self, key: str) -> int:
+        """The value of a per-token input (``token_type_ids``) at response positions, as the
+        model's own ``generate`` extends it: 1 for PaliGemma (suffix tokens, causal; 0 marks the
+        bidirectional prefix of image and prompt), 0 otherwise (Gemma 3: text, not image)."""
+        return 1 if key == "token_type_ids" and self.model_type == "paligemma" else 0
 
     def _response_logits(self, batch: _Batch, **kw: Any):
         """One forward pass; logits only at the positions that predict response tokens,
@@ -516,7 +545,7 @@ class HFModel:
                 positions = positions[..., -1:] + 1
                 step_inputs["position_ids"] = positions
             for k in per_token:
-                step_inputs[k] = enc[k].new_zeros((nxt.shape[0], 1)).to(self.device)
+                step_inputs[k] = enc[k].new_full((nxt.shape[0], 1), self._response_fill(k)).to(self.device)
             logits = self.model(**step_inputs, past_key_values=cache, use_cache=True).logits[:, -1]
         return [self._completion(t, lp, r) for t, lp, r in zip(tokens, logprobs, reasons)]
 
@@ -544,6 +573,11 @@ class HFModel:
         if not self.is_vlm:
             raise PairforgeError(f"attention maps are over image tokens; {self.name} is a "
                                  f"text-only model, use an image-text-to-text model")
+        if self.model_type in TILED_IMAGE_TYPES:
+            raise PairforgeError(
+                f"attention maps: {self.name} ({self.model_type}) {TILED_IMAGE_TYPES[self.model_type]}, "
+                f"so its image tokens form no single patch grid; use a model with one grid per "
+                f"image ({', '.join(GRID_IMAGE_FAMILIES)})")
         prompt = self._render([request], drop_images=False)[0]
         where = f"request {request.id or 0}"
         if not 0 <= image_index < len(prompt.images):
@@ -585,7 +619,7 @@ class HFModel:
             token_id = getattr(cfg, "image_token_index", None)
         if token_id is None:
             raise PairforgeError(f"{self.name}: the config names no image token; attention maps "
-                                 f"support LLaVA- and Qwen2-VL-style models")
+                                 f"support {', '.join(GRID_IMAGE_FAMILIES)}")
         positions = (inputs["input_ids"][0] == token_id).nonzero().squeeze(-1).cpu()
         grid_thw = inputs.get("image_grid_thw")
         if grid_thw is not None:  # Qwen2-VL: t·h·w patches merged merge×merge into one token
@@ -627,6 +661,54 @@ class HFModel:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _load_processor(auto_processor, source: str, kw: Mapping[str, Any]):
+    """``AutoProcessor.from_pretrained``; when that fails only because the processor's *video*
+    processor needs torchvision (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision in transformers 5), the
+    same processor class built from its image processor and tokenizer, without video support
+    (pairforge sends still images only)."""
+    try:
+        return auto_processor.from_pretrained(source, **kw)
+    except ImportError as e:
+        if "torchvision" not in str(e).lower() or "videoprocessor" not in str(e).replace(" ", "").lower():
+            raise
+    return image_only_processor(source, kw)
+
+
+def image_only_processor(source: str, kw: Mapping[str, Any] | None = None):
+    """The processor of ``source`` (its ``processor_class``) with ``video_processor=None``."""
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    from transformers.processing_utils import ProcessorMixin
+
+    kw = dict(kw or {})
+    image_processor = AutoImageProcessor.from_pretrained(source, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+    name = getattr(image_processor, "processor_class", None) or PROCESSOR_MAPPING_NAMES.get(
+        AutoConfig.from_pretrained(source, **kw).model_type)
+    cls = getattr(transformers, str(name), None)
+    if cls is None:
+        raise ImportError(f"no processor class {name!r} in transformers")
+    template = getattr(tokenizer, "chat_template", None)
+    settings = {}  # the processor's own settings (e.g. LLaVA-OneVision's num_image_tokens)
+    config_file = Path(source) / "processor_config.json"
+    if config_file.is_file():
+        accepted = inspect.signature(cls.__init__).parameters
+        settings = {k: v for k, v in json.loads(config_file.read_text()).items()
+                    if k in accepted and k not in ("image_processor", "tokenizer", "video_processor")}
+    check = ProcessorMixin.check_argument_for_proper_class
+
+    def lenient(self, attribute, arg):  # video_processor=None has no class to check against
+        return None if arg is None else check(self, attribute, arg)
+
+    ProcessorMixin.check_argument_for_proper_class = lenient
+    try:
+        return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                   **{"chat_template": template, **settings})
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
 
 
 def _can_pack(model, takes_position_ids: bool) -> bool:
@@ -811,6 +893,11 @@ def _pin_revision(source: str, revision: str | None) -> tuple[str | None, str]:
 def _load_error(name: str, source: str, e: BaseException) -> str:
     from huggingface_hub import constants
 
+    if "trust_remote_code" in str(e):
+        return (f"model '{name}': its code lives in the model repository (a remote-code model, "
+                f"not part of transformers) and would need trust_remote_code, which pairforge "
+                f"enables only when passed (HFModel(..., trust_remote_code=True)); or use a "
+                f"transformers-native checkpoint of the family")
     if Path(source).exists():
         return (f"model '{name}': {source} is not a loadable transformers model ({_first_line(e)}); "
                 f"pass a folder written by save_pretrained (config.json, weights, tokenizer)")
