@@ -25,8 +25,7 @@ PATCH = 8       # vision patch side
 HIDDEN = 32     # text hidden size
 V_HIDDEN = 32   # vision hidden size
 
-ROLE_WORDS = ("USER", "ASSISTANT", "user", "assistant", "system", "model", "User", "Assistant",
-              "INST", "[INST]", "[/INST]", "\n")
+ROLE_WORDS = ("USER", "ASSISTANT", "user", "assistant", "system", "model", "User", "Assistant", "INST")
 
 # --------------------------------------------------------------------------- chat templates
 # Each mirrors the structure of the family's template on the Hub (checked against the Hub
@@ -124,7 +123,19 @@ def _video_free_processor(cls, settings: dict, **parts):
 
 
 def _finish(model, processor, out: Path, suppress: list[int]) -> Path:
-    model.generation_config.suppress_tokens = sorted(set(suppress))
+    """Save; the generation config suppresses every special token but the stops (a trained
+    model never emits them, and skipped specials would not re-tokenise), and the output
+    layer is scaled up so that greedy choices have clear margins (no near-ties on random weights)."""
+    import torch
+
+    from pairforge.models.hf import _stop_ids
+
+    tok = processor.tokenizer
+    stops = _stop_ids(tok, model.generation_config)  # what generation stops at, as HFModel sees it
+    suppress = (set(suppress) | set(tok.all_special_ids)) - stops
+    model.generation_config.suppress_tokens = sorted(suppress)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
