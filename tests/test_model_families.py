@@ -232,7 +232,10 @@ def build_rows(tmp_path_factory):
     return load_build(out).select(range(2))
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", [f if f != "paligemma" else pytest.param(f, marks=pytest.mark.xfail(
+    strict=True, raises=ValueError, reason="TRL 1.16's DataCollatorForVisionPreference tokenises the "
+    "chosen / rejected texts with processor(text=...) and no images, which PaliGemmaProcessor refuses "
+    "('images are expected')")) for f in FAMILY_NAMES])
 def test_trl_dpo_trainer_step_on_a_pairforge_build(dirs, build_rows, family, tmp_path):
     trl = pytest.importorskip("trl")
     from transformers import AutoModelForImageTextToText

@@ -15,9 +15,9 @@ qwen2_5_vl, idefics3 (SmolVLM-256M/500M are Idefics3 checkpoints), gemma3, palig
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from pairforge.models.hf import save_image_only_processor
 from pairforge.models.random_tiny import WORDS, save_random_llava
 
 IMAGE = 32      # image side in pixels
@@ -139,13 +139,8 @@ def _finish(model, processor, out: Path, suppress: list[int]) -> Path:
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    if getattr(processor, "video_processor", "absent") is None:  # the Hub layout, written by hand
-        processor.image_processor.processor_class = type(processor).__name__
-        processor.image_processor.save_pretrained(out)
-        processor.tokenizer.save_pretrained(out)
-        (out / "chat_template.jinja").write_text(processor.chat_template)
-        settings = {"processor_class": type(processor).__name__, **processor._pairforge_settings}
-        (out / "processor_config.json").write_text(json.dumps(settings, indent=2))
+    if getattr(processor, "video_processor", "absent") is None:
+        save_image_only_processor(processor, out, processor._pairforge_settings)
     else:
         processor.save_pretrained(out)
     return out

@@ -705,10 +705,28 @@ def image_only_processor(source: str, kw: Mapping[str, Any] | None = None):
 
     ProcessorMixin.check_argument_for_proper_class = lenient
     try:
-        return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                   **{"chat_template": template, **settings})
+        processor = cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                        **{"chat_template": template, **settings})
     finally:
         ProcessorMixin.check_argument_for_proper_class = check
+    processor.save_pretrained = lambda out, **_: save_image_only_processor(processor, out, settings)
+    return processor
+
+
+def save_image_only_processor(processor, out: str | Path, settings: Mapping[str, Any]) -> None:
+    """Write a processor without a video processor in the Hub layout that
+    :func:`image_only_processor` reads back (``save_pretrained`` of transformers 5 fails on
+    the missing video processor): image processor (naming the processor class), tokenizer,
+    ``chat_template.jinja`` and ``processor_config.json`` with the processor's settings."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    processor.image_processor.processor_class = type(processor).__name__
+    processor.image_processor.save_pretrained(out)
+    processor.tokenizer.save_pretrained(out)
+    if processor.chat_template:
+        (out / "chat_template.jinja").write_text(processor.chat_template)
+    (out / "processor_config.json").write_text(
+        json.dumps({"processor_class": type(processor).__name__, **settings}, indent=2))
 
 
 def _can_pack(model, takes_position_ids: bool) -> bool:
