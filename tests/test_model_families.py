@@ -251,3 +251,17 @@ def test_trl_dpo_trainer_step_on_a_pairforge_build(dirs, build_rows, family, tmp
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logs) == 1 and logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-4), logs
     assert math.isfinite(logs[0]["logps/chosen"]) and logs[0]["logps/chosen"] < 0
+
+
+def test_remote_code_only_model_is_a_one_line_error(tmp_path):
+    """A model whose code lives in its repository (``auto_map``, unknown to transformers) is
+    refused with one line; trust_remote_code stays off unless passed."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "internvl_chat", "architectures": ["InternVLChatModel"],
+        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                     "AutoModel": "modeling_internvl_chat.InternVLChatModel"}}))
+    with pytest.raises(PairforgeError, match="trust_remote_code") as e:
+        HFModel(f"hf:{tmp_path}", device="cpu", progress=False)
+    assert "\n" not in str(e.value) and "remote-code" in str(e.value)
