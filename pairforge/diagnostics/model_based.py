@@ -337,7 +337,9 @@ class ModelAuditor:
             from pairforge.models import Capability, load_model, parse_model_spec, require
 
             ms = parse_model_spec(spec)
-            kw: dict[str, Any] = {"batch_size": self.batch_size}
+            kw: dict[str, Any] = {}
+            if ms.backend in ("hf", "embedded", "vllm"):  # an openai: server batches on its side
+                kw["batch_size"] = self.batch_size
             if ms.backend in ("hf", "embedded"):
                 kw.update(progress=False, device=self.device)
             model = load_model(ms, role="scorer", **kw)

@@ -553,7 +553,8 @@ class HFModel:
         decode = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
         text = self.tokenizer.decode(ids, **decode)
         prefixes = self.tokenizer.batch_decode([ids[:k] for k in range(1, len(ids) + 1)], **decode)
-        offsets = prefix_offsets([len(p) for p in prefixes], len(text))
+        whole = [_whole_characters(p, text) for p in prefixes]
+        offsets = prefix_offsets(whole, len(text), [w < len(p) for w, p in zip(whole, prefixes)])
         return Completion(text, logprobs, offsets, token_ids=list(ids), finish_reason=reason)
 
     # ------------------------------------------------------------------------- attention maps
@@ -826,6 +827,15 @@ def _pil(image: Any, where: str, index: int):
 def _request_key(r: Request) -> str:
     """The request id that seeds its samples; without an id, a hash of its messages."""
     return r.id or stable_id("messages", repr(list(r.messages)))
+
+
+def _whole_characters(prefix: str, text: str) -> int:
+    """Length of a decoded prefix in whole characters: replacement characters at its end that
+    the text does not have there (the bytes of a character cut by the prefix) are not counted."""
+    n = len(prefix)
+    while n and prefix[n - 1] == "\ufffd" and text[n - 1:n] != "\ufffd":
+        n -= 1
+    return n
 
 
 def _copy_completion(c: Completion) -> Completion:

@@ -129,19 +129,23 @@ def to_openai_messages(request: Request, where: str) -> list[dict]:
 def token_offsets(text: str, tokens: Sequence[str], token_bytes: Sequence[Sequence[int] | None]) -> list[tuple[int, int]]:
     """Character spans of returned tokens in ``text``: cumulative lengths of the token strings
     when they spell the text, else of the UTF-8 decoded cumulative ``bytes`` (a multi-byte
-    character split over tokens is owned by the token that completes it), then
-    :func:`~pairforge.models.decoding.prefix_offsets` (non-decreasing, clipped to the text)."""
+    character split over tokens belongs to every token holding some of its bytes, as in the
+    HF backend), then :func:`~pairforge.models.decoding.prefix_offsets` (non-decreasing,
+    clipped to the text)."""
+    pending = None
     if "".join(tokens) != text and token_bytes and all(b is not None for b in token_bytes):
-        lengths, acc = [], b""
+        lengths, pending, acc = [], [], b""
         for b in token_bytes:
             acc += bytes(b)
-            lengths.append(len(acc.decode("utf-8", errors="ignore")))
+            whole = acc.decode("utf-8", errors="ignore")
+            lengths.append(len(whole))
+            pending.append(len(whole.encode("utf-8")) < len(acc))  # ends inside a character
     else:
         lengths, n = [], 0
         for t in tokens:
             n += len(t)
             lengths.append(n)
-    return prefix_offsets(lengths, len(text))
+    return prefix_offsets(lengths, len(text), pending)
 
 
 def parse_chat_completion(data: Any, n: int) -> list[Completion]:
@@ -169,7 +173,12 @@ def parse_chat_completion(data: Any, n: int) -> list[Completion]:
         except (KeyError, TypeError, ValueError, AttributeError):
             raise MalformedResponse("a log-prob entry lacks 'token' or 'logprob'") from None
         offsets = token_offsets(text, tokens, raw_bytes) if tokens else []
-        out.append(Completion(text, lps, offsets, finish_reason=str(c.get("finish_reason") or "")))
+        reason = str(c.get("finish_reason") or "")
+        if reason == "stop" and offsets and offsets[-1] == (len(text), len(text)):
+            # the end-of-turn token that stopped it (vLLM returns its log-prob; the HF and vLLM
+            # backends never count it): drop it so that sum/mean log-probs are the text's own
+            lps, offsets = lps[:-1], offsets[:-1]
+        out.append(Completion(text, lps, offsets, finish_reason=reason))
     return out
 
 
