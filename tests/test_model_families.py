@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_families import FAMILIES
 
 from pairforge.errors import PairforgeError
 from pairforge.models.base import Capability, Request, SamplingParams
 from pairforge.models.hf import HFModel
-from tiny_families import FAMILIES
 
 #: Families with one patch grid per image (attention maps defined), and the grid.
 GRIDS = {"llava": (4, 4), "qwen2_vl": (5, 6), "qwen2_5_vl": (5, 6), "gemma3": (2, 2), "paligemma": (4, 4)}
@@ -193,8 +193,9 @@ def test_attention_maps_or_a_capability_error(dirs, family):
 
 @pytest.fixture(scope="module")
 def dpo_data(tmp_path_factory) -> Path:
-    from pairforge.schema import to_dataset
     from test_train_data import pair_rows
+
+    from pairforge.schema import to_dataset
 
     out = tmp_path_factory.mktemp("dpo") / "pairs"
     to_dataset(pair_rows(4, "dpo")).save_to_disk(str(out))

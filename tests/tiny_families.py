@@ -190,8 +190,12 @@ def save_llava(out: Path, seed: int = 0) -> Path:
 def save_llava_next(out: Path, seed: int = 0) -> Path:
     """LLaVA-NeXT (anyres tiles + base image + row newlines; LlavaNextProcessor)."""
     import torch
-    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
-                              LlavaNextProcessor)
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
 
     tok = word_tokenizer(["<image>", "</s>"], bos="<s>", eos="</s>", template=LLAVA_NEXT_TEMPLATE)
     pinpoints = [[IMAGE, IMAGE], [IMAGE, 2 * IMAGE], [2 * IMAGE, IMAGE]]
@@ -212,8 +216,13 @@ def save_llava_next(out: Path, seed: int = 0) -> Path:
 def save_llava_onevision(out: Path, seed: int = 0) -> Path:
     """LLaVA-OneVision (SigLIP tower + Qwen2, anyres_max; LlavaOnevisionProcessor)."""
     import torch
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, Qwen2Config)
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        Qwen2Config,
+    )
 
     tok = word_tokenizer(["<image>", "<video>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>",
                          template=LLAVA_ONEVISION_TEMPLATE)
@@ -285,8 +294,13 @@ def save_qwen2_5_vl(out: Path, seed: int = 0) -> Path:
 def save_idefics3(out: Path, seed: int = 0) -> Path:
     """Idefics3 / SmolVLM (SigLIP-style tower, pixel shuffle, image tiles; Idefics3Processor)."""
     import torch
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
-                              Idefics3Processor, Idefics3VisionConfig)
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+    )
 
     specials = ["<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>", "<global-img>"]
     specials += [f"<row_{r}_col_{c}>" for r in range(1, 3) for c in range(1, 3)]
@@ -309,8 +323,13 @@ def save_idefics3(out: Path, seed: int = 0) -> Path:
 def save_gemma3(out: Path, seed: int = 0) -> Path:
     """Gemma 3 (SigLIP tower, pooled soft tokens, sliding-window layers; Gemma3Processor)."""
     import torch
-    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor,
-                              Gemma3Processor, Gemma3TextConfig)
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+        Gemma3TextConfig,
+    )
 
     specials = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
                 "<eos>"]
@@ -339,8 +358,13 @@ def save_gemma3(out: Path, seed: int = 0) -> Path:
 def save_paligemma(out: Path, seed: int = 0) -> Path:
     """PaliGemma (SigLIP tower + Gemma, prefix-LM over image + prompt; PaliGemmaProcessor)."""
     import torch
-    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
-    from transformers import SiglipImageProcessor
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessor,
+    )
 
     tok = word_tokenizer(["<image>", "<eos>"], bos="<bos>", eos="<eos>", template=PALIGEMMA_TEMPLATE,
                          extra={"image_token": "<image>"})
