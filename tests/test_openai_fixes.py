@@ -48,7 +48,8 @@ def test_split_character_spans_equal_the_hf_backends(tmp_path):
     tokens ("" for leading bytes) or from generated tokens' bytes, and HFModel's own generated
     completions must give the same spans."""
     from pairforge.models.base import Request
-    from pairforge.models.hf import HFModel, _whole_characters
+    from pairforge.models.hf import HFModel
+    from pairforge.models.render import whole_characters as _whole_characters
     from pairforge.models.random_tiny import save_random_llama
 
     model = HFModel(f"hf:{save_random_llama(tmp_path / 'llama')}", device="cpu", progress=False)

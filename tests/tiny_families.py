@@ -128,7 +128,7 @@ def _finish(model, processor, out: Path, suppress: list[int]) -> Path:
     layer is scaled up so that greedy choices have clear margins (no near-ties on random weights)."""
     import torch
 
-    from pairforge.models.hf import _stop_ids
+    from pairforge.models.render import stop_ids as _stop_ids
 
     tok = processor.tokenizer
     stops = _stop_ids(tok, model.generation_config)  # what generation stops at, as HFModel sees it

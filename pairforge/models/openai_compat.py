@@ -54,7 +54,7 @@ from pairforge.models.base import (
     require,
 )
 from pairforge.models.decoding import prefix_offsets, request_seed
-from pairforge.models.hf import _pil, _request_key
+from pairforge.models.render import request_key, to_pil
 from pairforge.models.spec import ModelSpec, parse_model_spec
 from pairforge.schema import count_image_parts
 
@@ -106,13 +106,13 @@ def backoff_delay(attempt: int, base: float, cap: float, u: float) -> float:
 def wire_seed(sampling: SamplingParams, request: Request) -> int:
     """The ``seed`` sent with ``request``: the HF backend's seed of the request's first sample,
     (``sampling.seed``, request id), reduced to 31 bits (servers take an int32)."""
-    return request_seed(sampling.seed, _request_key(request), 0) % 2**31
+    return request_seed(sampling.seed, request_key(request), 0) % 2**31
 
 
 def image_data_url(image: Any, where: str, index: int) -> str:
     """A base64 PNG ``data:`` URL of an image (PIL, path, bytes, datasets dict or array)."""
     buf = io.BytesIO()
-    _pil(image, where, index).save(buf, format="PNG")
+    to_pil(image, where, index).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 

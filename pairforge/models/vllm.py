@@ -40,16 +40,20 @@ from pathlib import Path
 from typing import Any
 
 from pairforge.errors import BadInput, PairforgeError
-from pairforge.models.base import Capability, Completion, Request, SamplingParams, ScoredResponse
-from pairforge.models.hf import (
-    HFModel,
-    _copy_completion,
-    _first_line,
-    _pin_revision,
-    _resolve_source,
-    _stop_ids,
+from pairforge.errors import first_line as _first_line
+from pairforge.models.base import (
+    Capability,
+    Completion,
+    Request,
+    SamplingParams,
+    ScoredResponse,
 )
+from pairforge.models.hf import HFModel
 from pairforge.models.openai_compat import wire_seed
+from pairforge.models.render import copy_completion as _copy_completion
+from pairforge.models.render import pin_revision as _pin_revision
+from pairforge.models.render import resolve_source as _resolve_source
+from pairforge.models.render import stop_ids as _stop_ids
 from pairforge.models.spec import EMBEDDED, ModelSpec, parse_model_spec
 
 #: The one-line fix printed when vLLM is missing.
@@ -131,8 +135,15 @@ class VLLMModel:
     def _load_tokenizer(self, source: str, revision: str | None) -> None:
         """The transformers tokenizer (and processor, for a VLM) that renders prompts exactly
         as HFModel does; the end-of-turn and suppressed tokens of the generation config."""
-        from transformers import AutoConfig, AutoProcessor, AutoTokenizer, GenerationConfig
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        from transformers import (
+            AutoConfig,
+            AutoProcessor,
+            AutoTokenizer,
+            GenerationConfig,
+        )
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        )
 
         kw: dict[str, Any] = {"revision": revision} if revision else {}
         try:
