@@ -248,6 +248,10 @@ def build(
     clip: Annotated[str | None, typer.Option("--clip", help="CLIP scorer spec.")] = None,
     editor: Annotated[str | None, typer.Option("--editor", help="Editor LLM spec.")] = None,
     judge: Annotated[str | None, typer.Option("--judge", help="Judge LLM spec.")] = None,
+    reference: Annotated[str | None, typer.Option(
+        "--reference", help="Reference model (e.g. tiny-vlm, hf:PATH_OR_ID, openai:M@URL?prompt_logprobs=1): "
+                            "store ref_chosen_logps / ref_rejected_logps, token counts and Δ_ref per pair, "
+                            "and IPS under the recipe's policy when it has one (default: none).")] = None,
     limit: Annotated[int | None, typer.Option(
         "--limit", help="Use the first N examples of the source.")] = None,
     shard: Annotated[str | None, typer.Option(
@@ -275,8 +279,8 @@ def build(
     from pairforge.build import load_config, parse_params
 
     cfg = load_config(config, recipe=recipe, source=source, out=out, policy=policy, clip=clip,
-                      editor=editor, judge=judge, limit=limit, shard=shard, seed=seed,
-                      batch_size=batch_size, chunk_size=chunk_size, image_root=image_root,
+                      editor=editor, judge=judge, reference=reference, limit=limit, shard=shard,
+                      seed=seed, batch_size=batch_size, chunk_size=chunk_size, image_root=image_root,
                       max_pixels=max_pixels, overwrite=overwrite or None,
                       params=parse_params(param or []) or None)
     run_build(cfg, command=shlex.join(["pairforge", *sys.argv[1:]]), progress=not quiet)

@@ -49,6 +49,8 @@ class BuildConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     params: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
+    #: Reference model for per-pair log-probs, Δ_ref (and IPS under the recipe's policy).
+    reference: str | None = None
 
     def check(self) -> BuildConfig:
         """Raise a one-line :class:`PairforgeError` for a missing or out-of-range setting."""

@@ -256,6 +256,38 @@ def score_pairs(model, rows: Sequence[Mapping], *, text_only: bool) -> Scores:
     return Scores(sums[:, 0], sums[:, 1], means[:, 0], means[:, 1], counts[:, 0], counts[:, 1])
 
 
+def reference_columns(reference, rows: Sequence[Mapping], policy=None) -> dict[str, list]:
+    """The ``ref`` and ``model_diagnostics`` columns of canonical rows (a build with
+    ``--reference``): log π_ref of chosen and rejected (summed, TRL's ``ref_*_logps``), their
+    token counts, Δ_ref, and with ``policy`` its log-probs and IPS (``policy`` may be the
+    reference itself: IPS = Δ_ref). Scored by :func:`score_pairs`."""
+    n = len(rows)
+    if not n:
+        return {}
+    ref = score_pairs(reference, rows, text_only=False)
+    out: dict[str, list] = {
+        "ref_chosen_logps": ref.chosen_logps.tolist(), "ref_rejected_logps": ref.rejected_logps.tolist(),
+        "ref_chosen_n_tokens": ref.chosen_n_tokens.tolist(),
+        "ref_rejected_n_tokens": ref.rejected_n_tokens.tolist(), "delta_ref": ref.gap.tolist(),
+        "policy_chosen_logps": [None] * n, "policy_rejected_logps": [None] * n, "ips": [None] * n}
+    if policy is not None:
+        pol = ref if policy is reference else score_pairs(policy, rows, text_only=False)
+        out.update(policy_chosen_logps=pol.chosen_logps.tolist(),
+                   policy_rejected_logps=pol.rejected_logps.tolist(), ips=pol.gap.tolist())
+    return out
+
+
+def build_model_summary(delta_ref: Sequence[float], ips: Sequence[float | None], *,
+                        has_images: bool, thresholds: Thresholds = THRESHOLDS) -> tuple[dict, list[dict]]:
+    """Summary keys and flags of a build's ``delta_ref`` / ``ips`` columns, as the model-based
+    audit reports them (:func:`model_summary`, :func:`model_flags`); every pair is scored."""
+    gaps = {"delta_ref": np.asarray(delta_ref, dtype=np.float64)}
+    if len(ips) and all(v is not None for v in ips):
+        gaps["ips"] = np.asarray(ips, dtype=np.float64)
+    s = model_summary(gaps, n_pairs=len(gaps["delta_ref"]), thresholds=thresholds)
+    return s, model_flags(s, has_images=has_images, t=thresholds)
+
+
 @dataclass
 class ModelResult:
     """The model-based audit of one set: per-pair columns over all its pairs (scored or not),
