@@ -13,6 +13,7 @@ import pytest
 from rich.console import Console
 
 from pairforge.build import BuildConfig, build, load_build
+from pairforge.errors import PairforgeError
 
 SOURCE = "shapes:train?n=6"
 
@@ -103,3 +104,20 @@ def test_publish_dry_run_card_shows_delta_ref_and_ips(cwdpo):
     for stage in sorted({r["cwdpo_stage"] for r in rows}):  # one card column per config (stage)
         d = [r["delta_ref"] for r in rows if r["cwdpo_stage"] == stage]
         assert f"{sum(d) / len(d):+.2f}" in line and f"{sum(d) / len(d):+.2f}" in ips
+
+
+def test_cli_reference_from_the_config_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from pairforge.cli import app
+
+    config = tmp_path / "build.yaml"
+    config.write_text("reference: tiny-vlm\nparams:\n  editor: rule\n")
+    result = CliRunner().invoke(app, ["build", "vapr", "--source", "shapes:train?n=3", "--out",
+                                      str(tmp_path / "b"), "--config", str(config), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "delta_ref" in load_build(tmp_path / "b").column_names
+    bad = CliRunner().invoke(app, ["build", "vapr", "--source", "shapes:train?n=3", "--out",
+                                   str(tmp_path / "c"), "--reference", "tiny-clip", "--quiet"])
+    # `pairforge` (cli.main) prints PairforgeError as one line with exit code 2
+    assert isinstance(bad.exception, PairforgeError) and "gives no log-probs" in str(bad.exception)
