@@ -503,3 +503,28 @@ def test_served_smollm2_text_only_refuses_images_with_one_line(smollm2_url):
         model.generate([req], 1, SamplingParams(max_new_tokens=4))
     msg = str(e.value)
     assert "\n" not in msg and "HTTP 400" in msg and "text-only" in msg and smollm2_url in msg
+
+
+def test_cli_audit_with_an_openai_scorer_equals_the_hf_backend(smollm2_url, smollm2, tmp_path):
+    """`pairforge audit --scorer openai:M@URL?prompt_logprobs=1` (issue 16): the auditor no longer
+    passes batch_size to the OpenAI backend, and the spec option turns scoring on; Δ_ref equals
+    the HF backend's on the same weights within 1e-3."""
+    import json
+
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from pairforge.cli import app
+
+    data = tmp_path / "pairs.jsonl"
+    pairs = [("What is the capital of France?", "Paris is the capital.", "Lyon is the capital."),
+             ("Say hello in Spanish.", "¡Hola!", "Bonjour!")]
+    data.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in pairs))
+    spec = f"openai:smollm2@{smollm2_url}?prompt_logprobs=1"
+    result = CliRunner().invoke(app, ["audit", str(data), "--out", str(tmp_path / "out"), "--scorer", spec,
+                                      "--tokenizer", "words"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    got = pq.read_table(tmp_path / "out" / "pairs.parquet").to_pandas()["delta_ref"].tolist()
+    want = [s[0].sum_logprob - s[1].sum_logprob for s in (
+        smollm2.score([_text_request(p)] * 2, [c, r]) for p, c, r in pairs)]
+    np.testing.assert_allclose(got, want, atol=1e-3)
