@@ -98,6 +98,7 @@ def test_publish_dry_run_card_shows_delta_ref_and_ips(cwdpo):
     out, summary = cwdpo
     result = publish(out, "pairforge/cwdpo-ref-test", dry_run=True, console=Console(file=io.StringIO()))
     card = (Path(result.staging) / "README.md").read_text()
+    assert "images/delta_ref.png" in card and (Path(result.staging) / "images" / "delta_ref.png").is_file()
     line = next(x for x in card.splitlines() if x.startswith("| Δ_ref (mean) |"))
     ips = next(x for x in card.splitlines() if x.startswith("| IPS (mean) |"))
     rows = load_build(out).to_list()

@@ -157,7 +157,7 @@ def add_model_diagnostics(summary: dict, out: Path, manifest: Manifest) -> None:
     (``near_zero_delta_ref``, …) from the ``delta_ref`` / ``ips`` columns, into ``summary``."""
     import pyarrow.parquet as pq
 
-    from pairforge.diagnostics.model_based import build_model_summary
+    from pairforge.diagnostics.model_based import build_model_result
 
     delta, ips, has_images = [], [], False
     for c in manifest.chunks:
@@ -166,9 +166,9 @@ def add_model_diagnostics(summary: dict, out: Path, manifest: Manifest) -> None:
             delta += t["delta_ref"]
             ips += t["ips"]
             has_images = has_images or any(count_image_parts(p) for p in t["prompt"])
-    model, flags = build_model_summary(delta, ips, has_images=has_images)
-    summary.update(model)
-    summary["flags"] = list(summary.get("flags") or []) + flags
+    model = build_model_result(delta, ips, has_images=has_images)
+    summary.update(model.summary)
+    summary["flags"] = list(summary.get("flags") or []) + model.flags
 
 
 def write_dataset(out: Path, manifest: Manifest) -> int:

@@ -277,17 +277,6 @@ def reference_columns(reference, rows: Sequence[Mapping], policy=None) -> dict[s
     return out
 
 
-def build_model_summary(delta_ref: Sequence[float], ips: Sequence[float | None], *,
-                        has_images: bool, thresholds: Thresholds = THRESHOLDS) -> tuple[dict, list[dict]]:
-    """Summary keys and flags of a build's ``delta_ref`` / ``ips`` columns, as the model-based
-    audit reports them (:func:`model_summary`, :func:`model_flags`); every pair is scored."""
-    gaps = {"delta_ref": np.asarray(delta_ref, dtype=np.float64)}
-    if len(ips) and all(v is not None for v in ips):
-        gaps["ips"] = np.asarray(ips, dtype=np.float64)
-    s = model_summary(gaps, n_pairs=len(gaps["delta_ref"]), thresholds=thresholds)
-    return s, model_flags(s, has_images=has_images, t=thresholds)
-
-
 @dataclass
 class ModelResult:
     """The model-based audit of one set: per-pair columns over all its pairs (scored or not),
@@ -299,6 +288,19 @@ class ModelResult:
     flags: list[dict]
     notes: list[str] = field(default_factory=list)
     gaps: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def build_model_result(delta_ref: Sequence[float], ips: Sequence[float | None], *,
+                       has_images: bool, thresholds: Thresholds = THRESHOLDS) -> ModelResult:
+    """The model audit's result (summary keys, flags, gaps for the plots) of a build's
+    ``delta_ref`` / ``ips`` columns (a build with ``--reference``: every pair scored)."""
+    gaps = {"delta_ref": np.asarray(delta_ref, dtype=np.float64)}
+    if len(ips) and all(v is not None for v in ips):
+        gaps["ips"] = np.asarray(ips, dtype=np.float64)
+    n = len(gaps["delta_ref"])
+    s = model_summary(gaps, n_pairs=n, thresholds=thresholds)
+    return ModelResult(columns={}, scored=np.ones(n, dtype=bool), summary=s,
+                       flags=model_flags(s, has_images=has_images, t=thresholds), gaps=gaps)
 
 
 def model_table_columns(result: ModelResult | None, fields: Sequence[pa.Field], n: int) -> dict[str, pa.Array]:

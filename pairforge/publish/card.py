@@ -89,13 +89,12 @@ def audit_configs(configs: Mapping[str, Dataset], names: Mapping[str, str],
                       [response_text(m) for m in batch["rejected"].to_pylist()])
         result = audit.finish(n_skipped=0)
         if "delta_ref" in ds.column_names:  # a build with --reference: Δ_ref / IPS per pair
-            from pairforge.diagnostics.model_based import build_model_summary
+            from pairforge.diagnostics.model_based import build_model_result
 
             cols = ds.select_columns(["delta_ref", "ips", "images"]).to_dict()
-            model, flags = build_model_summary(cols["delta_ref"], cols["ips"],
-                                               has_images=any(cols["images"]))
-            result.summary.update(model)
-            result.summary["flags"] = list(result.summary["flags"]) + flags
+            result.model = build_model_result(cols["delta_ref"], cols["ips"], has_images=any(cols["images"]))
+            result.summary.update(result.model.summary)  # the table rows and the plots
+            result.summary["flags"] = list(result.summary["flags"]) + result.model.flags
         results.append(result)
     return results
 
