@@ -122,3 +122,29 @@ def test_cli_reference_from_the_config_file(tmp_path):
                                    str(tmp_path / "c"), "--reference", "tiny-clip", "--quiet"])
     # `pairforge` (cli.main) prints PairforgeError as one line with exit code 2
     assert isinstance(bad.exception, PairforgeError) and "gives no log-probs" in str(bad.exception)
+
+
+def test_a_build_that_fails_mid_way_resumes_to_the_same_numbers(vapr, tmp_path, monkeypatch):
+    """The reference scoring of chunk 2 fails; the rerun resumes after chunk 1 and ends with the
+    rows of the uninterrupted build, reference columns included, bit for bit."""
+    from pairforge.build.engine import ReferenceScorer
+
+    out_full, _, _ = vapr
+    calls = {"n": 0}
+    real = ReferenceScorer.add_columns
+
+    def fail_second(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("killed")
+        return real(self, rows)
+
+    monkeypatch.setattr(ReferenceScorer, "add_columns", fail_second)
+    with pytest.raises(RuntimeError, match="killed"):
+        _build(tmp_path / "b", "vapr", chunk_size=3)
+    assert len(json.loads((tmp_path / "b" / "manifest.json").read_text())["chunks"]) == 1
+    monkeypatch.setattr(ReferenceScorer, "add_columns", real)
+    _, printed = _build(tmp_path / "b", "vapr", chunk_size=3)
+    cols = ["id", "ref_chosen_logps", "ref_rejected_logps", "ref_chosen_n_tokens", "delta_ref"]
+    assert load_build(tmp_path / "b").select_columns(cols).to_list() == \
+        load_build(out_full).select_columns(cols).to_list()
