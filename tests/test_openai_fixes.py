@@ -49,8 +49,8 @@ def test_split_character_spans_equal_the_hf_backends(tmp_path):
     completions must give the same spans."""
     from pairforge.models.base import Request
     from pairforge.models.hf import HFModel
-    from pairforge.models.render import whole_characters as _whole_characters
     from pairforge.models.random_tiny import save_random_llama
+    from pairforge.models.render import whole_characters as _whole_characters
 
     model = HFModel(f"hf:{save_random_llama(tmp_path / 'llama')}", device="cpu", progress=False)
     tok = model.tokenizer

@@ -286,11 +286,9 @@ class ReferenceScorer:
 
         key = str(spec)
         if key not in self._models:
-            kw: dict[str, Any] = {}
+            kw: dict[str, Any] = {"progress": False}  # the build has its own progress bar
             if spec.backend in ("hf", "embedded", "vllm"):
                 kw["batch_size"] = 1
-            if spec.backend in ("hf", "embedded"):
-                kw["progress"] = False
             model = load_model(spec, role="scorer", **kw)
             require(model, Capability.SCORE, purpose=f"--reference {spec} (log π(y|x) per pair)")
             self._models[key] = model

@@ -182,9 +182,7 @@ class HFModel:
             AutoProcessor,
             AutoTokenizer,
         )
-        from transformers.models.auto.modeling_auto import (
-            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-        )
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
         revision, self.revision = _pin_revision(source, revision)
         kw: dict[str, Any] = {"revision": revision} if revision else {}

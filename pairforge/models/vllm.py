@@ -41,13 +41,7 @@ from typing import Any
 
 from pairforge.errors import BadInput, PairforgeError
 from pairforge.errors import first_line as _first_line
-from pairforge.models.base import (
-    Capability,
-    Completion,
-    Request,
-    SamplingParams,
-    ScoredResponse,
-)
+from pairforge.models.base import Capability, Completion, Request, SamplingParams, ScoredResponse
 from pairforge.models.hf import HFModel
 from pairforge.models.openai_compat import wire_seed
 from pairforge.models.render import copy_completion as _copy_completion
@@ -135,15 +129,8 @@ class VLLMModel:
     def _load_tokenizer(self, source: str, revision: str | None) -> None:
         """The transformers tokenizer (and processor, for a VLM) that renders prompts exactly
         as HFModel does; the end-of-turn and suppressed tokens of the generation config."""
-        from transformers import (
-            AutoConfig,
-            AutoProcessor,
-            AutoTokenizer,
-            GenerationConfig,
-        )
-        from transformers.models.auto.modeling_auto import (
-            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-        )
+        from transformers import AutoConfig, AutoProcessor, AutoTokenizer, GenerationConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
         kw: dict[str, Any] = {"revision": revision} if revision else {}
         try:
