@@ -105,6 +105,10 @@ def test_openai_spec_options_turn_on_prompt_logprobs():
     model = load_model(spec)  # no request is sent when a model is built
     assert Capability.SCORE in model.capabilities and model.max_retries == 2
     assert Capability.SCORE not in load_model("openai:m@http://127.0.0.1:8000/v1").capabilities
+    from pairforge.models.openai_compat import OpenAIModel  # built directly: the spec's options too
+
+    direct = OpenAIModel("openai:m@http://127.0.0.1:8000/v1?prompt_logprobs=1&timeout=5", max_retries=1)
+    assert Capability.SCORE in direct.capabilities and (direct.timeout, direct.max_retries) == (5.0, 1)
     for bad, needle in [("?prompt_logprob=1", "unknown option"), ("?prompt_logprobs=maybe", "not a valid bool"),
                         ("?max_retries=x", "not a valid int")]:
         with pytest.raises(PairforgeError, match=needle) as e:

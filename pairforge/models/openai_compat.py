@@ -32,6 +32,7 @@ Needs the ``openai`` package (extra ``pairforge[openai]``), imported when a mode
 from __future__ import annotations
 
 import base64
+import inspect
 import io
 import json
 import logging
@@ -55,7 +56,7 @@ from pairforge.models.base import (
 )
 from pairforge.models.decoding import prefix_offsets, request_seed
 from pairforge.models.render import request_key, to_pil
-from pairforge.models.spec import ModelSpec, parse_model_spec
+from pairforge.models.spec import ModelSpec, openai_options, parse_model_spec
 from pairforge.schema import count_image_parts
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,18 @@ class OpenAIModel:
         self.spec = spec
         self.name = str(spec)
         self.revision = ""
+        # options in the spec (openai:M@URL?prompt_logprobs=1) stand in for arguments left at
+        # their defaults; an argument passed with another value wins
+        given = {"prompt_logprobs": prompt_logprobs, "logprobs": logprobs, "images": images,
+                 "max_concurrency": max_concurrency, "max_retries": max_retries, "timeout": timeout,
+                 "api_key_env": api_key_env}
+        defaults = {k: p.default for k, p in inspect.signature(OpenAIModel.__init__).parameters.items()}
+        for key, value in openai_options(spec).items():
+            if given[key] == defaults[key]:
+                given[key] = value
+        prompt_logprobs, logprobs, images = given["prompt_logprobs"], given["logprobs"], given["images"]
+        max_concurrency, max_retries = given["max_concurrency"], given["max_retries"]
+        timeout, api_key_env = given["timeout"], given["api_key_env"]
         if unsupported:
             raise PairforgeError(f"{self.name}: option(s) {', '.join(sorted(unsupported))} do not "
                                  f"apply to an OpenAI-compatible server (set them on the server); drop them")
