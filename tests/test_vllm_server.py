@@ -120,3 +120,24 @@ def test_sampled_completion_logprobs_equal_the_hf_score_of_its_text(server, hf):
     scored = hf.score([_req(QUESTIONS[0], "s")] * 2, [c.text for c in comps])
     for c, s in zip(comps, scored):
         assert abs(c.sum_logprob - s.sum_logprob) < 1e-3
+
+
+def test_cli_audit_scorer_equals_the_hf_backends_delta_ref(server, hf, tmp_path):
+    """`pairforge audit --scorer openai:M@URL?prompt_logprobs=1` against vLLM: Δ_ref within 1e-3
+    of the HF backend's on the same weights."""
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from pairforge.cli import app
+
+    pairs = [("What is the capital of France?", "Paris is the capital.", "Lyon is the capital."),
+             ("Say hello in Japanese.", "こんにちは", "Hello!")]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}, ensure_ascii=False) + "\n"
+                            for p, c, r in pairs), encoding="utf-8")
+    result = CliRunner().invoke(app, ["audit", str(data), "--out", str(tmp_path / "out"), "--scorer",
+                                      f"openai:smollm2@{server}?prompt_logprobs=1", "--tokenizer", "words"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    got = pq.read_table(tmp_path / "out" / "pairs.parquet").to_pandas()["delta_ref"].tolist()
+    want = [s[0].sum_logprob - s[1].sum_logprob for s in (hf.score([_req(p)] * 2, [c, r]) for p, c, r in pairs)]
+    np.testing.assert_allclose(got, want, atol=1e-3)
