@@ -309,6 +309,10 @@ def build(
     describer: Annotated[str | None, typer.Option(
         "--describer", help="VLM (the policy) that describes images for VaPR's LLM editor when the "
                             "source has no caption, e.g. tiny-vlm.")] = None,
+    reference: Annotated[str | None, typer.Option(
+        "--reference", help="Reference model (e.g. tiny-vlm, hf:PATH_OR_ID, openai:M@URL?prompt_logprobs=1): "
+                            "store ref_chosen_logps / ref_rejected_logps, token counts and Δ_ref per pair, "
+                            "and IPS under the recipe's policy when it has one (default: none).")] = None,
     limit: Annotated[int | None, typer.Option(
         "--limit", help="Use the first N examples of the source.")] = None,
     shard: Annotated[str | None, typer.Option(
@@ -341,8 +345,9 @@ def build(
     from pairforge.engine import load_config, parse_params
 
     cfg = load_config(config, recipe=recipe, source=source, out=out, policy=policy, clip=clip,
-                      editor=editor, judge=judge, describer=describer, limit=limit, shard=shard, seed=seed,
-                      batch_size=batch_size, chunk_size=chunk_size, image_root=image_root,
+                      editor=editor, judge=judge, describer=describer, reference=reference,
+                      limit=limit, shard=shard, seed=seed, batch_size=batch_size,
+                      chunk_size=chunk_size, image_root=image_root,
                       max_pixels=max_pixels, overwrite=overwrite or None,
                       params=parse_params(param or []) or None, executor=executor,
                       ray_address=ray_address)

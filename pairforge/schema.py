@@ -100,6 +100,17 @@ COLUMN_GROUPS: dict[str, dict[str, Any]] = {
         "sentence_weights": List(Value("float32")),
         "sentence_similarities": List(Value("float32")),  # raw CLIP S_i (Eq. 6), for per-step weights
     },
+    # Model diagnostics of a build with --reference (with "ref"): token counts of chosen and
+    # rejected under the reference, Δ_ref = ref_chosen_logps − ref_rejected_logps, and, when a
+    # policy is given, its summed log-probs and IPS (the same gap under the policy).
+    "model_diagnostics": {
+        "ref_chosen_n_tokens": Value("int32"),
+        "ref_rejected_n_tokens": Value("int32"),
+        "delta_ref": Value("float64"),
+        "policy_chosen_logps": Value("float64"),
+        "policy_rejected_logps": Value("float64"),
+        "ips": Value("float64"),
+    },
     # Text diagnostics of `pairforge audit`, attached per pair.
     "diagnostics": {
         "lev_words": Value("int32"),

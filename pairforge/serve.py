@@ -244,10 +244,31 @@ def token_pieces(text: str, offsets: Sequence[tuple[int, int]]) -> list[str]:
     return [text[s:e] for s, e in zip(starts, ends)]
 
 
+def token_bytes(text: str, offsets: Sequence[tuple[int, int]]) -> list[bytes]:
+    """UTF-8 bytes of each token that reproduce ``offsets`` under the clients' rule
+    (:func:`pairforge.models.decoding.prefix_offsets`): a token whose span overlaps the next
+    one's holds leading bytes of the character they share (one byte, or one more than the
+    tokens before it), the token after completes it. The bytes concatenate to the text."""
+    data = text.encode("utf-8")
+    at = [len(text[:i].encode("utf-8")) for i in range(len(text) + 1)]  # byte offset of each char
+    out, sent = [], 0
+    for k, (s, e) in enumerate(offsets):
+        e = min(max(e, 0), len(text))
+        target = at[e]
+        if k + 1 < len(offsets) and offsets[k + 1][0] < e:  # the character at e−1 is cut here
+            target = min(max(at[e - 1] + 1, sent + 1), at[e] - 1)
+        target = max(target, sent)
+        out.append(data[sent:target])
+        sent = target
+    if out:
+        out[-1] += data[sent:]
+    return out
+
+
 def _logprobs_content(c: Completion) -> list[dict]:
-    pieces = token_pieces(c.text, c.offsets) if c.offsets else [""] * c.n_tokens
-    return [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-            for t, lp in zip(pieces, c.token_logprobs)]
+    pieces = token_bytes(c.text, c.offsets) if c.offsets else [b""] * c.n_tokens
+    return [{"token": t.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(t),
+             "top_logprobs": []} for t, lp in zip(pieces, c.token_logprobs)]
 
 
 def chat_response(job: ChatJob, completions: Sequence[Completion], served_name: str) -> dict:

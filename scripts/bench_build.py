@@ -273,10 +273,31 @@ def bench_ray(tmp: Path, n: int, batch: int, max_new_tokens: int) -> dict:
     finally:
         ray.shutdown()
     return {"n": n, "cores": cores, "local_s": local_s, "ray_init_s": init_s, "runs": runs}
+def bench_reference(tmp: Path, n: int, recipe: str = "vapr") -> dict:
+    """3. The cost of ``--reference tiny-vlm``: the same world build without and with it, after
+    a warm-up build (imports, tokenizers); the extra wall time as a share of the build without
+    it (loading the reference model included)."""
+    from rich.console import Console
+
+    params = {"editor": "rule"} if recipe == "vapr" else {}
+    walls = {}
+    build(BuildConfig(recipe=recipe, source="shapes:train?n=2", out=tmp / "warm-up", params=params,
+                      reference="tiny-vlm"), console=Console(file=io.StringIO()), progress=False)
+    for ref in (None, "tiny-vlm"):
+        t0 = time.perf_counter()
+        s = build(BuildConfig(recipe=recipe, source=f"shapes:train?n={n}", out=tmp / f"ref-{ref}",
+                              params=params, reference=ref),
+                  console=Console(file=io.StringIO()), progress=False)
+        walls[ref or "none"] = time.perf_counter() - t0
+    extra = walls["tiny-vlm"] - walls["none"]
+    return {"recipe": recipe, "n": n, "pairs": s["counts"]["pairs"], "wall_s": walls,
+            "extra_s": extra, "extra_share": extra / walls["none"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reference-cost", choices=("vapr", "cwdpo"),
+                    help="only measure the cost of --reference tiny-vlm on this recipe's world build")
     ap.add_argument("--quick", action="store_true", help="smaller runs (~1 min)")
     ap.add_argument("--policy", help="policy spec for part 2 (default: see the docstring)")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -287,6 +308,15 @@ def main() -> None:
                     help="part 3 only: local vs --executor ray on this machine (pairforge[ray])")
     ap.add_argument("--ray-examples", type=int, default=64)
     args = ap.parse_args()
+    if args.reference_cost:
+        with tempfile.TemporaryDirectory() as d:
+            n = (48 if args.quick else 128) if args.reference_cost == "vapr" else (16 if args.quick else 32)
+            three = bench_reference(Path(d), n, args.reference_cost)
+        print(f"3. --reference tiny-vlm on {three['recipe']} ({three['n']} examples, {three['pairs']} pairs): "
+              f"{three['wall_s']['none']:.1f} s without, {three['wall_s']['tiny-vlm']:.1f} s with "
+              f"(+{three['extra_share']:.0%} of the build)")
+        print(json.dumps({"load_average": os.getloadavg()[0], "reference": three}))
+        return
     register()
     if args.ray:
         with tempfile.TemporaryDirectory() as d:

@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pairforge.models import Request  # noqa: E402
-from pairforge.models.hf import HFModel, _template_message  # noqa: E402
+from pairforge.models.hf import HFModel  # noqa: E402
+from pairforge.models.render import template_message as _template_message  # noqa: E402
 from pairforge.models.random_tiny import WORDS, save_random_llava  # noqa: E402
 from pairforge.schema import user_message  # noqa: E402
 

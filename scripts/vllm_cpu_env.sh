@@ -19,6 +19,13 @@
 #   bash scripts/vllm_cpu_env.sh                  # create (if missing) and test
 #   bash scripts/vllm_cpu_env.sh /tmp/other-venv  # another venv
 #   bash scripts/vllm_cpu_env.sh "" -k score      # extra pytest arguments after the venv
+#
+# vLLM's OpenAI-compatible server in this venv: the `vllm` console command fails in a vllm-cpu
+# install (its entry point looks up package metadata named `vllm`, which is `vllm-cpu` here);
+# start the server as a module instead, bound to localhost:
+#   $VENV/bin/python -m vllm.entrypoints.openai.api_server --model PATH --host 127.0.0.1 --port 8000
+# and point pairforge at it with prompt log-probs on (scoring, the model audit):
+#   python -m pairforge audit pairs.jsonl --scorer "openai:PATH@http://127.0.0.1:8000/v1?prompt_logprobs=1"
 set -euo pipefail
 
 VENV="${1:-${VENV:-/tmp/venv-vllm}}"

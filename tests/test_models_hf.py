@@ -165,8 +165,11 @@ def test_offsets_tile_text():
     assert tile_offsets([(0, 3), (3, 4), (5, 9), (9, 10)]) == [(0, 3), (3, 4), (4, 9), (9, 10)]
     # a multi-byte character split over two tokens keeps both spans
     assert tile_offsets([(1, 3), (2, 3)]) == [(0, 3), (2, 3)]
-    # decoded prefix lengths 3, 3 (a byte of a character), 5, 4 (shrank) in a text of 5
-    assert prefix_offsets([3, 3, 6, 4], 5) == [(0, 3), (3, 3), (3, 5), (5, 5)]
+    # decoded prefix lengths 3, 3 (a byte of a character), 5, 4 (shrank) in a text of 5: the
+    # token holding a byte of character 3 owns it, as the one completing it does
+    assert prefix_offsets([3, 3, 6, 4], 5) == [(0, 3), (3, 4), (3, 5), (5, 5)]
+    # with pending cuts (prefix 2 ends inside character 3): token 2 owns it too
+    assert prefix_offsets([2, 3, 5], 5, [True, False, False]) == [(0, 3), (2, 3), (3, 5)]
 
 
 def test_request_seed_depends_on_seed_id_and_sample_only():

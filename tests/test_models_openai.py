@@ -297,9 +297,10 @@ def test_backoff_delay_vector():
 
 def test_token_offsets_from_bytes_when_strings_do_not_spell_the_text():
     text = "é!"
-    # a byte-level server returns the two bytes of é as separate tokens with unprintable strings
+    # a byte-level server returns the two bytes of é as separate tokens with unprintable strings;
+    # both pieces own the character, as the HF backend's fast-tokenizer offsets have it
     assert token_offsets(text, ["bytes:\\xc3", "bytes:\\xa9", "!"], [[0xC3], [0xA9], [0x21]]) == \
-        [(0, 0), (0, 1), (1, 2)]
+        [(0, 1), (0, 1), (1, 2)]
     assert token_offsets("ab c", ["ab", " c"], [None, None]) == [(0, 2), (2, 4)]
 
 
@@ -327,7 +328,7 @@ def test_parse_prompt_logprobs_tail_must_spell_response():
                                  {"2": {"logprob": -0.1, "decoded_token": "¡"}},
                                  {"3": {"logprob": -0.2, "decoded_token": "Hola"}}]}
     s = parse_prompt_logprobs(split, "¡Hola")
-    assert s.token_logprobs == [-3.0, -0.1, -0.2] and s.offsets == [(0, 0), (0, 1), (1, 5)]
+    assert s.token_logprobs == [-3.0, -0.1, -0.2] and s.offsets == [(0, 1), (0, 1), (1, 5)]
 
 
 @pytest.mark.parametrize("body,status,param", [
@@ -486,7 +487,12 @@ def test_served_smollm2_score_equals_hfmodel(smollm2_url, smollm2):
     for s, d in zip(served, direct):
         assert s.text == d.text and s.n_tokens == d.n_tokens > 0
         np.testing.assert_allclose(s.token_logprobs, d.token_logprobs, atol=1e-4)
-        assert [s.text[a:b] for a, b in s.offsets] == token_pieces(d.text, d.offsets)
+        # one offset rule: split characters belong to each piece; prompt log-probs carry decoded
+        # tokens only, so a token ending with a character's leading bytes ("ĠÂ" of " ¿") keeps
+        # its whole characters (tests/test_openai_fixes.py)
+        diff = [k for k, (a, b) in enumerate(zip(s.offsets, d.offsets)) if a != b]
+        assert all(s.offsets[k][0] == d.offsets[k][0] and s.offsets[k][1] == d.offsets[k][1] - 1
+                   for k in diff) and len(diff) <= 1
 
 
 def test_served_smollm2_text_only_refuses_images_with_one_line(smollm2_url):
@@ -497,3 +503,28 @@ def test_served_smollm2_text_only_refuses_images_with_one_line(smollm2_url):
         model.generate([req], 1, SamplingParams(max_new_tokens=4))
     msg = str(e.value)
     assert "\n" not in msg and "HTTP 400" in msg and "text-only" in msg and smollm2_url in msg
+
+
+def test_cli_audit_with_an_openai_scorer_equals_the_hf_backend(smollm2_url, smollm2, tmp_path):
+    """`pairforge audit --scorer openai:M@URL?prompt_logprobs=1` (issue 16): the auditor no longer
+    passes batch_size to the OpenAI backend, and the spec option turns scoring on; Δ_ref equals
+    the HF backend's on the same weights within 1e-3."""
+    import json
+
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from pairforge.cli import app
+
+    data = tmp_path / "pairs.jsonl"
+    pairs = [("What is the capital of France?", "Paris is the capital.", "Lyon is the capital."),
+             ("Say hello in Spanish.", "¡Hola!", "Bonjour!")]
+    data.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in pairs))
+    spec = f"openai:smollm2@{smollm2_url}?prompt_logprobs=1"
+    result = CliRunner().invoke(app, ["audit", str(data), "--out", str(tmp_path / "out"), "--scorer", spec,
+                                      "--tokenizer", "words"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    got = pq.read_table(tmp_path / "out" / "pairs.parquet").to_pandas()["delta_ref"].tolist()
+    want = [s[0].sum_logprob - s[1].sum_logprob for s in (
+        smollm2.score([_text_request(p)] * 2, [c, r]) for p, c, r in pairs)]
+    np.testing.assert_allclose(got, want, atol=1e-3)

@@ -265,6 +265,27 @@ def score_pairs(model, rows: Sequence[Mapping], *, text_only: bool) -> Scores:
     return Scores(sums[:, 0], sums[:, 1], means[:, 0], means[:, 1], counts[:, 0], counts[:, 1])
 
 
+def reference_columns(reference, rows: Sequence[Mapping], policy=None) -> dict[str, list]:
+    """The ``ref`` and ``model_diagnostics`` columns of canonical rows (a build with
+    ``--reference``): log π_ref of chosen and rejected (summed, TRL's ``ref_*_logps``), their
+    token counts, Δ_ref, and with ``policy`` its log-probs and IPS (``policy`` may be the
+    reference itself: IPS = Δ_ref). Scored by :func:`score_pairs`."""
+    n = len(rows)
+    if not n:
+        return {}
+    ref = score_pairs(reference, rows, text_only=False)
+    out: dict[str, list] = {
+        "ref_chosen_logps": ref.chosen_logps.tolist(), "ref_rejected_logps": ref.rejected_logps.tolist(),
+        "ref_chosen_n_tokens": ref.chosen_n_tokens.tolist(),
+        "ref_rejected_n_tokens": ref.rejected_n_tokens.tolist(), "delta_ref": ref.gap.tolist(),
+        "policy_chosen_logps": [None] * n, "policy_rejected_logps": [None] * n, "ips": [None] * n}
+    if policy is not None:
+        pol = ref if policy is reference else score_pairs(policy, rows, text_only=False)
+        out.update(policy_chosen_logps=pol.chosen_logps.tolist(),
+                   policy_rejected_logps=pol.rejected_logps.tolist(), ips=pol.gap.tolist())
+    return out
+
+
 @dataclass
 class ModelResult:
     """The model-based audit of one set: per-pair columns over all its pairs (scored or not),
@@ -277,6 +298,19 @@ class ModelResult:
     notes: list[str] = field(default_factory=list)
     gaps: dict[str, np.ndarray] = field(default_factory=dict)
     skips: dict[int, str] = field(default_factory=dict)  # position → why it was not scored
+
+
+def build_model_result(delta_ref: Sequence[float], ips: Sequence[float | None], *,
+                       has_images: bool, thresholds: Thresholds = THRESHOLDS) -> ModelResult:
+    """The model audit's result (summary keys, flags, gaps for the plots) of a build's
+    ``delta_ref`` / ``ips`` columns (a build with ``--reference``: every pair scored)."""
+    gaps = {"delta_ref": np.asarray(delta_ref, dtype=np.float64)}
+    if len(ips) and all(v is not None for v in ips):
+        gaps["ips"] = np.asarray(ips, dtype=np.float64)
+    n = len(gaps["delta_ref"])
+    s = model_summary(gaps, n_pairs=n, thresholds=thresholds)
+    return ModelResult(columns={}, scored=np.ones(n, dtype=bool), summary=s,
+                       flags=model_flags(s, has_images=has_images, t=thresholds), gaps=gaps)
 
 
 def model_table_columns(result: ModelResult | None, fields: Sequence[pa.Field], n: int) -> dict[str, pa.Array]:
@@ -357,7 +391,9 @@ class ModelAuditor:
             from pairforge.models import Capability, load_model, parse_model_spec, require
 
             ms = parse_model_spec(spec)
-            kw: dict[str, Any] = {"batch_size": self.batch_size}
+            kw: dict[str, Any] = {}
+            if ms.backend in ("hf", "embedded", "vllm"):  # an openai: server batches on its side
+                kw["batch_size"] = self.batch_size
             if ms.backend in ("hf", "embedded"):
                 kw.update(progress=False, device=self.device)
             model = load_model(ms, role="scorer", **kw)

@@ -59,6 +59,8 @@ class BuildConfig:
     executor: str = "local"
     #: Ray settings: ``address``, ``roles`` (per-role pools), ``stage``, ``read``, ...
     ray: dict[str, Any] = field(default_factory=dict)
+    #: Reference model for per-pair log-probs, Δ_ref (and IPS under the recipe's policy).
+    reference: str | None = None
 
     def check(self) -> BuildConfig:
         """Raise a one-line :class:`PairforgeError` for a missing or out-of-range setting."""

@@ -96,6 +96,8 @@ def _build(cfg: BuildConfig, executor: Any, *, command: str, console: Any,
     models, model_rows = configure_models(recipe, cfg.models, load=executor is None)
     if executor is not None:
         models = executor.models(recipe, models)
+    reference = ReferenceScorer.configure(cfg.reference, models)
+    model_rows += reference.rows if reference else []
     ctx = BuildContext(seed=cfg.seed, models=models)
     recipe.check(ctx)
     stream = read_examples(cfg.source, image_root=cfg.image_root, max_pixels=cfg.max_pixels)
@@ -105,7 +107,8 @@ def _build(cfg: BuildConfig, executor: Any, *, command: str, console: Any,
                             templates=template_rows, seed=cfg.seed, source=stream.spec,
                             limit=cfg.limit, max_pixels=cfg.max_pixels)
     identity = run_identity(settings)
-    groups = list(dict.fromkeys((*recipe.groups, "diagnostics")))
+    groups = list(dict.fromkeys((*recipe.groups, "diagnostics",
+                                 *(("ref", "model_diagnostics") if reference else ()))))
     diagnostics_unit()  # load the GPT-2 tokenizer now, not inside the first chunk
 
     check_out_folder(out, overwrite=cfg.overwrite)  # before the lock file is created in it
@@ -145,6 +148,7 @@ def _build(cfg: BuildConfig, executor: Any, *, command: str, console: Any,
         if not manifest["exhausted"]:
             chunker = (executor.chunker if executor is not None else Chunker)(
                 recipe, ctx, cfg, manifest, out, t0, progress, batch_size)
+            chunker.reference = reference
             chunker.run(stream)
         t_chunks = time.perf_counter()
         summary = finish(out, manifest, console=console, wall_s=t_chunks - t0,
@@ -279,8 +283,62 @@ def batched(items: Iterable, n: int) -> Iterator[list]:
 # ----------------------------------------------------------------------------- 3. chunks
 
 
+class ReferenceScorer:
+    """``--reference``: scores each chunk's pairs under the reference model (and under the
+    recipe's policy when it is another model, for IPS) with the model audit's scoring code
+    (:func:`pairforge.diagnostics.model_based.reference_columns`). Models are loaded with
+    batch size 1 (one prompt with its chosen and rejected per forward pass), so a pair's
+    numbers do not depend on which chunk or shard it lands in."""
+
+    def __init__(self, reference: Any, policy: Any, rows: list[dict]):
+        self.reference_spec, self.policy_spec, self.rows = reference, policy, rows
+        self._models: dict[str, Any] = {}
+
+    @classmethod
+    def configure(cls, spec: str | None, models: Models) -> ReferenceScorer | None:
+        from pairforge.models.spec import parse_model_spec
+
+        if not spec:
+            return None
+        ref = parse_model_spec(spec)
+        if ref.backend in ("clip", "open_clip") or ref.name == "tiny-clip":
+            raise PairforgeError(f"--reference {spec}: a CLIP scorer gives no log-probs; use a "
+                                 f"language model (tiny-vlm, smollm2, hf:PATH_OR_ID)")
+        policy = models.specs.get("policy")
+        rows = [{"role": "reference", "name": str(ref), "revision": static_revision(ref)}]
+        return cls(ref, policy, rows)
+
+    def model(self, spec: Any) -> Any:
+        from pairforge.models import Capability, load_model, require
+
+        key = str(spec)
+        if key not in self._models:
+            kw: dict[str, Any] = {"progress": False}  # the build has its own progress bar
+            if spec.backend in ("hf", "embedded", "vllm"):
+                kw["batch_size"] = 1
+            model = load_model(spec, role="scorer", **kw)
+            require(model, Capability.SCORE, purpose=f"--reference {spec} (log π(y|x) per pair)")
+            self._models[key] = model
+        return self._models[key]
+
+    def add_columns(self, rows: list[dict]) -> None:
+        from pairforge.diagnostics.model_based import reference_columns
+
+        if not rows:
+            return
+        ref = self.model(self.reference_spec)
+        policy = None
+        if self.policy_spec is not None:
+            policy = ref if str(self.policy_spec) == str(self.reference_spec) else self.model(self.policy_spec)
+        for key, values in reference_columns(ref, rows, policy).items():
+            for r, v in zip(rows, values):
+                r[key] = v
+
+
 class Chunker:
     """Builds and commits the chunks of one run (see the module docstring, step 3)."""
+
+    reference: ReferenceScorer | None = None
 
     def __init__(self, recipe: Recipe, ctx: BuildContext, cfg: BuildConfig, manifest: Manifest,
                  out: Path, t0: float, progress: bool, batch_size: int):
@@ -308,6 +366,8 @@ class Chunker:
                   smoothing=0.1) as bar, ThreadPoolExecutor(1, "pairforge-commit") as writer:
             pending: Future | None = None
             for record, rows, rejects in self.built(index, batched(todo, chunk_size)):
+                if self.reference is not None:
+                    self.reference.add_columns(rows)
                 state = self.state()  # after this chunk, before the next one changes it
                 if pending is not None:
                     pending.result()  # raises the writer's error, if any

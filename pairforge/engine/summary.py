@@ -27,7 +27,8 @@ TOP_REASONS = 10
 TABLE_STATS = 8
 #: Diagnostics shown in the terminal table.
 TABLE_DIAGNOSTICS = ("lev_words_median", "lev_norm_median", "len_gap_median",
-                     "chosen_longer_rate", "near_duplicate_rate")
+                     "chosen_longer_rate", "near_duplicate_rate", "delta_ref_mean",
+                     "delta_ref_positive_rate", "ips_mean", "ips_positive_rate")
 
 
 def finish(out: Path, manifest: Manifest, *, console: Any, wall_s: float | None = None,
@@ -242,7 +243,28 @@ def audit_rows(out: Path, manifest: Manifest, skip: frozenset[str] = frozenset()
     summary = audit.finish(0).summary
     for key in ("n_skipped", "n_read"):
         summary.pop(key, None)
+    if "model_diagnostics" in manifest["groups"]:
+        add_model_diagnostics(summary, out, manifest)
     return summary
+
+
+def add_model_diagnostics(summary: dict, out: Path, manifest: Manifest) -> None:
+    """``--reference`` builds: the model audit's Δ_ref / IPS statistics and flags
+    (``near_zero_delta_ref``, …) from the ``delta_ref`` / ``ips`` columns, into ``summary``."""
+    import pyarrow.parquet as pq
+
+    from pairforge.diagnostics.model_based import build_model_result
+
+    delta, ips, has_images = [], [], False
+    for c in manifest.chunks:
+        if c["n_rows"]:
+            t = pq.read_table(out / c["data"], columns=["delta_ref", "ips", "prompt"]).to_pydict()
+            delta += t["delta_ref"]
+            ips += t["ips"]
+            has_images = has_images or any(count_image_parts(p) for p in t["prompt"])
+    model = build_model_result(delta, ips, has_images=has_images)
+    summary.update(model.summary)
+    summary["flags"] = list(summary.get("flags") or []) + model.flags
 
 
 def write_dataset(out: Path, manifest: Manifest, skip: frozenset[str] = frozenset()) -> int:

@@ -27,8 +27,13 @@ from typing import Any
 import torch
 
 from pairforge.errors import PairforgeError
+from pairforge.errors import first_line as _first_line
 from pairforge.models.base import ImageTextScorer, clip_score, resolve_device
-from pairforge.models.hf import _HUB_ID, _first_line, _load_error, _pil, _pin_revision, _resolve_dtype
+from pairforge.models.render import HUB_ID as _HUB_ID
+from pairforge.models.render import load_error as _load_error
+from pairforge.models.render import pin_revision as _pin_revision
+from pairforge.models.render import resolve_dtype as _resolve_dtype
+from pairforge.models.render import to_pil as _pil
 from pairforge.models.spec import ModelSpec, parse_model_spec
 
 OPEN_CLIP_EXTRA = "pip install 'pairforge[open_clip]' (open_clip_torch, torchvision)"

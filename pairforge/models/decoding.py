@@ -91,14 +91,36 @@ def tile_offsets(offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def prefix_offsets(prefix_lengths: Sequence[int], text_length: int) -> list[tuple[int, int]]:
-    """Spans of generated tokens from the lengths of the decoded prefixes ``ids[:1]``,
-    ``ids[:2]``, …: token k spans [end_{k−1}, end_k), ends made non-decreasing and clipped to
-    the text (a prefix that ends inside a multi-byte character may decode longer or shorter)."""
+def prefix_offsets(prefix_lengths: Sequence[int], text_length: int,
+                   pending: Sequence[bool] | None = None) -> list[tuple[int, int]]:
+    """Spans of tokens from the lengths of the decoded prefixes ``ids[:1]``, ``ids[:2]``, …,
+    each counted in whole characters (a character whose bytes the prefix cuts is not counted;
+    ``pending[k]`` says that prefix k ends inside one). Token k spans [end_{k−1}, end_k), plus
+    the cut character when ``pending[k]``; ends non-decreasing and clipped to the text; then
+    :func:`own_split_characters`. This is the fast tokenizer's rule (a token owns every
+    character its bytes touch), which the HF backend's scores use, so every backend gives a
+    response the same spans; without ``pending`` (a server's decoded tokens only), a token that
+    ends with the leading bytes of a character that another token completes gets only its
+    whole characters."""
     out: list[tuple[int, int]] = []
     prev = 0
-    for n in prefix_lengths:
+    for k, n in enumerate(prefix_lengths):
         end = min(max(int(n), prev), text_length)
-        out.append((prev, end))
+        cut = bool(pending[k]) if pending is not None else False
+        out.append((prev, min(end + cut, text_length)))
         prev = end
+    return own_split_characters(out)
+
+
+def own_split_characters(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """A character split over several tokens (e.g. the UTF-8 bytes of a Japanese character)
+    belongs to each of its pieces, as a fast tokenizer's offsets have it: a token with an empty
+    span followed by one whose span starts at the same place gets that token's first
+    character, [s, s+1). Empty spans at the end of the text (nothing follows) stay empty."""
+    out = list(spans)
+    for k in range(len(out) - 2, -1, -1):
+        s, e = out[k]
+        ns, ne = out[k + 1]
+        if s == e and ns == s and ne > ns:
+            out[k] = (s, s + 1)
     return out

@@ -35,8 +35,9 @@ def load_model(spec: str | ModelSpec | None, *, role: str = "policy", **kw: Any)
         return load_clip_scorer(spec, **kw)
     if backend == "openai":
         from pairforge.models.openai_compat import OpenAIModel
+        from pairforge.models.spec import openai_options
 
-        return OpenAIModel(spec, **kw)
+        return OpenAIModel(spec, **{**openai_options(spec), **kw})
     if backend == "vllm":
         from pairforge.models.vllm import VLLMModel
 

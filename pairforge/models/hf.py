@@ -31,9 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import io
+import json
 import math
-import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -62,14 +61,38 @@ from pairforge.models.decoding import (
     tile_offsets,
     token_logprobs,
 )
+from pairforge.models.render import (
+    copy_completion as _copy_completion,
+)
+from pairforge.models.render import (
+    load_error as _load_error,
+)
+from pairforge.models.render import (
+    pin_revision as _pin_revision,
+)
+from pairforge.models.render import (
+    request_key as _request_key,
+)
+from pairforge.models.render import (
+    resolve_dtype as _resolve_dtype,
+)
+from pairforge.models.render import (
+    resolve_source as _resolve_source,
+)
+from pairforge.models.render import (
+    stop_ids as _stop_ids,
+)
+from pairforge.models.render import (
+    template_message as _template_message,
+)
+from pairforge.models.render import (
+    to_pil as _pil,
+)
+from pairforge.models.render import (
+    whole_characters as _whole_characters,
+)
 from pairforge.models.spec import ModelSpec, parse_model_spec
-from pairforge.schema import count_image_parts, message_text, stable_id
-
-#: End-of-turn tokens of common chat templates; generation stops at any that the vocabulary has.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-                      "</s>", "<|end_of_text|>", "<|eot|>")
-
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+from pairforge.schema import count_image_parts
 
 
 @dataclass
@@ -94,6 +117,17 @@ class _Batch:
     response_lengths: list[int]  # per response, rows concatenated
 
 
+#: Image-text-to-text model types whose image tokens are not one patch grid per image, so
+#: answer-to-image attention maps (P2-DPO focus crops) are not defined for them; why, per type.
+TILED_IMAGE_TYPES = {
+    "llava_next": "splits each image into anyres tiles plus a base image with row newlines",
+    "llava_onevision": "splits each image into anyres tiles plus a base image with row newlines",
+    "idefics3": "splits each image into tiles plus a global image, each pixel-shuffled",
+    "smolvlm": "splits each image into tiles plus a global image, each pixel-shuffled",
+}
+#: Families whose attention maps are tested (tests/test_model_families.py).
+GRID_IMAGE_FAMILIES = ("LLaVA-1.5", "Qwen2-VL", "Qwen2.5-VL", "Gemma 3", "PaliGemma")
+
 #: At most this many responses share one packed sequence with their prompt.
 MAX_RESPONSES_PER_ROW = 8
 
@@ -108,12 +142,14 @@ class HFModel:
     ``revision`` overrides the spec's ``@REV``. ``progress`` shows a bar over batches.
     ``attn_implementation`` is passed to ``from_pretrained`` (default: transformers' choice,
     SDPA where available); attention maps switch to eager attention for their call.
+    ``trust_remote_code`` (default off) runs model code from the model repository; only
+    when the user passes it.
     """
 
     def __init__(self, spec_or_path: str | Path | ModelSpec, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, batch_size: int = 8,
                  revision: str | None = None, *, progress: bool = True,
-                 attn_implementation: str | None = None):
+                 attn_implementation: str | None = None, trust_remote_code: bool = False):
         spec = spec_or_path if isinstance(spec_or_path, ModelSpec) else parse_model_spec(str(spec_or_path))
         if batch_size < 1:
             raise PairforgeError(f"batch_size={batch_size}: must be >= 1")
@@ -124,10 +160,13 @@ class HFModel:
         self.device = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         source, rev = _resolve_source(spec, revision)
+        self.trust_remote_code = bool(trust_remote_code)
         self._load(source, rev, attn_implementation)
         caps = {Capability.GENERATE, Capability.SCORE, Capability.ATTENTION, Capability.CONTRASTIVE}
         if self.is_vlm:
             caps.add(Capability.IMAGES)
+            if self.model_type in TILED_IMAGE_TYPES:
+                caps.discard(Capability.ATTENTION)
         self.capabilities = frozenset(caps)
 
     def __repr__(self) -> str:
@@ -148,11 +187,13 @@ class HFModel:
 
         revision, self.revision = _pin_revision(source, revision)
         kw: dict[str, Any] = {"revision": revision} if revision else {}
+        if self.trust_remote_code:
+            kw["trust_remote_code"] = True
         try:
             config = AutoConfig.from_pretrained(source, **kw)
             self.is_vlm = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
             if self.is_vlm:
-                self.processor = AutoProcessor.from_pretrained(source, **kw)
+                self.processor = _load_processor(AutoProcessor, source, kw)
                 self.tokenizer = self.processor.tokenizer
                 auto = AutoModelForImageTextToText
             else:
@@ -163,6 +204,7 @@ class HFModel:
                                          **kw)
         except (OSError, ValueError, KeyError, ImportError) as e:
             raise PairforgeError(_load_error(self.name, source, e)) from None
+        self.model_type = config.model_type
         self.model = model.to(self.device).eval()
         self._template_owner = self.processor if self.is_vlm else self.tokenizer
         if not getattr(self._template_owner, "chat_template", None):
@@ -217,13 +259,16 @@ class HFModel:
         texts = [p.text for p in prompts]
         bos = self.tokenizer.bos_token
         kw = dict(return_tensors="pt", padding=True, padding_side=padding_side,
-                  add_special_tokens=not (bos and texts[0].startswith(bos)))
-        images = [im for p in prompts for im in p.images]
+                  add_special_tokens=not (bos and bos in texts[0]))
         if self.is_vlm:
-            enc = self.processor(text=texts, images=images or None, **kw)
+            # one list of images per prompt: processors that count images per sample (Gemma 3)
+            # need it, and every other one accepts it
+            images = [list(p.images) for p in prompts] if any(p.images for p in prompts) else None
+            enc = self.processor(text=texts, images=images, **kw)
         else:
             enc = self.tokenizer(texts, **kw)
-        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        # PaliGemma's processor returns all-ignored training labels; the model would compute a loss
+        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor) and k != "labels"}
 
     def _tokenize_responses(self, responses: Sequence[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
         for k, r in enumerate(responses):
@@ -233,6 +278,29 @@ class HFModel:
             return [], []
         enc = self.tokenizer(list(responses), add_special_tokens=False, return_offsets_mapping=True)
         return enc["input_ids"], [tile_offsets(o) for o in enc["offset_mapping"]]
+
+    # Public names of the encode/render steps, for the trainer (pairforge.train.data) and other
+    # backends that lay out sequences exactly as scoring does.
+    def render(self, requests: Sequence[Request], drop_images: bool = False) -> list[_Prompt]:
+        """Chat-template text and PIL images of each request (see :meth:`_render`)."""
+        return self._render(requests, drop_images)
+
+    def encode(self, prompts: Sequence[_Prompt], padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Model inputs of rendered prompts (see :meth:`_encode`)."""
+        return self._encode(prompts, padding_side)
+
+    def tokenize_responses(self, responses: Sequence[str]):
+        """Token ids and tiled character spans of each response."""
+        return self._tokenize_responses(responses)
+
+    def scoring_batch(self, prompts: Sequence[_Prompt], responses: Sequence[Sequence[list[int]]]) -> _Batch:
+        """The scoring layout of prompts and their responses (see :meth:`_scoring_batch`)."""
+        return self._scoring_batch(prompts, responses)
+
+    @property
+    def can_pack(self) -> bool:
+        """Whether responses sharing a prompt are packed into one sequence."""
+        return self._can_pack
 
     # ------------------------------------------------------------------------- forward helpers
 
@@ -273,7 +341,7 @@ class HFModel:
         input_ids = torch.full((b, t), self.pad_id, dtype=ids.dtype)
         positions = torch.zeros((b, t), dtype=torch.long)
         segment = torch.full((b, t), -1, dtype=torch.long)  # 0 prompt, j response j, −1 padding
-        grown = {k: v.new_zeros((b, t, *v.shape[2:])) for k, v in per_token.items()}
+        grown = {k: v.new_full((b, t, *v.shape[2:]), self._response_fill(k)) for k, v in per_token.items()}
         sources: list[int] = []  # flat (row · t + position) of the logits predicting each target
         for i, (p, rs) in enumerate(zip(plens, responses)):
             input_ids[i, :p] = ids[i, :p]
@@ -302,6 +370,12 @@ class HFModel:
         targets = torch.tensor([tok for rs in responses for r in rs for tok in r], dtype=torch.long)
         return _Batch(inputs, keep.view(b, t), source, targets, plens,
                       [len(r) for rs in responses for r in rs])
+
+    def _response_fill(self, key: str) -> int:
+        """The value of a per-token input (``token_type_ids``) at response positions, as the
+        model's own ``generate`` extends it: 1 for PaliGemma (suffix tokens, causal; 0 marks the
+        bidirectional prefix of image and prompt), 0 otherwise (Gemma 3: text, not image)."""
+        return 1 if key == "token_type_ids" and self.model_type == "paligemma" else 0
 
     def _response_logits(self, batch: _Batch, **kw: Any):
         """One forward pass; logits only at the positions that predict response tokens,
@@ -517,7 +591,7 @@ class HFModel:
                 positions = positions[..., -1:] + 1
                 step_inputs["position_ids"] = positions
             for k in per_token:
-                step_inputs[k] = enc[k].new_zeros((nxt.shape[0], 1)).to(self.device)
+                step_inputs[k] = enc[k].new_full((nxt.shape[0], 1), self._response_fill(k)).to(self.device)
             logits = self.model(**step_inputs, past_key_values=cache, use_cache=True).logits[:, -1]
         return [self._completion(t, lp, r) for t, lp, r in zip(tokens, logprobs, reasons)]
 
@@ -525,7 +599,8 @@ class HFModel:
         decode = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
         text = self.tokenizer.decode(ids, **decode)
         prefixes = self.tokenizer.batch_decode([ids[:k] for k in range(1, len(ids) + 1)], **decode)
-        offsets = prefix_offsets([len(p) for p in prefixes], len(text))
+        whole = [_whole_characters(p, text) for p in prefixes]
+        offsets = prefix_offsets(whole, len(text), [w < len(p) for w, p in zip(whole, prefixes)])
         return Completion(text, logprobs, offsets, token_ids=list(ids), finish_reason=reason)
 
     # ------------------------------------------------------------------------- attention maps
@@ -545,6 +620,11 @@ class HFModel:
         if not self.is_vlm:
             raise PairforgeError(f"attention maps are over image tokens; {self.name} is a "
                                  f"text-only model, use an image-text-to-text model")
+        if self.model_type in TILED_IMAGE_TYPES:
+            raise PairforgeError(
+                f"attention maps: {self.name} ({self.model_type}) {TILED_IMAGE_TYPES[self.model_type]}, "
+                f"so its image tokens form no single patch grid; use a model with one grid per "
+                f"image ({', '.join(GRID_IMAGE_FAMILIES)})")
         prompt = self._render([request], drop_images=False)[0]
         where = f"request {request.id or 0}"
         if not 0 <= image_index < len(prompt.images):
@@ -586,7 +666,7 @@ class HFModel:
             token_id = getattr(cfg, "image_token_index", None)
         if token_id is None:
             raise PairforgeError(f"{self.name}: the config names no image token; attention maps "
-                                 f"support LLaVA- and Qwen2-VL-style models")
+                                 f"support {', '.join(GRID_IMAGE_FAMILIES)}")
         positions = (inputs["input_ids"][0] == token_id).nonzero().squeeze(-1).cpu()
         grid_thw = inputs.get("image_grid_thw")
         if grid_thw is not None:  # Qwen2-VL: t·h·w patches merged merge×merge into one token
@@ -628,6 +708,72 @@ class HFModel:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _load_processor(auto_processor, source: str, kw: Mapping[str, Any]):
+    """``AutoProcessor.from_pretrained``; when that fails only because the processor's *video*
+    processor needs torchvision (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision in transformers 5), the
+    same processor class built from its image processor and tokenizer, without video support
+    (pairforge sends still images only)."""
+    try:
+        return auto_processor.from_pretrained(source, **kw)
+    except ImportError as e:
+        if "torchvision" not in str(e).lower() or "videoprocessor" not in str(e).replace(" ", "").lower():
+            raise
+    return image_only_processor(source, kw)
+
+
+def image_only_processor(source: str, kw: Mapping[str, Any] | None = None):
+    """The processor of ``source`` (its ``processor_class``) with ``video_processor=None``."""
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    from transformers.processing_utils import ProcessorMixin
+
+    kw = dict(kw or {})
+    image_processor = AutoImageProcessor.from_pretrained(source, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+    name = getattr(image_processor, "processor_class", None) or PROCESSOR_MAPPING_NAMES.get(
+        AutoConfig.from_pretrained(source, **kw).model_type)
+    cls = getattr(transformers, str(name), None)
+    if cls is None:
+        raise ImportError(f"no processor class {name!r} in transformers")
+    template = getattr(tokenizer, "chat_template", None)
+    settings = {}  # the processor's own settings (e.g. LLaVA-OneVision's num_image_tokens)
+    config_file = Path(source) / "processor_config.json"
+    if config_file.is_file():
+        accepted = inspect.signature(cls.__init__).parameters
+        settings = {k: v for k, v in json.loads(config_file.read_text()).items()
+                    if k in accepted and k not in ("image_processor", "tokenizer", "video_processor")}
+    check = ProcessorMixin.check_argument_for_proper_class
+
+    def lenient(self, attribute, arg):  # video_processor=None has no class to check against
+        return None if arg is None else check(self, attribute, arg)
+
+    ProcessorMixin.check_argument_for_proper_class = lenient
+    try:
+        processor = cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                        **{"chat_template": template, **settings})
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+    processor.save_pretrained = lambda out, **_: save_image_only_processor(processor, out, settings)
+    return processor
+
+
+def save_image_only_processor(processor, out: str | Path, settings: Mapping[str, Any]) -> None:
+    """Write a processor without a video processor in the Hub layout that
+    :func:`image_only_processor` reads back (``save_pretrained`` of transformers 5 fails on
+    the missing video processor): image processor (naming the processor class), tokenizer,
+    ``chat_template.jinja`` and ``processor_config.json`` with the processor's settings."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    processor.image_processor.processor_class = type(processor).__name__
+    processor.image_processor.save_pretrained(out)
+    processor.tokenizer.save_pretrained(out)
+    if processor.chat_template:
+        (out / "chat_template.jinja").write_text(processor.chat_template)
+    (out / "processor_config.json").write_text(
+        json.dumps({"processor_class": type(processor).__name__, **settings}, indent=2))
 
 
 def _can_pack(model, takes_position_ids: bool) -> bool:
@@ -682,142 +828,3 @@ def _select_heads(stacked: torch.Tensor, heads: str | int | Sequence[int]) -> to
     return stacked[:, idx]
 
 
-def _template_message(m: Mapping, keep_images: bool, as_text: bool) -> dict:
-    """A message as chat templates expect it: parts for a VLM (image parts without a text
-    key), one string for a text-only model; image parts dropped unless ``keep_images``."""
-    content = m.get("content")
-    if as_text:
-        return {"role": m.get("role"), "content": message_text(m)}
-    if isinstance(content, str):
-        parts = [{"type": "text", "text": content}]
-    else:
-        parts = []
-        for part in content or ():
-            if part.get("type") == "image":
-                if keep_images:
-                    parts.append({"type": "image"})
-            else:
-                parts.append({"type": "text", "text": part.get("text") or ""})
-    return {"role": m.get("role"), "content": parts}
-
-
-def _pil(image: Any, where: str, index: int):
-    """A PIL RGB image from a PIL image, a path, bytes, a ``datasets`` image dict or an array."""
-    from PIL import Image
-
-    try:
-        if isinstance(image, Image.Image):
-            img = image
-        elif isinstance(image, Mapping) and (image.get("bytes") or image.get("path")):
-            img = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
-        elif isinstance(image, (str, Path)):
-            img = Image.open(image)
-        elif isinstance(image, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(image))
-        elif isinstance(image, np.ndarray):
-            img = Image.fromarray(image)
-        else:
-            raise TypeError(f"unsupported image type {type(image).__name__}")
-        return img if img.mode == "RGB" else img.convert("RGB")
-    except Exception as e:
-        raise BadInput(f"image {index} cannot be read ({_first_line(e)}); pass a PIL image, a "
-                       f"path, bytes or a datasets image dict", where=where, field="images") from None
-
-
-def _request_key(r: Request) -> str:
-    """The request id that seeds its samples; without an id, a hash of its messages."""
-    return r.id or stable_id("messages", repr(list(r.messages)))
-
-
-def _copy_completion(c: Completion) -> Completion:
-    return Completion(c.text, list(c.token_logprobs), list(c.offsets), token_ids=list(c.token_ids),
-                      finish_reason=c.finish_reason)
-
-
-def _stop_ids(tokenizer, generation_config) -> frozenset[int]:
-    """EOS ids of the generation config and tokenizer, plus known end-of-turn tokens."""
-    ids: set[int] = set()
-    eos = getattr(generation_config, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    return frozenset(int(i) for i in ids)
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None:
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise PairforgeError(f"dtype={dtype!r}: not a torch dtype; use float32, bfloat16 or float16")
-    return resolved
-
-
-def _resolve_source(spec: ModelSpec, revision: str | None) -> tuple[str, str | None]:
-    """The folder or Hub id that ``from_pretrained`` loads for ``spec``, and the revision."""
-    from pairforge.models.local import convert_gguf, gguf_cache_dir, smollm2_path
-
-    if spec.backend == "embedded":
-        if spec.name == "smollm2":
-            return str(smollm2_path()), None
-        if spec.name == "tiny-vlm":
-            from pairforge.world.models import TINY_VLM_PATH
-
-            if not (TINY_VLM_PATH / "config.json").is_file():
-                raise PairforgeError(f"tiny-vlm: no checkpoint at {TINY_VLM_PATH}; reinstall pairforge "
-                                     f"or train it with scripts/train_tiny_vlm.py")
-            return str(TINY_VLM_PATH), None
-        raise PairforgeError(f"model spec '{spec}' is a CLIP scorer, not a policy model; "
-                             f"use tiny-vlm, smollm2 or hf:PATH_OR_ID")
-    if spec.backend != "hf":
-        raise PairforgeError(f"model spec '{spec}': HFModel runs hf: models (transformers); "
-                             f"load {spec.backend}: specs with their own backend")
-    name, rev = spec.name, revision or spec.revision or None
-    path = Path(name).expanduser()
-    if name.lower().endswith(".gguf"):
-        if not path.is_file():
-            raise PairforgeError(f"model '{spec}': no such GGUF file {name}; pass the path of a .gguf file")
-        return str(convert_gguf(path, gguf_cache_dir(path))), None
-    if path.exists():
-        return str(path), None
-    if not _HUB_ID.match(name) or name.startswith((".", "~")):
-        raise PairforgeError(f"model '{spec}': no such folder {name}; pass a folder written by "
-                             f"save_pretrained or a Hub id such as llava-hf/llava-1.5-7b-hf")
-    return name, rev
-
-
-def _pin_revision(source: str, revision: str | None) -> tuple[str | None, str]:
-    """(revision to load, commit hash): a Hub id's revision resolved to the commit it points
-    to (from the local cache when offline), so every file of the load comes from that commit
-    and the hash can be recorded; ``""`` for a local folder."""
-    if Path(source).exists():
-        return None, ""
-    try:
-        from transformers.utils.hub import resolve_revision
-
-        resolved = resolve_revision(source, revision)
-    except Exception:
-        return revision, ""
-    commit = getattr(resolved, "resolved", None) or (
-        resolved if resolved and re.fullmatch(r"[0-9a-f]{40}", str(resolved)) else "")
-    return resolved, str(commit or "")
-
-
-def _load_error(name: str, source: str, e: BaseException) -> str:
-    from huggingface_hub import constants
-
-    if Path(source).exists():
-        return (f"model '{name}': {source} is not a loadable transformers model ({_first_line(e)}); "
-                f"pass a folder written by save_pretrained (config.json, weights, tokenizer)")
-    if constants.HF_HUB_OFFLINE:
-        return (f"model '{name}': '{source}' is not in the local Hugging Face cache and the Hub is "
-                f"offline (HF_HUB_OFFLINE=1); download it where the Hub is reachable "
-                f"(`hf download {source}`) or pass a local folder")
-    return (f"model '{name}': '{source}' could not be loaded ({_first_line(e)}); check the Hub id "
-            f"and revision, or pass a local folder")

@@ -21,9 +21,10 @@ Needs the ``openai`` package (extra ``pairforge[openai]``), imported when a mode
   spell the response. Works with ``pairforge serve`` (tested) and ``vllm serve`` (by its
   documented protocol); hosted APIs return no prompt log-probs, so leave it off for them.
 - **Reliability**: at most ``max_concurrency`` requests in flight (a thread pool); each is
-  retried up to ``max_retries`` times with exponential backoff and jitter (:func:`backoff_delay`,
-  at least the server's ``Retry-After``) on HTTP 408 / 429 / 5xx, timeouts, connection errors
-  and malformed replies; other HTTP errors fail at once. Errors are one line naming the URL,
+  retried by ``tenacity`` up to ``max_retries`` times with exponential backoff and jitter
+  (:func:`backoff_delay`, at least the server's ``Retry-After``) on HTTP 408 / 429 / 5xx,
+  timeouts, connection errors and malformed replies (a 200 with a broken body, which the
+  ``openai`` SDK's own retries do not cover, hence tenacity); other HTTP errors fail at once. Errors are one line naming the URL,
   the status and the fix; the API key (from ``$OPENAI_API_KEY`` or ``api_key_env``) is never
   logged or put into a message.
 """
@@ -31,6 +32,7 @@ Needs the ``openai`` package (extra ``pairforge[openai]``), imported when a mode
 from __future__ import annotations
 
 import base64
+import inspect
 import io
 import json
 import logging
@@ -53,8 +55,8 @@ from pairforge.models.base import (
     require,
 )
 from pairforge.models.decoding import prefix_offsets, request_seed
-from pairforge.models.hf import _pil, _request_key
-from pairforge.models.spec import ModelSpec, parse_model_spec
+from pairforge.models.render import request_key, to_pil
+from pairforge.models.spec import ModelSpec, openai_options, parse_model_spec
 from pairforge.schema import count_image_parts
 
 log = logging.getLogger(__name__)
@@ -72,12 +74,22 @@ class MalformedResponse(Exception):
     """A reply that is not a usable chat completion (bad JSON, missing fields); retried."""
 
 
+class _Retryable(Exception):
+    """A failed attempt worth retrying: what went wrong, the fix to suggest if it is the last,
+    and the server's ``Retry-After`` in seconds (0 when absent)."""
+
+    def __init__(self, last: str, fix: str, retry_after: float = 0.0):
+        super().__init__(last)
+        self.last, self.fix, self.retry_after = last, fix, retry_after
+
+
 def _import_openai():
     try:
         import openai
-    except ImportError:
-        raise PairforgeError("openai: models need the 'openai' package; "
-                             "`pip install 'pairforge[openai]'` (or `pip install openai`)") from None
+        import tenacity  # noqa: F401  (retries)
+    except ImportError as e:
+        raise PairforgeError(f"openai: models need the '{e.name}' package; "
+                             f"`pip install 'pairforge[openai]'` (or `pip install openai tenacity`)") from None
     return openai
 
 
@@ -95,13 +107,13 @@ def backoff_delay(attempt: int, base: float, cap: float, u: float) -> float:
 def wire_seed(sampling: SamplingParams, request: Request) -> int:
     """The ``seed`` sent with ``request``: the HF backend's seed of the request's first sample,
     (``sampling.seed``, request id), reduced to 31 bits (servers take an int32)."""
-    return request_seed(sampling.seed, _request_key(request), 0) % 2**31
+    return request_seed(sampling.seed, request_key(request), 0) % 2**31
 
 
 def image_data_url(image: Any, where: str, index: int) -> str:
     """A base64 PNG ``data:`` URL of an image (PIL, path, bytes, datasets dict or array)."""
     buf = io.BytesIO()
-    _pil(image, where, index).save(buf, format="PNG")
+    to_pil(image, where, index).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -129,19 +141,23 @@ def to_openai_messages(request: Request, where: str) -> list[dict]:
 def token_offsets(text: str, tokens: Sequence[str], token_bytes: Sequence[Sequence[int] | None]) -> list[tuple[int, int]]:
     """Character spans of returned tokens in ``text``: cumulative lengths of the token strings
     when they spell the text, else of the UTF-8 decoded cumulative ``bytes`` (a multi-byte
-    character split over tokens is owned by the token that completes it), then
-    :func:`~pairforge.models.decoding.prefix_offsets` (non-decreasing, clipped to the text)."""
+    character split over tokens belongs to every token holding some of its bytes, as in the
+    HF backend), then :func:`~pairforge.models.decoding.prefix_offsets` (non-decreasing,
+    clipped to the text)."""
+    pending = None
     if "".join(tokens) != text and token_bytes and all(b is not None for b in token_bytes):
-        lengths, acc = [], b""
+        lengths, pending, acc = [], [], b""
         for b in token_bytes:
             acc += bytes(b)
-            lengths.append(len(acc.decode("utf-8", errors="ignore")))
+            whole = acc.decode("utf-8", errors="ignore")
+            lengths.append(len(whole))
+            pending.append(len(whole.encode("utf-8")) < len(acc))  # ends inside a character
     else:
         lengths, n = [], 0
         for t in tokens:
             n += len(t)
             lengths.append(n)
-    return prefix_offsets(lengths, len(text))
+    return prefix_offsets(lengths, len(text), pending)
 
 
 def parse_chat_completion(data: Any, n: int) -> list[Completion]:
@@ -169,7 +185,12 @@ def parse_chat_completion(data: Any, n: int) -> list[Completion]:
         except (KeyError, TypeError, ValueError, AttributeError):
             raise MalformedResponse("a log-prob entry lacks 'token' or 'logprob'") from None
         offsets = token_offsets(text, tokens, raw_bytes) if tokens else []
-        out.append(Completion(text, lps, offsets, finish_reason=str(c.get("finish_reason") or "")))
+        reason = str(c.get("finish_reason") or "")
+        if reason == "stop" and offsets and offsets[-1] == (len(text), len(text)):
+            # the end-of-turn token that stopped it (vLLM returns its log-prob; the HF and vLLM
+            # backends never count it): drop it so that sum/mean log-probs are the text's own
+            lps, offsets = lps[:-1], offsets[:-1]
+        out.append(Completion(text, lps, offsets, finish_reason=reason))
     return out
 
 
@@ -248,6 +269,18 @@ class OpenAIModel:
         self.spec = spec
         self.name = str(spec)
         self.revision = ""
+        # options in the spec (openai:M@URL?prompt_logprobs=1) stand in for arguments left at
+        # their defaults; an argument passed with another value wins
+        given = {"prompt_logprobs": prompt_logprobs, "logprobs": logprobs, "images": images,
+                 "max_concurrency": max_concurrency, "max_retries": max_retries, "timeout": timeout,
+                 "api_key_env": api_key_env}
+        defaults = {k: p.default for k, p in inspect.signature(OpenAIModel.__init__).parameters.items()}
+        for key, value in openai_options(spec).items():
+            if given[key] == defaults[key]:
+                given[key] = value
+        prompt_logprobs, logprobs, images = given["prompt_logprobs"], given["logprobs"], given["images"]
+        max_concurrency, max_retries = given["max_concurrency"], given["max_retries"]
+        timeout, api_key_env = given["timeout"], given["api_key_env"]
         if unsupported:
             raise PairforgeError(f"{self.name}: option(s) {', '.join(sorted(unsupported))} do not "
                                  f"apply to an OpenAI-compatible server (set them on the server); drop them")
@@ -379,45 +412,61 @@ class OpenAIModel:
         return results
 
     def _post(self, body: dict, where: str, parse):
-        """POST one chat completion with retries; ``parse(json)`` may raise MalformedResponse."""
-        openai = self._openai
+        """POST one chat completion, retried by ``tenacity`` (up to ``max_retries`` times on
+        :class:`_Retryable` failures, waiting :meth:`_delay`: backoff with jitter, at least the
+        server's ``Retry-After``); ``parse(json)`` may raise MalformedResponse."""
+        import tenacity
+
         params = {"model": self.spec.name, **self.extra_body, **body}
-        last, fix, last_retry_after = "", "", 0.0
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self._delay(attempt - 1, last_retry_after))
-            last_retry_after = 0.0
+
+        def count(state) -> None:
             with self._lock:
                 self.n_attempts += 1
-                self.n_retries += attempt > 0
-            try:
-                raw = self._client.post("/chat/completions", body=params, cast_to=str,
-                                        options={"timeout": self.timeout})
-                data = json.loads(raw)
-                return parse(data)
-            except openai.APITimeoutError:
-                last = f"no response from {self.url} within timeout={self.timeout:g} s"
-                fix = "raise timeout, or lower max_tokens / max_concurrency"
-            except openai.APIConnectionError as e:
-                last = f"cannot connect to {self.url} ({self._scrub(_cause(e))})"
-                fix = "check that the server is running and the base URL is right"
-            except openai.APIStatusError as e:
-                status = e.status_code
-                detail = self._scrub(_error_detail(e))
-                last = f"HTTP {status} from {self.url}: {detail}"
-                if status not in RETRY_STATUSES and status < 500:
-                    raise PairforgeError(f"{self.name}: {where}: {last}; {self._fix_for(status)}") from None
-                last_retry_after = _retry_after(e)
-                fix = ("the server is rate-limiting; lower max_concurrency or raise max_retries / "
-                       "backoff_base" if status == 429 else
-                       "the server is failing; check its logs, or raise max_retries")
-            except (json.JSONDecodeError, UnicodeDecodeError, MalformedResponse) as e:
-                last = f"malformed reply from {self.url} ({self._scrub(str(e))[:120]})"
-                fix = ("check that the base URL is an OpenAI-compatible /v1 endpoint serving "
-                       f"chat completions (with n={body.get('n', 1)})")
-            log.debug("%s: %s: attempt %d failed: %s", self.name, where, attempt + 1, last)
-        raise PairforgeError(f"{self.name}: {where} failed {self.max_retries + 1} time(s) "
-                             f"(max_retries={self.max_retries}); last: {last}; {fix}")
+                self.n_retries += state.attempt_number > 1
+
+        def wait(state) -> float:
+            return self._delay(state.attempt_number - 1, state.outcome.exception().retry_after)
+
+        def log_failure(state) -> None:
+            log.debug("%s: %s: attempt %d failed: %s", self.name, where, state.attempt_number,
+                      state.outcome.exception().last)
+
+        retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(self.max_retries + 1), wait=wait,
+                                     retry=tenacity.retry_if_exception_type(_Retryable), before=count,
+                                     after=log_failure, reraise=True)
+        try:
+            return retrying(self._attempt, params, where, parse, body.get("n", 1))
+        except _Retryable as e:
+            raise PairforgeError(f"{self.name}: {where} failed {self.max_retries + 1} time(s) "
+                                 f"(max_retries={self.max_retries}); last: {e.last}; {e.fix}") from None
+
+    def _attempt(self, params: dict, where: str, parse, n: int):
+        """One HTTP attempt: the parsed reply, :class:`_Retryable` for a failure worth retrying
+        (HTTP 408 / 429 / 5xx, timeout, connection error, malformed reply), PairforgeError else."""
+        openai = self._openai
+        try:
+            raw = self._client.post("/chat/completions", body=params, cast_to=str,
+                                    options={"timeout": self.timeout})
+            return parse(json.loads(raw))
+        except openai.APITimeoutError:
+            raise _Retryable(f"no response from {self.url} within timeout={self.timeout:g} s",
+                             "raise timeout, or lower max_tokens / max_concurrency") from None
+        except openai.APIConnectionError as e:
+            raise _Retryable(f"cannot connect to {self.url} ({self._scrub(_cause(e))})",
+                             "check that the server is running and the base URL is right") from None
+        except openai.APIStatusError as e:
+            status = e.status_code
+            last = f"HTTP {status} from {self.url}: {self._scrub(_error_detail(e))}"
+            if status not in RETRY_STATUSES and status < 500:
+                raise PairforgeError(f"{self.name}: {where}: {last}; {self._fix_for(status)}") from None
+            raise _Retryable(last, "the server is rate-limiting; lower max_concurrency or raise max_retries / "
+                             "backoff_base" if status == 429 else
+                             "the server is failing; check its logs, or raise max_retries",
+                             _retry_after(e)) from None
+        except (json.JSONDecodeError, UnicodeDecodeError, MalformedResponse) as e:
+            raise _Retryable(f"malformed reply from {self.url} ({self._scrub(str(e))[:120]})",
+                             "check that the base URL is an OpenAI-compatible /v1 endpoint serving "
+                             f"chat completions (with n={n})") from None
 
     def _delay(self, attempt: int, retry_after: float) -> float:
         with self._lock:

@@ -4,7 +4,10 @@ Forms::
 
     hf:PATH_OR_ID[@REVISION]          transformers (CPU or GPU); a GGUF file: hf:PATH.gguf
     vllm:ID[@REVISION]                vLLM offline engine (extra [vllm])
-    openai:MODEL@BASE_URL             any OpenAI-compatible server (vllm serve, hosted APIs)
+    openai:MODEL@BASE_URL[?OPTIONS]   any OpenAI-compatible server (vllm serve, hosted APIs);
+                                      OPTIONS: key=value&… from OPENAI_OPTIONS, e.g.
+                                      ?prompt_logprobs=1 (the server returns vLLM-style prompt
+                                      log-probs, so the model can score)
     clip:PATH_OR_ID[@REVISION]        transformers CLIPModel
     open_clip:ARCH/PRETRAINED         open_clip (PRETRAINED: a tag or a local checkpoint path)
     default | tiny-vlm | tiny-clip | smollm2
@@ -20,6 +23,10 @@ from dataclasses import dataclass
 from pairforge.errors import PairforgeError
 
 BACKENDS = ("hf", "vllm", "openai", "clip", "open_clip", "embedded")
+#: Options an ``openai:`` spec may carry after ``?``, with their types (OpenAIModel arguments).
+OPENAI_OPTIONS = {"prompt_logprobs": bool, "logprobs": bool, "images": bool, "max_concurrency": int,
+                  "max_retries": int, "timeout": float, "api_key_env": str}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 EMBEDDED = ("tiny-vlm", "tiny-clip", "smollm2")
 
 
@@ -29,12 +36,14 @@ class ModelSpec:
     name: str
     revision: str = ""
     base_url: str = ""
+    options: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         if self.backend == "embedded":
             return self.name
         if self.backend == "openai":
-            return f"openai:{self.name}@{self.base_url}"
+            query = "&".join(f"{k}={v}" for k, v in self.options)
+            return f"openai:{self.name}@{self.base_url}" + (f"?{query}" if query else "")
         rev = f"@{self.revision}" if self.revision else ""
         return f"{self.backend}:{self.name}{rev}"
 
@@ -58,7 +67,8 @@ def parse_model_spec(spec: str | None, *, default: str = "tiny-vlm") -> ModelSpe
             raise PairforgeError(
                 f"model spec '{spec}': an OpenAI-compatible model is openai:MODEL@BASE_URL, "
                 f"e.g. openai:gpt-4o-mini@https://api.openai.com/v1")
-        return ModelSpec("openai", model, base_url=url.rstrip("/"))
+        url, _, query = url.partition("?")
+        return ModelSpec("openai", model, base_url=url.rstrip("/"), options=_openai_options(spec, query))
     if backend == "open_clip":
         arch, slash, pretrained = rest.partition("/")
         if not slash or not arch or not pretrained:
@@ -69,3 +79,36 @@ def parse_model_spec(spec: str | None, *, default: str = "tiny-vlm") -> ModelSpe
     if at and not rev:
         raise PairforgeError(f"model spec '{spec}': empty revision after '@'")
     return ModelSpec(backend, name, revision=rev)
+
+
+def _openai_options(spec: str, query: str) -> tuple[tuple[str, str], ...]:
+    """``key=value&…`` of an ``openai:`` spec, checked against :data:`OPENAI_OPTIONS`."""
+    out = []
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        kind = OPENAI_OPTIONS.get(key)
+        if kind is None or not eq:
+            raise PairforgeError(f"model spec '{spec}': unknown option '{item}'; options are "
+                                 f"{', '.join(f'{k}=…' for k in OPENAI_OPTIONS)}")
+        try:
+            openai_option_value(key, value)
+        except ValueError:
+            raise PairforgeError(f"model spec '{spec}': {key}={value!r} is not a valid "
+                                 f"{kind.__name__}{' (1/0, true/false)' if kind is bool else ''}") from None
+        out.append((key, value))
+    return tuple(out)
+
+
+def openai_option_value(key: str, value: str):
+    """The typed value of an ``openai:`` spec option (raises ValueError when it does not parse)."""
+    kind = OPENAI_OPTIONS[key]
+    if kind is bool:
+        if value.lower() not in _TRUE + _FALSE:
+            raise ValueError(value)
+        return value.lower() in _TRUE
+    return kind(value)
+
+
+def openai_options(spec: ModelSpec) -> dict:
+    """The options of an ``openai:`` spec as OpenAIModel keyword arguments."""
+    return {k: openai_option_value(k, v) for k, v in spec.options}

@@ -40,16 +40,14 @@ from pathlib import Path
 from typing import Any
 
 from pairforge.errors import BadInput, PairforgeError
+from pairforge.errors import first_line as _first_line
 from pairforge.models.base import Capability, Completion, Request, SamplingParams, ScoredResponse
-from pairforge.models.hf import (
-    HFModel,
-    _copy_completion,
-    _first_line,
-    _pin_revision,
-    _resolve_source,
-    _stop_ids,
-)
+from pairforge.models.hf import HFModel
 from pairforge.models.openai_compat import wire_seed
+from pairforge.models.render import copy_completion as _copy_completion
+from pairforge.models.render import pin_revision as _pin_revision
+from pairforge.models.render import resolve_source as _resolve_source
+from pairforge.models.render import stop_ids as _stop_ids
 from pairforge.models.spec import EMBEDDED, ModelSpec, parse_model_spec
 
 #: The one-line fix printed when vLLM is missing.

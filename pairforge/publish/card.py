@@ -87,15 +87,26 @@ def audit_configs(configs: Mapping[str, Dataset], names: Mapping[str, str],
             audit.add(batch["id"].to_pylist(), [hash(k) for k in zip(prompts, n_images)],
                       prompts, [response_text(m) for m in batch["chosen"].to_pylist()],
                       [response_text(m) for m in batch["rejected"].to_pylist()])
-        results.append(audit.finish(n_skipped=0))
+        result = audit.finish(n_skipped=0)
+        if "delta_ref" in ds.column_names:  # a build with --reference: Δ_ref / IPS per pair
+            from pairforge.diagnostics.model_based import build_model_result
+
+            cols = ds.select_columns(["delta_ref", "ips", "images"]).to_dict()
+            result.model = build_model_result(cols["delta_ref"], cols["ips"], has_images=any(cols["images"]))
+            result.summary.update(result.model.summary)  # the table rows and the plots
+            result.summary["flags"] = list(result.summary["flags"]) + result.model.flags
+        results.append(result)
     return results
 
 
 def diagnostics_table(results: Sequence[SetResult]) -> list[tuple[str, list[str], str]]:
     """(label, value per set, meaning) rows of the audit's summary table (less the count of
     unreadable rows: published rows are all read)."""
+    from pairforge.diagnostics.report import MODEL_ROWS
+
+    model = [row for row in MODEL_ROWS if any(r.summary.get(row[0]) is not None for r in results)]
     return [(label, [fmt(r.summary.get(key), pattern) for r in results], meaning)
-            for key, label, meaning, pattern in ROWS if key != "n_skipped"]
+            for key, label, meaning, pattern in ROWS + model if key != "n_skipped"]
 
 
 # ----------------------------------------------------------------------------- languages, risks

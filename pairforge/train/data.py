@@ -303,11 +303,11 @@ class PairCollator:
                 unique[key] = len(requests)
                 requests.append(Request(s.messages, s.images, s.where))
             owner.append(unique[key])
-        prompts = hf._render(requests, drop_images=False)
-        resp_ids, offsets = hf._tokenize_responses([s.response for s in specs])
+        prompts = hf.render(requests, drop_images=False)
+        resp_ids, offsets = hf.tokenize_responses([s.response for s in specs])
         n_truncated = 0
         if self.max_length is not None:
-            plens = hf._encode(prompts, "right")["attention_mask"].sum(1).tolist()
+            plens = hf.encode(prompts, "right")["attention_mask"].sum(1).tolist()
             for k, (s, r) in enumerate(zip(specs, resp_ids)):
                 room = self.max_length - plens[owner[k]]
                 if room < 1:
@@ -319,7 +319,7 @@ class PairCollator:
         for s, r in zip(specs, resp_ids):
             if not r:
                 raise BadInput("the response has no tokens", where=s.where, field="response")
-        packed = self.pack and hf._can_pack
+        packed = self.pack and hf.can_pack
         if packed:
             groups: dict[int, list[int]] = {}
             for k, u in enumerate(owner):
@@ -328,7 +328,7 @@ class PairCollator:
                     for i in range(0, len(ks), MAX_RESPONSES_PER_ROW)]
         else:
             rows = [(u, [k]) for k, u in enumerate(owner)]
-        laid = hf._scoring_batch([prompts[u] for u, _ in rows], [[resp_ids[k] for k in ks] for _, ks in rows])
+        laid = hf.scoring_batch([prompts[u] for u, _ in rows], [[resp_ids[k] for k in ks] for _, ks in rows])
         order = [k for _, ks in rows for k in ks]  # the sequence of each response, in batch order
         seq = torch.repeat_interleave(torch.tensor(order), torch.tensor([len(resp_ids[k]) for k in order]))
         segment, n_segments = [], 1
