@@ -239,9 +239,10 @@ def bench_batching(tmp: Path, spec: str, n: int, batch: int, max_new_tokens: int
 
 def bench_ray(tmp: Path, n: int, batch: int, max_new_tokens: int) -> dict:
     """Part 3: the same M3PO build locally and on a local Ray instance (docstring)."""
-    import ray
-
     from pairforge.engine import load_build
+    from pairforge.engine.ray_executor import import_ray
+
+    ray = import_ray(local=True)  # a local instance on 127.0.0.1
 
     cores = os.cpu_count() or 1
     kw = dict(recipe="m3po", source=f"shapes?n={n}&seed=11", batch_size=batch, chunk_size=16,
@@ -273,6 +274,8 @@ def bench_ray(tmp: Path, n: int, batch: int, max_new_tokens: int) -> dict:
     finally:
         ray.shutdown()
     return {"n": n, "cores": cores, "local_s": local_s, "ray_init_s": init_s, "runs": runs}
+
+
 def bench_reference(tmp: Path, n: int, recipe: str = "vapr") -> dict:
     """3. The cost of ``--reference tiny-vlm``: the same world build without and with it, after
     a warm-up build (imports, tokenizers); the extra wall time as a share of the build without

@@ -12,6 +12,9 @@ import sys
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A local Ray instance (tests/test_build_ray.py) on 127.0.0.1, not the machine's network address;
+# read by Ray when it is first imported (pairforge.engine.ray_executor.LOOPBACK_ENV)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="module", autouse=True)

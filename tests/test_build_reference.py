@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from pairforge.diagnostics.model_based import wilson_ci95
 from pairforge.engine import BuildConfig, build, load_build
 from pairforge.errors import PairforgeError
 
@@ -54,8 +55,10 @@ def test_vapr_build_carries_reference_columns_equal_to_the_audit_scores(vapr):
     assert d["delta_ref_mean"] == pytest.approx(sum(deltas) / len(deltas), abs=1e-6)
     assert d["delta_ref_positive_rate"] == pytest.approx(sum(x > 0 for x in deltas) / len(deltas), abs=1e-6)
     assert "ips_mean" not in d
-    near = sum(abs(x) <= 0.1 for x in deltas) / len(deltas)
-    assert ("near_zero_delta_ref" in {f["id"] for f in d["flags"]}) == (near > 0.1)
+    # the audit's rule: the flag needs the whole 95% Wilson interval of the rate above 0.1
+    n_near = sum(abs(x) <= 0.1 for x in deltas)
+    assert ("near_zero_delta_ref" in {f["id"] for f in d["flags"]}) == (
+        wilson_ci95(n_near, len(deltas))[0] > 0.1)
     assert "delta_ref_mean" in printed
     models = {m["role"]: m["name"] for m in json.loads((out / "manifest.json").read_text())["models"]}
     assert models["reference"] == "tiny-vlm"

@@ -158,7 +158,17 @@ class RayOptions:
                    roles={r: pool(f"roles.{r}", v, Pool()) for r, v in roles_in.items()})
 
 
-def import_ray() -> Any:
+#: Ray's switch for the node address on Linux: "0" keeps a local instance on 127.0.0.1 (by
+#: default Ray advertises the machine's network address, which a one-machine build does not need)
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def import_ray(local: bool = False) -> Any:
+    """``ray``, or a one-line error naming the extra to install. ``local``: this process will
+    start a local instance, bound to the loopback address unless the user set
+    :data:`LOOPBACK_ENV` (it only takes effect before Ray is first imported)."""
+    if local:
+        os.environ.setdefault(LOOPBACK_ENV, "0")
     try:
         import ray
     except ImportError:
@@ -359,7 +369,7 @@ class ChunkWorker:
 
     def __call__(self, batch: Mapping[str, Any]) -> dict:
         """Ray Data: ``{index, entries}`` (pickled chunks) → ``{index, result}`` (pickled)."""
-        import cloudpickle
+        from ray import cloudpickle  # Ray's own copy: no extra dependency
         import numpy as np
 
         results = [cloudpickle.dumps(self.run(int(k), cloudpickle.loads(p), None))
@@ -382,7 +392,7 @@ class RayExecutor:
         self._started = False
 
     def __enter__(self) -> RayExecutor:
-        ray = import_ray()
+        ray = import_ray(local=self.options.address is None)
         if not ray.is_initialized():
             kw: dict[str, Any] = {"address": self.options.address, "include_dashboard": False,
                                   "log_to_driver": False}
@@ -504,7 +514,7 @@ class RayChunker(Chunker):
         come back in any order and leave here in source order."""
         import itertools
 
-        import cloudpickle
+        from ray import cloudpickle  # Ray's own copy: no extra dependency
         import ray
 
         o = self.executor.options
