@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +28,16 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fresh_cache(tmp_path_factory):
+    """A module's own empty ``PAIRFORGE_CACHE`` (restored afterwards): for tests that must not
+    see, or leave, cached reference log-probs and converted models."""
+    before = os.environ.get("PAIRFORGE_CACHE")
+    os.environ["PAIRFORGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield Path(os.environ["PAIRFORGE_CACHE"])
+    if before is None:
+        os.environ.pop("PAIRFORGE_CACHE", None)
+    else:
+        os.environ["PAIRFORGE_CACHE"] = before

@@ -24,14 +24,8 @@ from test_train_data import pair_rows
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _env(tmp_path_factory):
-    before = os.environ.get("PAIRFORGE_CACHE")
-    os.environ["PAIRFORGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+def _env(fresh_cache):
     yield
-    if before is None:
-        os.environ.pop("PAIRFORGE_CACHE", None)
-    else:
-        os.environ["PAIRFORGE_CACHE"] = before
 
 
 @pytest.fixture(scope="module")

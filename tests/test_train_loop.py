@@ -30,14 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _env(tmp_path_factory):
-    before_cache = os.environ.get("PAIRFORGE_CACHE")
-    os.environ["PAIRFORGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+def _env(fresh_cache):
     yield
-    if before_cache is None:
-        os.environ.pop("PAIRFORGE_CACHE", None)
-    else:
-        os.environ["PAIRFORGE_CACHE"] = before_cache
 
 
 @pytest.fixture(scope="module")
