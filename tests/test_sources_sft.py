@@ -428,3 +428,21 @@ def test_aspo_weighs_the_sentences_of_canonical_rows(tiny_models, tmp_path):
     for w, spans in zip(got["sentence_weights"], got["sentence_spans"]):
         assert len(w) == len(spans) == 3
         assert all(0.0 <= x <= 1.0 for x in w) and max(w) >= 0.5
+
+
+def test_reason_tally_shows_numbers_and_keeps_apostrophes():
+    """The build's terminal summary and the card show a kind of reason with its numbers (or
+    their range), never a bare N; an apostrophe is not taken for a quoted name."""
+    from pairforge.sources.sft import ReasonTally
+
+    tally = ReasonTally()
+    for n in (2, 7, 5):
+        tally.add("validate", f"none of {n} edits passed; first: too_different")
+    tally.add("edit", "no_flip: the answer's statement is not the question's proposition")
+    tally.add("read", "data.json, row 4, field 'images': 'a.png' cannot be decoded (x 3)")
+    tally.add("read", "data.json, row 9, field 'images': 'b.png' cannot be decoded (y 1)")
+    assert tally.counts() == {
+        ("validate", "none of 2–7 edits passed; first: too_different"): 3,
+        ("edit", "no_flip: the answer's statement is not the question's proposition"): 1,
+        ("read", "images: … cannot be decoded …"): 2,
+    }

@@ -19,7 +19,7 @@ from pairforge import __version__
 from pairforge.engine.manifest import Manifest, write_atomic, write_json
 from pairforge.errors import PairforgeError
 from pairforge.schema import count_image_parts, features, prompt_text, response_text
-from pairforge.sources.sft import reason_kind
+from pairforge.sources.sft import ReasonTally, reason_kind
 
 #: Reject reasons listed per stage in the summary (by kind, most frequent first).
 TOP_REASONS = 10
@@ -195,6 +195,7 @@ def write_rejects(out: Path, manifest: Manifest,
     """``rejects.jsonl`` (the chunks' rejects in order, each chunk followed by the examples
     pass two rejected in it, ``extra``); returns counts and top reason kinds by stage."""
     stages: dict[str, Counter] = {}
+    tally = ReasonTally()  # the same kinds with their numbers, for the terminal
     extra = extra or {}
 
     def write(f) -> None:
@@ -206,10 +207,15 @@ def write_rejects(out: Path, manifest: Manifest,
             for line in lines:
                 rec = json.loads(line)
                 stages.setdefault(rec["stage"], Counter())[reason_kind(rec["reason"])] += 1
+                tally.add(rec["stage"], rec["reason"])
                 f.write(line)
 
     write_atomic(out / "rejects.jsonl", write)
-    return {stage: {"n": sum(c.values()), "reasons": dict(c.most_common(TOP_REASONS))}
+    top: dict[str, tuple[str, int]] = {}
+    for (stage, reason), n in tally.counts().most_common():
+        top.setdefault(stage, (reason, n))
+    return {stage: {"n": sum(c.values()), "reasons": dict(c.most_common(TOP_REASONS)),
+                    "top_reason": top[stage][0]}
             for stage, c in sorted(stages.items(), key=lambda kv: -sum(kv[1].values()))}
 
 
@@ -381,6 +387,6 @@ def print_summary(summary: dict, console: Any) -> None:
         console.print(f"[yellow]⚑[/yellow] {f['id']}: {escape(f['message'])}", highlight=False)
     for stage, s in summary["rejects_by_stage"].items():
         top = next(iter(s["reasons"].items()), None)
-        if top:
+        if top:  # the most common kind, with its numbers (or their ranges) shown back
             console.print(f"rejected at {escape(stage)}: {s['n']:,}, most often "
-                          f"“{escape(top[0])}” ({top[1]:,})", highlight=False)
+                          f"“{escape(s.get('top_reason') or top[0])}” ({top[1]:,})", highlight=False)

@@ -32,7 +32,7 @@ from pairforge.errors import first_line as _first_line
 from pairforge.recipes import RECIPES
 from pairforge.safety import checked_images
 from pairforge.schema import COLUMN_GROUPS, CORE_FEATURES, features
-from pairforge.sources.sft import fill_numbers, reason_pieces
+from pairforge.sources.sft import ReasonTally
 
 #: recipe → (column, {column value: config name}); a row with another value is an error.
 CONFIG_COLUMNS = {
@@ -213,7 +213,7 @@ def read_rejects(path: Path) -> Counter:
     Reasons are grouped by kind (:func:`~pairforge.sources.sft.reason_kind`, as the build
     summary groups them) and shown with their numbers put back: the number when every reason
     of the kind has it, else its range (``answer has 3–7 words``), never a bare ``N``."""
-    kinds: dict[tuple[str, tuple[str, ...]], list] = {}  # → [count, numbers per slot]
+    tally = ReasonTally()
     if not path.is_file():
         return Counter()
     with open(path, encoding="utf-8") as f:
@@ -227,16 +227,8 @@ def read_rejects(path: Path) -> Counter:
                                      f"(every rejected example is one JSON object)") from None
             if not isinstance(rec, dict):
                 raise PairforgeError(f"{path}: line {i + 1} is not a JSON object")
-            pieces, numbers = reason_pieces(str(rec.get("reason", "?")))
-            entry = kinds.setdefault((str(rec.get("stage", "?")), pieces),
-                                     [0, [set() for _ in numbers]])
-            entry[0] += 1
-            for slot, number in zip(entry[1], numbers):
-                slot.add(number)
-    counts: Counter = Counter()
-    for (stage, pieces), (n, slots) in kinds.items():
-        counts[(stage, fill_numbers(pieces, slots))] += n
-    return counts
+            tally.add(str(rec.get("stage", "?")), str(rec.get("reason", "?")))
+    return tally.counts()
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -517,7 +517,8 @@ def reason_pieces(reason: str) -> tuple[tuple[str, ...], list[str]]:
     m = _PREFIX.match(reason)
     if m:
         reason = (f"{m.group(1)}: " if m.group(1) else "") + reason[m.end():]
-    reason = re.sub(r"'[^']*'|\"[^\"]*\"|\([^)]*\)", "…", reason)
+    # quoted names and parentheses, not apostrophes ("the answer's statement")
+    reason = re.sub(r"(?<!\w)'[^']*'(?!\w)|\"[^\"]*\"|\([^)]*\)", "…", reason)
     return tuple(_NUMBER.split(reason)), _NUMBER.findall(reason)
 
 
@@ -532,6 +533,28 @@ def fill_numbers(pieces: Sequence[str], slots: Sequence[Iterable[str]]) -> str:
     return "".join(out)[:160]
 
 
+class ReasonTally:
+    """Reasons counted by (stage, kind) (:func:`reason_kind`), each kind keeping the numbers
+    its reasons had, so that :meth:`counts` shows them back (:func:`fill_numbers`)."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[tuple[str, tuple[str, ...]], list] = {}  # → [count, numbers per slot]
+
+    def add(self, stage: str, reason: str) -> None:
+        pieces, numbers = reason_pieces(reason)
+        entry = self.kinds.setdefault((stage, pieces), [0, [set() for _ in numbers]])
+        entry[0] += 1
+        for slot, number in zip(entry[1], numbers):
+            slot.add(number)
+
+    def counts(self) -> Counter:
+        """``(stage, reason with its numbers or ranges) → count``."""
+        out: Counter = Counter()
+        for (stage, pieces), (n, slots) in self.kinds.items():
+            out[(stage, fill_numbers(pieces, slots))] += n
+        return out
+
+
 def _number_value(text: str) -> float:
     try:
         return float(text.replace(",", "").rstrip("."))
@@ -544,4 +567,4 @@ _PREFIX = re.compile(r"^.*?, row [^,:]+(?:, field '([^']*)')?: ")
 
 __all__ = ["DEFAULT_MAX_PIXELS", "Entry", "ExampleStream", "ReadReject", "SourceSpec",
            "build_dataset", "decode_image", "is_pair_record", "parse_source", "read_examples",
-           "fill_numbers", "reason_kind", "reason_pieces", "source_bytes"]
+           "ReasonTally", "fill_numbers", "reason_kind", "reason_pieces", "source_bytes"]
