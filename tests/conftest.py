@@ -6,6 +6,8 @@ machine's core count."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -41,3 +43,22 @@ def fresh_cache(tmp_path_factory):
         os.environ.pop("PAIRFORGE_CACHE", None)
     else:
         os.environ["PAIRFORGE_CACHE"] = before
+
+
+@contextlib.contextmanager
+def script_module(name: str):
+    """``scripts/NAME.py`` imported as module ``NAME`` (registered in ``sys.modules``, where
+    dataclasses look their module up), unregistered afterwards; the environment is restored
+    too (scripts set e.g. OMP_NUM_THREADS for a run of their own)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    env = dict(os.environ)
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
+        os.environ.clear()
+        os.environ.update(env)

@@ -3,26 +3,19 @@ CW-DPO's step split) and a ``--quick`` smoke run at tiny size (random tiny LLaVA
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import script_module
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_recipes.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_recipes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_recipes"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_recipes", None)
+    with script_module("bench_recipes") as module:
+        yield module
 
 
 # ----------------------------------------------------------------------------- ECE

@@ -9,20 +9,17 @@ The model-based recipes use the shipped tiny VLM / CLIP, else the trained candid
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import io
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import script_module
 
 pytest.importorskip("torch")  # imported here, so tests/conftest.py gives this module one thread
 
 from pairforge.errors import PairforgeError  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "publish_pairsets.py"
 CANDIDATES = {"policy": Path("/tmp/tw/run1/tiny-llava"), "clip": Path("/tmp/tw/run1/tiny-clip")}
 #: Small sampling settings for the tiny runs (the recipes' code path is the same).
 TINY_PARAMS = {"m3po": ["n=2", "max_new_tokens=24"], "cwdpo": ["k=2", "max_new_tokens=24"],
@@ -33,15 +30,8 @@ CONFIGS = {"p2dpo": {"focus", "robust"}, "cwdpo": {"stage1", "stage2"}}
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("publish_pairsets", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    env = dict(os.environ)
-    spec.loader.exec_module(module)  # (it sets OMP_NUM_THREADS for a run of its own)
-    yield module
-    sys.modules.pop(spec.name, None)
-    os.environ.clear()
-    os.environ.update(env)
+    with script_module("publish_pairsets") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

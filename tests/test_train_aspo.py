@@ -13,7 +13,9 @@ from pairforge.errors import BadInput
 from pairforge.models.random_tiny import save_random_llava
 from pairforge.schema import to_dataset
 from test_train_data import pair_rows
-from test_train_loop import _env, log_records, run  # noqa: F401  (_env: a fixture)
+from test_train_loop import log_records, run
+
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -23,9 +22,7 @@ from pairforge.train.config import TrainConfig
 from test_train_data import pair_rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _env(fresh_cache):
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 @pytest.fixture(scope="module")

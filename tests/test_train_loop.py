@@ -29,9 +29,7 @@ from test_train_data import pair_rows
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _env(fresh_cache):
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 @pytest.fixture(scope="module")

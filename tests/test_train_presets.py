@@ -18,7 +18,8 @@ from pairforge.schema import to_dataset
 from pairforge.train.config import PRESET_DIR, PRESETS, load_config
 from pairforge.train.loop import language_lora_targets
 from test_train_data import pair_rows
-from test_train_loop import _env  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

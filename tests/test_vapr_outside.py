@@ -4,27 +4,20 @@ and the yes/no proposition logic (:mod:`pairforge.recipes.vapr.polarity`) on han
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import script_module
 
 from pairforge.recipes.vapr import polarity as P
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "quality_vapr_outside.py"
 
 
 @pytest.fixture(scope="module")
 def outside():
-    spec = importlib.util.spec_from_file_location("quality_vapr_outside", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quality_vapr_outside"] = module
-    spec.loader.exec_module(module)
-    cases = module.load_cases()
-    _, outs, recipe, _ = module.build(cases)
-    yield module, cases, outs, recipe
-    sys.modules.pop("quality_vapr_outside", None)
+    with script_module("quality_vapr_outside") as module:
+        cases = module.load_cases()
+        _, outs, recipe, _ = module.build(cases)
+        yield module, cases, outs, recipe
 
 
 def test_corpus_is_large_and_carries_verdicts(outside):

@@ -29,7 +29,7 @@ import torch
 from pairforge.errors import PairforgeError
 from pairforge.errors import first_line as _first_line
 from pairforge.models.base import ImageTextScorer, clip_score, resolve_device
-from pairforge.models.render import HUB_ID as _HUB_ID
+from pairforge.models.render import folder_or_hub_id
 from pairforge.models.render import load_error as _load_error
 from pairforge.models.render import pin_revision as _pin_revision
 from pairforge.models.render import resolve_dtype as _resolve_dtype
@@ -239,13 +239,7 @@ def _clip_source(spec: ModelSpec, revision: str | None) -> tuple[str, str | None
         raise PairforgeError(f"model spec '{spec}': CLIPScorer runs clip: specs (transformers); "
                              f"load {spec.backend}: specs with their own backend")
     name, rev = spec.name, revision or spec.revision or None
-    path = Path(name).expanduser()
-    if path.exists():
-        return str(path), None
-    if not _HUB_ID.match(name) or name.startswith((".", "~")):
-        raise PairforgeError(f"model '{spec}': no such folder {name}; pass a folder written by "
-                             f"save_pretrained or a Hub id such as openai/clip-vit-base-patch32")
-    return name, rev
+    return folder_or_hub_id(spec, Path(name).expanduser(), rev, example="openai/clip-vit-base-patch32")
 
 
 # ----------------------------------------------------------------------------- open_clip

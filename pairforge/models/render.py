@@ -141,11 +141,19 @@ def resolve_source(spec: ModelSpec, revision: str | None) -> tuple[str, str | No
         if not path.is_file():
             raise PairforgeError(f"model '{spec}': no such GGUF file {name}; pass the path of a .gguf file")
         return str(convert_gguf(path, gguf_cache_dir(path))), None
+    return folder_or_hub_id(spec, path, rev, example="llava-hf/llava-1.5-7b-hf")
+
+
+def folder_or_hub_id(spec: ModelSpec, path: Path, rev: str | None, *,
+                     example: str) -> tuple[str, str | None]:
+    """``(source, revision)`` of a spec naming a local folder (no revision) or a Hub id; a
+    one-line error when it is neither (``example``: a Hub id of the right kind for the message)."""
     if path.exists():
         return str(path), None
+    name = spec.name
     if not HUB_ID.match(name) or name.startswith((".", "~")):
         raise PairforgeError(f"model '{spec}': no such folder {name}; pass a folder written by "
-                             f"save_pretrained or a Hub id such as llava-hf/llava-1.5-7b-hf")
+                             f"save_pretrained or a Hub id such as {example}")
     return name, rev
 
 
