@@ -62,34 +62,16 @@ from pairforge.models.decoding import (
     token_logprobs,
 )
 from pairforge.models.render import (
-    copy_completion as _copy_completion,
-)
-from pairforge.models.render import (
-    load_error as _load_error,
-)
-from pairforge.models.render import (
-    pin_revision as _pin_revision,
-)
-from pairforge.models.render import (
-    request_key as _request_key,
-)
-from pairforge.models.render import (
-    resolve_dtype as _resolve_dtype,
-)
-from pairforge.models.render import (
-    resolve_source as _resolve_source,
-)
-from pairforge.models.render import (
-    stop_ids as _stop_ids,
-)
-from pairforge.models.render import (
-    template_message as _template_message,
-)
-from pairforge.models.render import (
-    to_pil as _pil,
-)
-from pairforge.models.render import (
-    whole_characters as _whole_characters,
+    copy_completion,
+    load_error,
+    pin_revision,
+    request_key,
+    resolve_dtype,
+    resolve_source,
+    stop_ids,
+    template_message,
+    to_pil,
+    whole_characters,
 )
 from pairforge.models.spec import ModelSpec, parse_model_spec
 from pairforge.schema import count_image_parts
@@ -158,8 +140,8 @@ class HFModel:
         self.batch_size = batch_size
         self.progress = progress
         self.device = resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
-        source, rev = _resolve_source(spec, revision)
+        self.dtype = resolve_dtype(dtype, self.device)
+        source, rev = resolve_source(spec, revision)
         self.trust_remote_code = bool(trust_remote_code)
         self._load(source, rev, attn_implementation)
         caps = {Capability.GENERATE, Capability.SCORE, Capability.ATTENTION, Capability.CONTRASTIVE}
@@ -185,7 +167,7 @@ class HFModel:
         )
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-        revision, self.revision = _pin_revision(source, revision)
+        revision, self.revision = pin_revision(source, revision)
         kw: dict[str, Any] = {"revision": revision} if revision else {}
         if self.trust_remote_code:
             kw["trust_remote_code"] = True
@@ -203,7 +185,7 @@ class HFModel:
             model = auto.from_pretrained(source, dtype=self.dtype, attn_implementation=attn_implementation,
                                          **kw)
         except (OSError, ValueError, KeyError, ImportError) as e:
-            raise PairforgeError(_load_error(self.name, source, e)) from None
+            raise PairforgeError(load_error(self.name, source, e)) from None
         self.model_type = config.model_type
         self.model = model.to(self.device).eval()
         self._template_owner = self.processor if self.is_vlm else self.tokenizer
@@ -215,7 +197,7 @@ class HFModel:
             tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
         self.pad_id = int(tok.pad_token_id)
         gen_config = getattr(self.model, "generation_config", None)
-        self.stop_ids = _stop_ids(tok, gen_config)
+        self.stop_ids = stop_ids(tok, gen_config)
         self.suppress_ids = sorted(set(getattr(gen_config, "suppress_tokens", None) or ()) - self.stop_ids)
         params = inspect.signature(self.model.forward).parameters
         self._takes_logits_to_keep = "logits_to_keep" in params
@@ -240,14 +222,14 @@ class HFModel:
                     f"{where}: {self.name} is a text-only model and the prompt has {n_parts} "
                     f"image(s); use an image-text-to-text model, or pass drop_images=True to "
                     f"score the text alone")
-            messages = [_template_message(m, keep_images, as_text=not self.is_vlm) for m in r.messages]
+            messages = [template_message(m, keep_images, as_text=not self.is_vlm) for m in r.messages]
             try:
                 text = self._template_owner.apply_chat_template(
                     messages, add_generation_prompt=True, tokenize=False)
             except Exception as e:  # jinja raises its own errors (e.g. roles must alternate)
                 raise BadInput(f"the chat template of {self.name} rejects these messages: "
                                f"{_first_line(e)}", where=where, field="messages") from None
-            images = [_pil(im, where, i) for i, im in enumerate(r.images)] if keep_images else []
+            images = [to_pil(im, where, i) for i, im in enumerate(r.images)] if keep_images else []
             out.append(_Prompt(text, images))
         lengths = self.tokenizer([p.text for p in out], add_special_tokens=False)["input_ids"] if out else []
         for p, ids in zip(out, lengths):
@@ -475,7 +457,7 @@ class HFModel:
         n_tokens = 0
         with self._progress(len(batches), "generate") as bar:
             for batch in batches:
-                seeds = [request_seed(sampling.seed, _request_key(requests[i]), j) for i, j in batch]
+                seeds = [request_seed(sampling.seed, request_key(requests[i]), j) for i, j in batch]
                 done = self._decode([prompts[i] for i, _ in batch], seeds, sampling)
                 for (i, j), c in zip(batch, done):
                     out[i][j] = c
@@ -484,7 +466,7 @@ class HFModel:
                 bar.set_postfix_str(f"{n_tokens} tokens")
         if sampling.greedy:
             for row in out:
-                row[1:] = [_copy_completion(row[0]) for _ in range(n - 1)]
+                row[1:] = [copy_completion(row[0]) for _ in range(n - 1)]
         return out  # type: ignore[return-value]
 
     @torch.no_grad()
@@ -515,7 +497,7 @@ class HFModel:
             if len(imgs) != len(p.images):
                 raise BadInput(f"{len(imgs)} amateur image(s) for {len(p.images)} image(s); "
                                f"give one noisy image per image", where=where, field="amateur_images")
-            amateurs.append(_Prompt(p.text, [_pil(im, where, i) for i, im in enumerate(imgs)],
+            amateurs.append(_Prompt(p.text, [to_pil(im, where, i) for i, im in enumerate(imgs)],
                                     p.n_text_tokens))
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i].images), prompts[i].n_text_tokens),
                        reverse=True)
@@ -524,7 +506,7 @@ class HFModel:
         batches = [order[s:s + size] for s in range(0, len(order), size)]
         with self._progress(len(batches), "contrastive") as bar:
             for idx in batches:
-                seeds = [request_seed(sampling.seed, _request_key(requests[i]), 0) for i in idx]
+                seeds = [request_seed(sampling.seed, request_key(requests[i]), 0) for i in idx]
                 done = self._decode([prompts[i] for i in idx], seeds, sampling,
                                     amateurs=[amateurs[i] for i in idx], lam=lam, beta=beta)
                 for i, c in zip(idx, done):
@@ -599,7 +581,7 @@ class HFModel:
         decode = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
         text = self.tokenizer.decode(ids, **decode)
         prefixes = self.tokenizer.batch_decode([ids[:k] for k in range(1, len(ids) + 1)], **decode)
-        whole = [_whole_characters(p, text) for p in prefixes]
+        whole = [whole_characters(p, text) for p in prefixes]
         offsets = prefix_offsets(whole, len(text), [w < len(p) for w, p in zip(whole, prefixes)])
         return Completion(text, logprobs, offsets, token_ids=list(ids), finish_reason=reason)
 

@@ -36,9 +36,6 @@ SUFFIXES = (".jsonl", ".json", ".parquet")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 Records = Iterator[tuple[int, Any]]
-#: The former private copy's name, now the one in ``pairforge.errors`` (code written against
-#: ``containers._first_line`` keeps working).
-_first_line = first_line
 
 
 @dataclass
@@ -107,7 +104,7 @@ def open_source(path: Path, where: str, mode: str = "rb", **kw: Any):
     try:
         return open(path, mode, **kw)
     except OSError as e:
-        raise PairforgeError(f"{where}: cannot read this file ({e.strerror or _first_line(e)}); "
+        raise PairforgeError(f"{where}: cannot read this file ({e.strerror or first_line(e)}); "
                              f"check its permissions or pass another file") from None
 
 
