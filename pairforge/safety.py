@@ -104,7 +104,7 @@ class ImageGuard:
         try:
             decode_image({"bytes": data, "path": str(path)}, i, self.max_pixels).close()
         except BadInput as e:  # a stable reason: no object address from Pillow
-            raise BadInput(_stable(e.reason), field="images") from None
+            raise BadInput(e.reason, field="images") from None
         return {"bytes": data, "path": os.path.basename(rel)}
 
     def _size(self, n: int, what: str) -> None:
@@ -154,17 +154,12 @@ class ImageGuard:
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for non-images
             from pairforge.errors import first_line
 
-            why = _stable(first_line(e))
+            why = first_line(e)  # object addresses already masked
             raise BadInput(f"{what} is not a readable image ({why})", field="images") from None
         if w * h > self.max_pixels:
             raise BadInput(f"{what} is {w}x{h} = {w * h:,} pixels, above the limit of "
                            f"{self.max_pixels:,} (decompression bomb guard); drop the row",
                            field="images")
-
-
-def _stable(reason: str) -> str:
-    """``reason`` without the object addresses Pillow puts in its messages."""
-    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the bytes", reason)
 
 
 def image_columns(features: Mapping) -> dict[str, bool]:

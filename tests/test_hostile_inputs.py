@@ -493,3 +493,20 @@ def test_empty_conversation_in_a_preference_set_says_so(tmp_path):
         (bad,) = stream.skipped
         assert bad.field == field and "empty list" in bad.reason
         assert "placeholder" not in bad.reason
+
+
+def test_an_audit_marker_naming_files_elsewhere_deletes_nothing_there(tmp_path):
+    """The marker lists audit's own files; one that names ``../victim`` or an absolute path
+    (edited by hand, or planted) must not make the next audit delete that file."""
+    src = write_pairs(tmp_path / "p.jsonl")
+    out = tmp_path / "out"
+    run_audit([str(src)], out, tokenizer="words", **QUIET)
+    victim, absolute = tmp_path / "victim.txt", tmp_path / "abs.txt"
+    victim.write_text("mine")
+    absolute.write_text("mine too")
+    marker = next(p for p in out.iterdir() if p.name.startswith(".pairforge-audit"))
+    listed = json.loads(marker.read_text())
+    listed["files"] += ["../victim.txt", str(absolute)]
+    marker.write_text(json.dumps(listed))
+    run_audit([str(src)], out, tokenizer="words", **QUIET)
+    assert victim.read_text() == "mine" and absolute.read_text() == "mine too"

@@ -158,3 +158,14 @@ def test_an_empty_build_says_it_has_no_pairs(tmp_path):
         publish(out, "me/x", dry_run=True, console=QUIET)
     assert "has no pairs, so there is nothing to publish" in str(e.value)
     assert "bug" not in str(e.value) and not (out / "hub").exists()
+
+
+def test_a_staged_file_the_user_removed_does_not_block_the_next_staging(pairs, tmp_path):
+    """A file the marker lists but the user deleted is simply not there to move: the next
+    publish replaces the staging as usual (it used to fail on every later run)."""
+    folder = tmp_path / "hub"
+    first = publish(pairs, "me/x", dry_run=True, staging=folder, console=QUIET)
+    (folder / "README.md").unlink()
+    second = publish(pairs, "me/x", dry_run=True, staging=folder, console=QUIET)
+    assert second.files == first.files and (folder / "README.md").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub", "pairs.parquet"]

@@ -324,6 +324,9 @@ def previous_audit(out: Path) -> set[str]:
             previous = set(json.loads(marker.read_text(encoding="utf-8"))["files"])
         except (OSError, ValueError, KeyError, TypeError):
             previous = set()
+        # only plain names of audit's own outputs: a marker can never name a file elsewhere
+        previous = {n for n in previous if isinstance(n, str) and n == Path(n).name
+                    and not n.startswith(".")}
     for name in AUDIT_FILES:
         if (out / name).exists() and name not in previous:
             raise PairforgeError(f"--out {out}: holds {name}, which pairforge audit did not "

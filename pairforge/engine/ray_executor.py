@@ -563,7 +563,7 @@ class RayChunker(Chunker):
             msg = res["error"]
             if res.get("trace"):
                 log = self.out / "error.log"
-                log.write_text(res["trace"], encoding="utf-8")
+                log.write_text(res["trace"], encoding="utf-8", errors="backslashreplace")
                 msg += f"; the traceback is in {log}"
             raise PairforgeError(f"{msg}; {res['index']} chunk(s) are committed; fix the cause "
                                  f"and rerun the same command to resume")

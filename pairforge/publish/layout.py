@@ -105,7 +105,9 @@ def check_staging(folder: Path) -> list[str]:
         raise PairforgeError(f"--staging {folder}: holds {others[0]!r}, which pairforge did not "
                              f"stage ({len(others)} such file(s)); move them out or pass "
                              f"--staging with a new folder")
-    return written
+    # what is both listed and there: a listed file the user removed is not moved, and a
+    # marker naming a path outside the folder can never reach it (present is inside)
+    return [f for f in present if f != MARKER]
 
 
 def begin_staging(folder: Path) -> Path:
