@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pairforge.errors import BadInput, PairforgeError
+from pairforge.schema import image_columns
 
 #: Anything shaped like a Hugging Face token or an API key (cut from recorded commands, cards
 #: and error messages).
@@ -160,19 +161,6 @@ class ImageGuard:
             raise BadInput(f"{what} is {w}x{h} = {w * h:,} pixels, above the limit of "
                            f"{self.max_pixels:,} (decompression bomb guard); drop the row",
                            field="images")
-
-
-def image_columns(features: Mapping) -> dict[str, bool]:
-    """Image columns of ``features`` → whether the column is a list of images."""
-    from datasets import Image, List, Sequence
-
-    out = {}
-    for name, f in features.items():
-        if isinstance(f, Image):
-            out[name] = False
-        elif isinstance(f, (List, Sequence)) and isinstance(f.feature, Image):
-            out[name] = True
-    return out
 
 
 def checked_images(ds, root: str | os.PathLike, where: str, *, on_bad: str = "fail",

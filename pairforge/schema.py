@@ -136,6 +136,19 @@ def features(*groups: str) -> Features:
     return Features(out)
 
 
+def image_columns(feats: Mapping) -> dict[str, bool]:
+    """Image columns of a ``Features`` → whether the column is a list of images."""
+    from datasets import Sequence as SequenceFeature
+
+    out = {}
+    for name, f in feats.items():
+        if isinstance(f, Image):
+            out[name] = False
+        elif isinstance(f, (List, SequenceFeature)) and isinstance(f.feature, Image):
+            out[name] = True
+    return out
+
+
 def groups_of(columns: Iterable[str]) -> list[str]:
     """The optional column groups any of whose columns appear in ``columns``."""
     cols = set(columns)

@@ -52,7 +52,8 @@ from pairforge.errors import BadInput, PairforgeError
 from pairforge.errors import first_line as _first_line
 from pairforge.recipes import load_recipe
 from pairforge.recipes.base import BuildContext, Example, Outcome, Recipe, Reject
-from pairforge.schema import features, response_text, stable_id, template_hash, validate_row
+from pairforge.schema import (features, image_columns, response_text, stable_id, template_hash,
+                              validate_row)
 from pairforge.sources.sft import Entry, ExampleStream, ReadReject, read_examples, source_bytes
 
 #: Length unit of the per-row diagnostics (as ``pairforge audit``'s default).
@@ -346,7 +347,7 @@ class Chunker:
         self.t0, self.progress, self.batch_size = t0, progress, batch_size
         self.features = features(*manifest["groups"])
         self.schema = self.features.arrow_schema
-        self.image_columns = _image_columns(self.features)
+        self.image_columns = list(image_columns(self.features).items())
         self.unit = diagnostics_unit()
         self.provenance = {"prompt_templates": manifest["prompt_templates"],
                            "seed": manifest["seed"], "pairforge_version": __version__}
@@ -635,19 +636,6 @@ def meta_pairs(meta: Mapping[str, Any]) -> list[dict]:
         return json.dumps(v, ensure_ascii=False, separators=(",", ":"), default=str)
 
     return [{"key": str(k), "value": text(v)} for k, v in meta.items()]
-
-
-def _image_columns(feats: Any) -> list[tuple[str, bool]]:
-    """(column, is a list) for each image column of ``feats``."""
-    from datasets import Image, List
-
-    out = []
-    for name, f in feats.items():
-        if isinstance(f, Image):
-            out.append((name, False))
-        elif isinstance(f, List) and isinstance(f.feature, Image):
-            out.append((name, True))
-    return out
 
 
 class _ImageEncoder:

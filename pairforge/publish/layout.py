@@ -39,6 +39,7 @@ from datasets.table import embed_table_storage
 from pairforge.errors import PairforgeError
 from pairforge.errors import first_line as _first_line
 from pairforge.publish.pairset import SPLIT
+from pairforge.schema import image_columns
 
 #: Arrow bytes per parquet shard (the ``push_to_hub`` default).
 MAX_SHARD_BYTES = 500 * 1024 * 1024
@@ -217,10 +218,7 @@ def unembedded_images(path: Path, features: Features) -> int:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    from datasets import Image, List
-
-    columns = [k for k, v in features.items()
-               if isinstance(v, Image) or (isinstance(v, List) and isinstance(v.feature, Image))]
+    columns = list(image_columns(features))
     if not columns:
         return 0
     bad = 0
