@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pairforge.world import TASKS, derive_seed, grade, sft_dataset
+from pairforge.world import TASKS, caption_credit, derive_seed, grade, sft_dataset
 from pairforge.world.models import (
     EDIT_TYPES, TINY_CLIP_PATH, TINY_VLM_PATH, clip_similarity, edited_description,
     generate_answers, load_tiny_clip, load_tiny_vlm, scene_description,
@@ -44,7 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip", type=Path, default=TINY_CLIP_PATH)
     p.add_argument("--skip-vlm", action="store_true")
     p.add_argument("--skip-clip", action="store_true")
-    p.add_argument("--n-test", type=int, default=1000, help="test rows drawn (filter rows excluded)")
+    p.add_argument("--n-test", type=int, default=1000,
+                   help="held-out questions evaluated: the first N test-split rows that are not "
+                        "filter examples")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--sample-questions", type=int, default=100)
     p.add_argument("--samples", type=int, default=8)
@@ -53,6 +55,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--update-cards", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n (Wilson 1927)."""
+    if not n:
+        return (0.0, 1.0)
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return (max(0.0, mid - half), min(1.0, mid + half))
 
 
 def pct(k: int, n: int) -> str:
@@ -70,6 +82,11 @@ def eval_vlm(args, rows) -> tuple[dict, str]:
     for r, g in zip(rows, grades):
         by_task[r["task"]][g] += 1
     total = Counter(grades)
+    credits = [caption_credit(r, a[0]) for r, a in zip(rows, greedy) if r["task"] == "captioning"]
+    parsed = [c for c in credits if c is not None]
+    caption = {"n": len(credits), "parsed": len(parsed),
+               "precision": sum(c["precision"] for c in parsed) / len(parsed) if parsed else None,
+               "recall": sum(c["recall"] for c in parsed) / len(parsed) if parsed else None}
 
     sq = rows[:args.sample_questions]
     samples = []
@@ -86,6 +103,8 @@ def eval_vlm(args, rows) -> tuple[dict, str]:
         "n": len(rows),
         "accuracy": total["correct"] / len(rows),
         "unparseable": total["unparseable"] / len(rows),
+        "accuracy_ci95": wilson(total["correct"], len(rows)),
+        "caption_credit": caption,
         "per_task": {t: {"n": sum(by_task[t].values()), "correct": by_task[t]["correct"],
                          "wrong": by_task[t]["wrong"], "unparseable": by_task[t]["unparseable"]}
                      for t in TASKS},
@@ -105,6 +124,12 @@ def eval_vlm(args, rows) -> tuple[dict, str]:
     n = len(rows)
     lines.append(f"| **all** | {n} | **{pct(total['correct'], n)}** | {pct(total['wrong'], n)} | "
                  f"{pct(total['unparseable'], n)} |")
+    lo, hi = res["accuracy_ci95"]
+    lines += ["", f"Overall accuracy 95% interval (Wilson): {100 * lo:.1f}–{100 * hi:.1f}%."]
+    if parsed:
+        lines += [f"Captions, partial credit ({len(parsed)} of {len(credits)} with an object mention, "
+                  f"`pairforge.world.caption_credit`): {100 * caption['precision']:.1f}% of their mentions "
+                  f"hold in the scene; they name {100 * caption['recall']:.1f}% of the scene's objects."]
     sm = res["sampling"]
     lines += ["", f"Sampling at temperature 1.0 (no top-k/top-p), {sm['questions']} test questions × "
                   f"{sm['samples']} samples: {sm['mean_distinct_answers']:.2f} distinct answers per "
@@ -166,8 +191,10 @@ def main(argv=None) -> None:
     t0 = time.time()
     command = "python scripts/eval_world_models.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != "--update-cards")
-    data = sft_dataset(n_train=0, n_validation=0, n_test=args.n_test, seed=args.data_seed)["test"]
-    keep = [i for i, r in enumerate(data["filter_reason"]) if r is None]
+    # about 5% of rows are filter examples: draw enough rows for N questions, keep the first N
+    data = sft_dataset(n_train=0, n_validation=0, n_test=int(args.n_test * 1.1) + 20, seed=args.data_seed)["test"]
+    keep = [i for i, r in enumerate(data["filter_reason"]) if r is None][:args.n_test]
+    data = data.select(range(keep[-1] + 1)) if keep else data
     rows = list(data.select(keep))
     print(f"test split: {len(data)} rows, {len(data) - len(rows)} filter examples excluded, "
           f"{len(rows)} evaluated")

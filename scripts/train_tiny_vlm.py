@@ -1,21 +1,32 @@
-"""Train the tiny LLaVA-architecture VLM of the offline world on the scene generator's SFT split.
+"""Train the tiny LLaVA-architecture VLM of the offline world from scratch.
 
     python scripts/train_tiny_vlm.py --out /tmp/tiny-llava --seed 0
 
-Steps: draw the world's SFT dataset (train split, filter examples excluded and counted),
-tokenise every conversation once (loss only on answer tokens) and pre-render the images as
-uint8; build a randomly initialised ``LlavaForConditionalGeneration`` (CLIP vision tower +
-projector + Llama LM, :func:`pairforge.world.models.vlm_config`); train with AdamW, linear
-warmup then cosine decay, a fixed data order and a fixed CPU thread count (runs with the same
-arguments give the same losses); save model + processor with ``save_pretrained`` and a
-``train_log.json`` (arguments, per-step losses, wall time). Evaluate with
-``scripts/eval_world_models.py``; copy into the package with ``--out pairforge/world/assets/tiny-llava``.
+Data, generated while training and never repeated: conversation *i* is a fresh world scene
+(:func:`pairforge.world.sample_scene`) with ``--turns`` of its questions of distinct task
+categories (:func:`pairforge.world.make_examples`), asked one after the other about the one
+image, with the loss on every answer: the image is encoded once for several supervised
+answers. ``--curriculum`` grows the largest object count from 1 to 6 over the first share of
+the steps. The decisive answer tokens (the world's ``answer_span_start:answer_span_end``: the
+colour, kind, number, relation...) weigh ``--span-weight`` in the loss; ``--dense-weight``
+adds a per-patch kind/colour loss on the vision tower (:func:`patch_targets`), which teaches a
+ViT this small to see shapes far sooner than the answers alone do.
+
+Model: a randomly initialised ``LlavaForConditionalGeneration`` (CLIP vision tower +
+projector + Llama LM, :func:`pairforge.world.models.vlm_config`). AdamW, linear warmup then
+cosine decay, a fixed thread count and a seeded data stream (runs with the same arguments give
+the same losses). Every ``--probe-every`` steps it logs, per task, how often the decisive token
+is the argmax on the world's validation split. Saves model + processor with
+``save_pretrained``, the model card and ``train_log.json`` (arguments, losses, probes, wall
+time). Evaluate with ``scripts/eval_world_models.py``; ship with ``--out
+pairforge/world/assets/tiny-llava``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shlex
 import sys
 import time
@@ -25,11 +36,30 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pairforge.world import sft_dataset, vocabulary
-from pairforge.world.models import (
-    build_vlm_processor, encode_sft_example, pixel_values_from_uint8, save_checkpoint, seed_everything,
-    training_parser, vlm_config, warmup_cosine_lr,
+from pairforge.schema import assistant_message, user_message
+from pairforge.world import (
+    COLORS,
+    KINDS,
+    WORLD_NAME,
+    derive_seed,
+    make_examples,
+    sample_scene,
+    sft_dataset,
+    vocabulary,
 )
+from pairforge.world.models import (
+    build_vlm_processor,
+    encode_sft_example,
+    patch_loss,
+    patch_targets,
+    pixel_values_from_uint8,
+    save_checkpoint,
+    seed_everything,
+    training_parser,
+    vlm_config,
+    warmup_cosine_lr,
+)
+from pairforge.world.scenes import MAX_OBJECTS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +79,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="loss weight of the answer tokens that decide correctness (the world's "
                         "answer_span_start/end: the colour, kind, number, relation...); 1 = plain "
                         "mean over answer tokens")
+    p.add_argument("--turns", type=int, default=1,
+                   help="questions per training image, asked as one multi-turn conversation with "
+                        "the loss on every answer (the image is encoded once for all of them)")
+    p.add_argument("--curriculum", type=float, default=0.0,
+                   help="share of the steps over which the largest object count of the training "
+                        "scenes grows from 1 to 6 (0: every scene draws 1-6 objects, as the world does)")
+    p.add_argument("--projector-lr-scale", type=float, default=1.0,
+                   help="learning-rate factor of the projector (LLaVA trains it alone first)")
+    p.add_argument("--dense-weight", type=float, default=0.0,
+                   help="weight of a dense auxiliary loss on the vision tower: each patch token "
+                        "predicts the kind and colour of the object covering it (ground-truth "
+                        "boxes), through a linear head that is not saved")
+    p.add_argument("--probe-every", type=int, default=250,
+                   help="every N steps, log per task how often the decisive answer token is "
+                        "the argmax on the validation split (teacher-forced, one forward)")
+    p.add_argument("--check", type=Path, default=None, metavar="CHECKPOINT",
+                   help="determinism check instead of training: rerun the first --check-steps "
+                        "steps of CHECKPOINT's recorded command (same arguments, schedule and data) "
+                        "and compare the losses bit for bit with its train_log.json; the result "
+                        "goes into its card")
+    p.add_argument("--check-steps", type=int, default=40)
     return p.parse_args(argv)
 
 
@@ -67,21 +118,88 @@ def span_mask(processor, row, n_labels: int) -> list[bool]:
 
 def encode_split(split, processor, desc: str):
     """Keep rows without ``filter_reason``; return (ids, labels, decisive-token masks, uint8
-    images, n_excluded)."""
+    images, tasks, n_excluded)."""
     keep = [i for i, r in enumerate(split["filter_reason"]) if r is None]
     rows = split.select(keep)
     ids, labels, spans, images = [], [], [], np.zeros((len(rows), 3, 112, 112), dtype=np.uint8)
     for i, row in enumerate(tqdm(rows, desc=desc, unit="ex")):
-        a, b = encode_sft_example(processor, row["messages"])
-        ids.append(a)
-        labels.append(b)
-        n_ans = sum(t != -100 for t in b)
-        spans.append([False] * (len(b) - n_ans) + span_mask(processor, row, n_ans))
         if len(row["images"]) != 1:
             raise SystemExit(f"{desc}: row {row['id']} has {len(row['images'])} images; the tiny VLM "
                              f"trains on one image per example (filter_reason should mark it)")
+        a, b, m = encode_turns(processor, [row])
+        ids.append(a)
+        labels.append(b)
+        spans.append(m)
         images[i] = np.asarray(row["images"][0].convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
-    return ids, labels, spans, torch.from_numpy(images), len(split) - len(rows)
+    return ids, labels, spans, torch.from_numpy(images), list(rows["task"]), len(split) - len(rows)
+
+
+def encode_turns(processor, rows) -> tuple[list[int], list[int], list[bool]]:
+    """One conversation asking the questions of ``rows`` (all about the same image, which the
+    first turn carries) in order: ids, labels (every answer) and the decisive-token mask."""
+    messages = []
+    for k, row in enumerate(rows):
+        messages += [user_message(row["question"], n_images=int(k == 0)), assistant_message(row["answer"])]
+    ids, labels = encode_sft_example(processor, messages)
+    runs, k = [], 0  # the labelled runs, one per answer
+    while k < len(labels):
+        if labels[k] == -100:
+            k += 1
+            continue
+        j = k
+        while j < len(labels) and labels[j] != -100:
+            j += 1
+        runs.append((k, j))
+        k = j
+    mask = [False] * len(ids)
+    for (a, b), row in zip(runs, rows, strict=True):
+        mask[a:b] = span_mask(processor, row, b - a)
+    return ids, labels, mask
+
+
+def training_conversation(index: int, args, max_objects: int):
+    """Training conversation ``index``: a fresh world scene with 1..``max_objects`` objects and
+    ``--turns`` of its questions (distinct task categories, :func:`make_examples`), all drawn
+    from ``(data_seed, index)``; returns the rows and the uint8 image."""
+    base = derive_seed(WORLD_NAME, args.data_seed, "tiny-vlm-train", index)
+    rng = random.Random(base)
+    scene = sample_scene(derive_seed(base, "scene"), n_objects=rng.randint(1, max_objects))
+    rows = make_examples(scene, derive_seed(base, "questions"))
+    rng.shuffle(rows)
+    rows = rows[:args.turns]
+    image = np.asarray(rows[0]["images"][0].convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+    return rows, image, scene
+
+
+def max_objects_at(step: int, args) -> int:
+    """The curriculum: the largest object count grows linearly from 1 to 6 over the first
+    ``--curriculum`` share of the steps."""
+    if args.curriculum <= 0:
+        return MAX_OBJECTS
+    return min(MAX_OBJECTS, 1 + int(MAX_OBJECTS * step / (args.curriculum * args.steps)))
+
+
+def training_batch(step: int, args, processor):
+    """The batch of ``step``: conversations ``step·B … step·B + B − 1`` encoded, their images
+    and their per-patch targets (kind, colour)."""
+    ids, labels, spans, images, kinds, colors = [], [], [], [], [], []
+    cap = max_objects_at(step, args)
+    for r in range(args.batch_size):
+        rows, image, scene = training_conversation(step * args.batch_size + r, args, cap)
+        a, b, m = encode_turns(processor, rows)
+        ids.append(a)
+        labels.append(b)
+        spans.append(m)
+        images.append(image)
+        if args.dense_weight:
+            k, c = patch_targets(scene)
+            kinds.append(k)
+            colors.append(c)
+    batch = collate(range(len(ids)), ids, labels, torch.from_numpy(np.stack(images)),
+                    processor.image_processor, processor.tokenizer.pad_token_id, spans)
+    if args.dense_weight:
+        batch["patch_kind"], batch["patch_color"] = torch.tensor(kinds), torch.tensor(colors)
+    return batch
 
 
 def collate(idx, ids, labels, images, image_processor, pad_id: int, spans=None):
@@ -119,6 +237,41 @@ def weighted_loss(model, batch, span_weight: float) -> torch.Tensor:
     return (nll * w).sum() / w.sum()
 
 
+class VisionCapture:
+    """Keeps the vision tower's last hidden state of the latest forward (a forward hook), for
+    the dense auxiliary loss; the LLaVA forward itself stays untouched."""
+
+    def __init__(self, model):
+        self.hidden = None
+        model.model.vision_tower.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output) -> None:
+        self.hidden = output.last_hidden_state
+
+
+@torch.no_grad()
+def decisive_probe(model, batches, tasks: list[str]) -> dict[str, float]:
+    """Per task: how often the first decisive answer token is the model's argmax given the
+    true prefix (teacher-forced; a cheap, monotone stand-in for greedy accuracy)."""
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    row = 0
+    for b in batches:
+        logits = model(**{k: v for k, v in b.items() if k not in ("span", "labels")}).logits[:, :-1]
+        target, decisive = b["labels"][:, 1:], b["span"][:, 1:]
+        pred = logits.argmax(-1)
+        for r in range(len(target)):
+            pos = decisive[r].nonzero()
+            if len(pos):
+                p = int(pos[0])
+                hits.setdefault(tasks[row], []).append(bool(pred[r, p] == target[r, p]))
+            row += 1
+    model.train()
+    out = {t: float(np.mean(v)) for t, v in sorted(hits.items())}
+    out["all"] = float(np.mean([x for v in hits.values() for x in v]))
+    return out
+
+
 def init_vision_tower(model, clip_path: Path) -> None:
     """Copy a ``CLIPModel`` checkpoint's vision transformer into the LLaVA vision tower."""
     from transformers import CLIPModel
@@ -135,31 +288,20 @@ def init_vision_tower(model, clip_path: Path) -> None:
 
 def param_groups(model, args) -> list[dict]:
     """AdamW groups: weight decay on matrices except embeddings; the vision tower's learning
-    rate scaled by ``--vision-lr-scale`` (frozen at 0)."""
-    groups: dict[tuple[bool, bool], list] = {}
+    rate scaled by ``--vision-lr-scale`` (frozen at 0), the projector's by
+    ``--projector-lr-scale``."""
+    groups: dict[tuple[str, bool], list] = {}
+    scale = {"vision": args.vision_lr_scale, "projector": args.projector_lr_scale, "lm": 1.0}
     for name, p in model.named_parameters():
-        vision = ".vision_tower." in f".{name}"
-        if vision and args.vision_lr_scale == 0:
+        part = ("vision" if ".vision_tower." in f".{name}" else
+                "projector" if ".multi_modal_projector." in f".{name}" else "lm")
+        if part == "vision" and args.vision_lr_scale == 0:
             p.requires_grad_(False)
             continue
         decay = p.ndim >= 2 and "embed" not in name
-        groups.setdefault((vision, decay), []).append(p)
-    return [{"params": ps, "weight_decay": args.weight_decay if decay else 0.0,
-             "lr_scale": args.vision_lr_scale if vision else 1.0}
-            for (vision, decay), ps in sorted(groups.items())]
-
-
-def length_bucketed_batches(lengths: list[int], batch_size: int, gen: torch.Generator, span: int = 16):
-    """Endless batches of indices: each pass is a seeded permutation cut into windows of
-    ``span`` batches, sorted by length inside a window (less padding), batch order shuffled."""
-    while True:
-        perm = torch.randperm(len(lengths), generator=gen).tolist()
-        for w in range(0, len(perm) - batch_size + 1, span * batch_size):
-            window = sorted(perm[w:w + span * batch_size], key=lambda i: lengths[i])
-            chunks = [window[k:k + batch_size] for k in range(0, len(window), batch_size)]
-            chunks = [c for c in chunks if len(c) == batch_size]
-            for j in torch.randperm(len(chunks), generator=gen).tolist():
-                yield chunks[j]
+        groups.setdefault((part, decay), []).append(p)
+    return [{"params": ps, "weight_decay": args.weight_decay if decay else 0.0, "lr_scale": scale[part]}
+            for (part, decay), ps in sorted(groups.items())]
 
 
 @torch.no_grad()
@@ -229,10 +371,14 @@ Processor: `LlavaProcessor` with a `CLIPImageProcessor` at 112 px. Weights store
 
 ## Data
 
-`pairforge.world.sft_dataset(n_train={n_train}, n_validation={n_val}, n_test=0, seed={data_seed})`,
-train split: {n_examples} examples across the 10 task categories (object, color, size,
-counting, spatial, existence, referential, background, reasoning, captioning), one 112-px
-image each; the {n_excl} filter examples (text-only, multiple-choice, bbox, OCR) were excluded.
+Generated while training, never repeated: conversation *i* (*i* < {n_conv:,} = steps × batch)
+is a fresh world scene drawn from `derive_seed("shapes", {data_seed}, "tiny-vlm-train", i)`
+({objects_note}) with up to {turns} of its questions, of distinct task categories among the 10
+(object, color, size, counting, spatial, existence, referential, background, reasoning,
+captioning; `pairforge.world.make_examples`), asked one after the other in one conversation
+about the image: {n_tokens:,} training tokens in all. Validation: the world's validation split
+(`sft_dataset(n_validation={n_val}, seed={data_seed})`, {n_val_examples} single-question
+examples after the filter rows). The test split's scenes come from other seeds.
 
 ## Training
 
@@ -240,12 +386,14 @@ image each; the {n_excl} filter examples (text-only, multiple-choice, bbox, OCR)
 {command}
 ```
 
-{steps} steps × batch {batch} (≈{epochs:.1f} epochs), AdamW (β = 0.9, 0.98; weight decay {wd}),
-learning rate {lr} with {warmup} warmup steps then cosine decay to {min_lr_ratio}×, gradient clipping
-{clip}, loss on answer tokens (and the closing `</s>`) only; {vision_note}.
-Measured here (2 shared CPU cores, torch {torch}, {threads} thread): data preparation
+{steps} steps × batch {batch}, AdamW (β = 0.9, 0.98; weight decay {wd}), learning rate {lr}
+(projector × {proj_scale}) with {warmup} warmup steps then cosine decay to {min_lr_ratio}×,
+gradient clipping {clip}. Loss: next-token cross-entropy on the answers' tokens (and each
+closing `</s>`), the decisive tokens (the value the grader reads: colour, kind, number,
+relation, yes/no) weighted {span_weight}×{dense_note}; {vision_note}.
+Measured here (2 shared CPU cores, torch {torch}, {threads} thread): validation data
 {data_s:.0f} s, training {train_s:.0f} s, total **{total_min:.1f} min**. Final training loss
-{final_loss:.3f}; validation loss ({n_val_examples} examples) {val_loss:.3f}.
+{final_loss:.3f}; validation loss {val_loss:.3f}.
 
 ## Evaluation (held-out test split, greedy, graded by `pairforge.world.grade`)
 
@@ -281,33 +429,59 @@ def write_card(out: Path, model, args, log: dict, n_words: int) -> None:
         ti=args.text_intermediate, vocab=model.config.text_config.vocab_size,
         p_vision=count("model.vision_tower."), p_proj=count("model.multi_modal_projector."),
         p_lm=count("model.language_model.") + count("lm_head."), save_dtype=args.save_dtype,
-        n_train=args.n_train, n_val=args.n_validation, data_seed=args.data_seed,
-        n_examples=log["n_train_examples"], n_excl=log["n_train_excluded"], command=log["command"],
-        steps=args.steps, batch=args.batch_size, epochs=args.steps * args.batch_size / log["n_train_examples"],
-        wd=args.weight_decay, lr=args.lr, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
-        clip=args.grad_clip, vision_note=(
+        n_conv=log["n_train_conversations"], data_seed=args.data_seed, turns=args.turns,
+        objects_note=("1 to 6 objects, as the world draws them" if args.curriculum <= 0 else
+                      f"1 to 6 objects; a curriculum lets the largest count grow from 1 to 6 over "
+                      f"the first {args.curriculum:.0%} of the steps"),
+        n_tokens=log["n_train_tokens"], n_val=args.n_validation, n_val_examples=log["n_validation_examples"],
+        command=log["command"], steps=args.steps, batch=args.batch_size, wd=args.weight_decay, lr=args.lr,
+        proj_scale=args.projector_lr_scale, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
+        clip=args.grad_clip, span_weight=args.span_weight,
+        dense_note=(f", plus {args.dense_weight} × a dense auxiliary loss on the vision tower (each patch "
+                    f"token predicts the kind and colour of the object covering it, from ground-truth "
+                    f"boxes, through a linear head that is not shipped)" if args.dense_weight else ""),
+        vision_note=(
             f"vision tower initialised from the tiny CLIP ({args.vision_tower.name}), learning-rate "
             f"factor {args.vision_lr_scale}" if args.vision_tower else "all weights from random init"),
         torch=log["torch"], threads=log["threads"], data_s=log["data_seconds"],
         train_s=log["train_seconds"], total_min=log["total_seconds"] / 60,
-        final_loss=float(np.mean(log["losses"][-50:])), n_val_examples=log["n_validation_examples"],
-        val_loss=log["validation"][-1]["loss"]))
+        final_loss=float(np.mean(log["losses"][-50:])), val_loss=log["validation"][-1]["loss"]))
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def check_determinism(checkpoint: Path, n_steps: int) -> None:
+    """Rerun the first ``n_steps`` of ``checkpoint``'s training (its recorded arguments) and
+    compare the losses with its ``train_log.json`` bit for bit; write the verdict into its
+    card between the repro markers."""
+    log = json.loads((checkpoint / "train_log.json").read_text())
+    argv = shlex.split(log["command"])[2:]  # "python scripts/train_tiny_vlm.py ..."
+    args = parse_args([*argv, "--probe-every", "0"])
+    rerun = train(args, stop_after=n_steps)["losses"]
+    same = rerun == log["losses"][:n_steps]
+    first_diff = next((i for i, (a, b) in enumerate(zip(rerun, log["losses"])) if a != b), None)
+    verdict = (f"Checked: the first {n_steps} steps rerun here with the same command and "
+               f"{torch.get_num_threads()} thread gave {'bit-identical' if same else 'DIFFERENT'} "
+               f"losses" + ("." if same else f" (first difference at step {first_diff + 1})."))
+    card = checkpoint / "README.md"
+    text = card.read_text()
+    head, rest = text.split("<!-- repro:start -->", 1)
+    _, tail = rest.split("<!-- repro:end -->", 1)
+    card.write_text(f"{head}<!-- repro:start -->\n{verdict}\n<!-- repro:end -->{tail}")
+    print(verdict)
+    if not same:
+        raise SystemExit(1)
+
+
+def train(args, stop_after: int | None = None) -> dict:
+    """Build and train the model as ``args`` say (stopping after ``stop_after`` steps if
+    given, same schedule); returns the model, processor and the run's records."""
     t0 = time.time()
     seed_everything(args.seed, args.threads)
     from transformers import LlavaForConditionalGeneration
 
-    data = sft_dataset(n_train=args.n_train, n_validation=args.n_validation, n_test=0, seed=args.data_seed)
+    data = sft_dataset(n_train=0, n_validation=args.n_validation, n_test=0, seed=args.data_seed)
     processor = build_vlm_processor(vocabulary())
     tok = processor.tokenizer
-    ids, labels, spans, images, n_excl = encode_split(data["train"], processor, "encode train")
-    v_ids, v_labels, _, v_images, _ = encode_split(data["validation"], processor, "encode validation")
-    n_unk = sum(t == tok.unk_token_id for seq in ids for t in seq)
-    if n_unk:
-        print(f"warning: {n_unk} <unk> tokens in the training set; the vocabulary misses some words")
+    v_ids, v_labels, v_spans, v_images, v_tasks, _ = encode_split(data["validation"], processor, "encode validation")
     t_data = time.time() - t0
 
     config = vlm_config(len(tok), vision_hidden=args.vision_hidden, vision_layers=args.vision_layers,
@@ -317,51 +491,82 @@ def main(argv=None) -> None:
     if args.vision_tower is not None:
         init_vision_tower(model, args.vision_tower)
     model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.98))
+    groups = param_groups(model, args)
+    dense_head, capture = None, None
+    if args.dense_weight:
+        dense_head = torch.nn.Linear(args.vision_hidden, len(KINDS) + 1 + len(COLORS) + 1)  # not saved
+        capture = VisionCapture(model)
+        groups.append({"params": list(dense_head.parameters()), "weight_decay": 0.0, "lr_scale": 1.0})
+    trainable = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
 
-    batches = length_bucketed_batches([len(x) for x in ids], args.batch_size,
-                                      torch.Generator().manual_seed(args.seed))
     val_batches = [collate(range(s, min(s + 64, len(v_ids))), v_ids, v_labels, v_images,
-                           processor.image_processor, tok.pad_token_id) for s in range(0, len(v_ids), 64)]
-    losses, val_log = [], []
+                           processor.image_processor, tok.pad_token_id, v_spans)
+                   for s in range(0, len(v_ids), 64)]
+    losses, dense_losses, probes, n_tokens, n_unk = [], [], [], 0, 0
     t1 = time.time()
-    bar = tqdm(range(args.steps), desc="train", unit="step")
+    bar = tqdm(range(args.steps if stop_after is None else min(stop_after, args.steps)), desc="train", unit="step")
     for step in bar:
-        batch = collate(next(batches), ids, labels, images, processor.image_processor, tok.pad_token_id,
-                        spans)
+        batch = training_batch(step, args, processor)
+        n_tokens += int(batch["attention_mask"].sum())
+        n_unk += int((batch["input_ids"] == tok.unk_token_id).sum())
         lr = warmup_cosine_lr(step, args.steps, lr=args.lr, warmup=args.warmup, min_ratio=args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
+        patch = (batch.pop("patch_kind"), batch.pop("patch_color")) if args.dense_weight else None
         loss = weighted_loss(model, batch, args.span_weight)
+        if patch is not None:
+            dense = patch_loss(dense_head(capture.hidden[:, 1:]), *patch)
+            dense_losses.append(float(dense))
+            loss = loss + args.dense_weight * dense
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
+        if args.probe_every and ((step + 1) % args.probe_every == 0 or step + 1 == args.steps):
+            probes.append({"step": step + 1, "seconds": round(time.time() - t1, 1),
+                           **decisive_probe(model, val_batches, v_tasks)})
+            tqdm.write("probe " + json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                                              for k, v in probes[-1].items()}))
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            bar.set_postfix(loss=f"{np.mean(losses[-args.log_every:]):.3f}", lr=f"{lr:.2e}")
-    t_train = time.time() - t1
-    val = validation_loss(model, val_batches)
-    val_log.append({"step": args.steps, "loss": val})
+            bar.set_postfix(loss=f"{np.mean(losses[-args.log_every:]):.3f}", lr=f"{lr:.2e}",
+                            objects=max_objects_at(step, args))
+    if n_unk:
+        print(f"warning: {n_unk} <unk> tokens in the training conversations; the vocabulary misses some words")
+    return {"model": model, "processor": processor, "val_batches": val_batches, "losses": losses,
+            "losses_dense": dense_losses, "probes": probes, "n_tokens": n_tokens,
+            "n_validation_examples": len(v_ids), "t0": t0, "data_seconds": t_data,
+            "train_seconds": time.time() - t1}
 
-    dtype = getattr(torch, args.save_dtype)
-    save_checkpoint(model, processor, args.out, dtype=dtype)
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.check is not None:
+        check_determinism(args.check, args.check_steps)
+        return
+    run = train(args)
+    model, processor = run["model"], run["processor"]
+    n_params = sum(p.numel() for p in model.parameters())
+    val = validation_loss(model, run["val_batches"])
+    save_checkpoint(model, processor, args.out, dtype=getattr(torch, args.save_dtype))
+    t_data, t_train, losses = run["data_seconds"], run["train_seconds"], run["losses"]
     log = {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "n_params": n_params, "n_train_examples": len(ids), "n_train_excluded": n_excl,
-        "n_validation_examples": len(v_ids), "losses": losses, "validation": val_log,
+        "n_params": n_params, "n_train_conversations": args.steps * args.batch_size,
+        "n_train_tokens": run["n_tokens"], "n_validation_examples": run["n_validation_examples"],
+        "losses": losses, "losses_dense": run["losses_dense"], "probes": run["probes"],
+        "validation": [{"step": args.steps, "loss": val}],
         "data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1),
-        "total_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
+        "total_seconds": round(time.time() - run["t0"], 1), "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
     (args.out / "train_log.json").write_text(json.dumps(log) + "\n")
     write_card(args.out, model, args, log, n_words=len(vocabulary()))
-    print(f"done: {n_params / 1e6:.2f}M params, {args.steps} steps × {args.batch_size} on "
-          f"{len(ids)} examples ({n_excl} filter examples excluded); final train loss "
-          f"{np.mean(losses[-50:]):.4f}, validation loss {val:.4f}; data {t_data:.0f}s, train "
-          f"{t_train:.0f}s, total {time.time() - t0:.0f}s → {args.out}")
+    print(f"done: {n_params / 1e6:.2f}M params, {args.steps} steps × {args.batch_size} conversations "
+          f"× {args.turns} turns; final train loss {np.mean(losses[-50:]):.4f}, validation loss "
+          f"{val:.4f}; data {t_data:.0f}s, train {t_train:.0f}s, total {time.time() - run['t0']:.0f}s → {args.out}")
 
 
 if __name__ == "__main__":

@@ -206,6 +206,20 @@ def test_captions():
     assert W.grade(cap, "Three red shapes, a blue square and no red circles.") == "wrong"
 
 
+def test_caption_credit_hand_computed():
+    """Scene: large red circle, small blue square, small red triangle, large red star."""
+    cap = ex("caption", "red")
+    credit = lambda text: W.caption_credit(cap, text)  # noqa: E731
+    # 3 mentions, the green star does not hold: precision 2/3; circle + square named: 2 of 4
+    assert credit("A red circle, a blue square and a green star.") == {"precision": 2 / 3, "recall": 0.5}
+    assert credit("Three red shapes and a blue square.") == {"precision": 1.0, "recall": 1.0}
+    # "two red shapes" is a wrong count (there are three): it names nobody
+    assert credit("Two red shapes and a blue square.") == {"precision": 0.5, "recall": 0.25}
+    assert credit("A pretty picture.") is None
+    with pytest.raises(PairforgeError):
+        W.caption_credit(ex("color", "red"), "It is red.")
+
+
 def test_filter_kinds():
     mc = ex("choice", "B", options=["red", "blue", "green", "white"])
     assert W.grade(mc, "B") == "correct"

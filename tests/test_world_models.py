@@ -85,6 +85,30 @@ def test_encode_sft_example_labels_only_the_answer(test_rows, processor):
     assert isinstance(row["images"][0], Image.Image)
 
 
+def test_encode_sft_example_labels_every_turn_of_a_conversation(test_rows, processor):
+    from pairforge.schema import assistant_message, user_message
+
+    a, b = test_rows[0], test_rows[1]
+    messages = [*a["messages"], user_message(b["question"], n_images=0), assistant_message(b["answer"])]
+    ids, labels = wm.encode_sft_example(processor, messages)
+    prompt = processor.apply_chat_template(messages, tokenize=False)
+    ref = processor(text=prompt, images=[a["images"][0]], return_tensors="pt").input_ids[0].tolist()
+    assert ids == ref
+    runs, cur = [], []  # contiguous labelled runs, one per assistant turn
+    for t, lab in zip(ids, labels):
+        if lab != -100:
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    runs += [cur] if cur else []
+    decode = processor.tokenizer.decode
+    assert [decode(r) for r in runs] == [a["answer"].lower() + "</s>", b["answer"].lower() + "</s>"]
+    # the first turn alone encodes as the single-turn example does
+    one, one_labels = wm.encode_sft_example(processor, a["messages"])
+    assert ids[:len(one)] == one and labels[:len(one)] == one_labels
+
+
 def test_pixel_values_from_uint8_match_the_processor(test_rows, processor):
     import numpy as np
 

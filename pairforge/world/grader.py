@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from pairforge.errors import PairforgeError
 from pairforge.recipes.vapr.polarity import coherent, split_lead
@@ -294,6 +294,37 @@ def _mentions(text: str) -> list[dict]:
     return out
 
 
+def _mention_hits(objs: Sequence[Mapping], m: dict) -> tuple[bool, list[int]]:
+    """Whether mention ``m`` holds in the scene, and the objects it names."""
+    attrs = {k: m[k] for k in ("kind", "color", "size") if k in m}
+    hits = [i for i, o in enumerate(objs) if all(o[k] == v for k, v in attrs.items())]
+    ok = len(hits) == m["count"] if "count" in m else bool(hits)
+    return ok, hits if ("kind" in attrs or "color" in attrs) else []
+
+
+def caption_credit(example: Mapping, answer: str) -> dict[str, float] | None:
+    """Partial credit of a caption (``target["attribute"] == "caption"``), beside its all-or-
+    nothing :func:`grade`: ``precision``, the share of its object mentions that hold in the
+    scene (the same rule as :func:`grade`: attributes present, and the exact number when one
+    is stated), and ``recall``, the share of the scene's objects named by a mention that
+    holds. None when the answer has no object mention (``grade`` says unparseable)."""
+    if example["target"]["attribute"] != "caption" or not example.get("scene"):
+        raise PairforgeError("caption_credit: the example is not a captioning example with a scene")
+    objs = example["scene"]["objects"]
+    mentions = [m for m in _mentions(" " + (answer or "").strip() + " ")
+                if "kind" in m or "color" in m or "count" in m]
+    if not mentions:
+        return None
+    covered: set[int] = set()
+    ok = 0
+    for m in mentions:
+        holds, hits = _mention_hits(objs, m)
+        ok += holds
+        if holds:
+            covered.update(hits)
+    return {"precision": ok / len(mentions), "recall": len(covered) / len(objs) if objs else 1.0}
+
+
 def _grade_caption(scene: Mapping | None, text: str) -> str:
     if not scene:
         return "unparseable"
@@ -313,13 +344,8 @@ def _grade_caption(scene: Mapping | None, text: str) -> str:
         return "unparseable"
     covered = set()
     for m in mentions:
-        attrs = {k: m[k] for k in ("kind", "color", "size") if k in m}
-        hits = [i for i, o in enumerate(objs) if all(o[k] == v for k, v in attrs.items())]
-        if "count" in m:
-            if len(hits) != m["count"]:
-                return "wrong"
-        elif not hits:
+        holds, hits = _mention_hits(objs, m)
+        if not holds:
             return "wrong"
-        if "kind" in attrs or "color" in attrs:
-            covered.update(hits)
+        covered.update(hits)
     return "correct" if len(covered) >= math.ceil(len(objs) / 2) else "wrong"

@@ -14,7 +14,7 @@ This module holds what those scripts, the evaluation script and the tests share:
   tokenizer (:func:`build_tokenizer`), the chat template (:data:`CHAT_TEMPLATE`), the
   processors, the model configs, and :func:`save_checkpoint`;
 - the VLM's supervised example encoding (:func:`encode_sft_example`: loss on answer tokens
-  only) and image normalisation (:func:`pixel_values_from_uint8`);
+  only, one or several turns) and image normalisation (:func:`pixel_values_from_uint8`);
 - the CLIP's scene descriptions and their minimal wrong edits (:func:`scene_description`,
   :func:`edited_description`), used both to train it and to measure it.
 
@@ -290,21 +290,31 @@ def warmup_cosine_lr(step: int, steps: int, *, lr: float, warmup: int, min_ratio
 
 def encode_sft_example(processor, messages: Sequence[Mapping], *, ignore_index: int = -100
                        ) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one SFT conversation (user turn with image parts, then one
-    assistant answer), exactly as ``processor(text=apply_chat_template(messages))`` tokenises
-    it (each ``<image>`` expanded to :func:`n_image_tokens` copies). Labels are ``ignore_index``
-    everywhere but on the answer tokens and the closing ``</s>``: the loss is on the answer."""
+    """Token ids and labels of one SFT conversation (a user turn with image parts, then an
+    assistant answer; more user/assistant turns may follow), exactly as
+    ``processor(text=apply_chat_template(messages))`` tokenises it (each ``<image>`` expanded to
+    :func:`n_image_tokens` copies). Labels are ``ignore_index`` everywhere but on each
+    assistant turn's tokens and its closing ``</s>``: the loss is on the answers."""
     if not messages or messages[-1].get("role") != "assistant":
         raise PairforgeError("SFT messages must end with one assistant message (the answer)")
     tok = processor.tokenizer
-    prompt = processor.apply_chat_template(list(messages[:-1]), add_generation_prompt=True)
-    full = processor.apply_chat_template(list(messages))
-    if not full.startswith(prompt):  # pragma: no cover - guards a template change
-        raise PairforgeError("chat template: the full conversation does not extend the prompt")
     expand = IMAGE * n_image_tokens(processor)
-    p_ids = tok(prompt.replace(IMAGE, expand)).input_ids  # <s> from the template
-    a_ids = tok(full[len(prompt):], add_special_tokens=False).input_ids
-    return p_ids + a_ids, [ignore_index] * len(p_ids) + a_ids
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""  # the conversation text tokenised so far
+    for k, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        prompt = processor.apply_chat_template(list(messages[:k]), add_generation_prompt=True)
+        full = processor.apply_chat_template(list(messages[:k + 1]))
+        if not (prompt.startswith(done) and full.startswith(prompt)):  # pragma: no cover - template change
+            raise PairforgeError("chat template: a longer conversation does not extend the shorter one")
+        p_ids = tok(prompt[len(done):].replace(IMAGE, expand), add_special_tokens=not done).input_ids
+        a_ids = tok(full[len(prompt):], add_special_tokens=False).input_ids  # <s> from the template
+        ids += p_ids + a_ids
+        labels += [ignore_index] * len(p_ids) + a_ids
+        done = full
+    return ids, labels
 
 
 def pixel_values_from_uint8(images: "torch.Tensor", image_processor) -> "torch.Tensor":
@@ -489,6 +499,18 @@ def patch_targets(scene: Any, *, patch_size: int = PATCH_SIZE, min_overlap: floa
         kind[win] = kinds.index(o.kind)
         color[win] = colors.index(o.color)
     return kind.reshape(-1).tolist(), color.reshape(-1).tolist()
+
+
+def patch_loss(logits: "torch.Tensor", kind: "torch.Tensor", color: "torch.Tensor") -> "torch.Tensor":
+    """The dense auxiliary loss on per-patch predictions ``logits`` (B, P, K+1 + C+1: kind
+    then colour, "no object" last in each) against :func:`patch_targets` ``kind`` and
+    ``color`` (B, P): the sum of the two mean cross-entropies."""
+    import torch.nn.functional as F
+    from pairforge.world import KINDS
+
+    nk = len(KINDS) + 1
+    return (F.cross_entropy(logits[..., :nk].flatten(0, 1), kind.flatten())
+            + F.cross_entropy(logits[..., nk:].flatten(0, 1), color.flatten()))
 
 
 # ----------------------------------------------------------------------------- evaluation helpers
