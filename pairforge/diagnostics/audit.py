@@ -336,7 +336,7 @@ def exact_chunks(batches: Iterable[TextBatch], size: int,
         yield TextBatch.concat(held)
 
 
-def prefetched(items: Iterable[Any], depth: int = 4) -> Iterator[Any]:
+def prefetched(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     """``items``, produced by a background thread up to ``depth`` ahead (reading the next
     batches while the metrics of one run: pyarrow, hashing and rapidfuzz release the GIL).
     An exception in the producer is raised here; leaving early stops the producer."""

@@ -149,10 +149,12 @@ def _jsonl(path: Path, where: str) -> Records:
         yield from jsonl_records(f, where)
 
 
-def jsonl_blocks(path: Path, where: str, size: int = JSONL_BLOCK) -> Iterator[tuple[int, bytes]]:
-    """The file as blocks of whole lines of about ``size`` bytes (a longer line makes a longer
-    block), each with the 0-based index of its first line. :func:`jsonl_records` of the
-    blocks at their indices gives the records :func:`_jsonl` gives."""
+def jsonl_blocks(path: Path, where: str, size: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """The file as blocks of whole lines of about ``size`` bytes (default :data:`JSONL_BLOCK`;
+    a longer line makes a longer block), each with the 0-based index of its first line.
+    :func:`jsonl_records` of the blocks at their indices gives the records :func:`_jsonl`
+    gives."""
+    size = size or JSONL_BLOCK
     with open_source(path, where) as f:
         index, rest = 0, b""
         while True:
