@@ -152,8 +152,11 @@ def test_text_batches_of_other_formats_come_from_the_rows(tmp_path):
      b'"rejected": "b"}\n', "two records on one line"),
     (b'{"prompt": "Q", "chosen": "a\xff", "rejected": "b"}\n', "not UTF-8"),
     (b'{"prompt": "Q", "chosen": "a\\ud800", "rejected": "b"}\n', "lone surrogate"),
-    (b'{"prompt": "Q", "chosen": "a", "rejected": "b", "id": "x"}\n', "an id"),
-    (b'{"prompt": "Q", "chosen": "a", "rejected": "b", "idx": 3}\n', "an idx"),
+    (b'{"prompt": "Q", "chosen": "a", "rejected": "b", "id": "x"}\n'
+     b'{"prompt": "Q", "chosen": "a", "rejected": "b"}\n', "an id in some rows only"),
+    (b'{"prompt": "Q", "chosen": "a", "rejected": "b", "id": 1.5}\n', "a float id"),
+    (b'{"prompt": "Q", "chosen": "a", "rejected": "b", "id": true}\n', "a boolean id"),
+    (b'{"prompt": "Q", "chosen": "a", "rejected": "b", "idx": [3]}\n', "a list idx"),
     (b'{"prompt": "<image>Q", "chosen": "a", "rejected": "b"}\n', "an image tag"),
     (b'{"prompt": "Q", "chosen": "a", "rejected": "b", "images": []}\n', "an images list"),
     (b'{"prompt": "Q", "chosen": "\\u2003", "rejected": "b"}\n', "a blank answer"),
@@ -178,6 +181,21 @@ def test_plain_trl_block_ids_and_texts_are_the_row_paths(tmp_path):
                          for i, r in enumerate(recs)]
     assert batch.chosen.to_pylist() == [r["chosen"] for r in recs]
     path = tmp_path / "my set.jsonl"
+    path.write_bytes(block)
+    assert _batches_view(path) == _rows_view(path)
+
+
+@pytest.mark.parametrize("ids", [{"id": "a"}, {"id": 7}, {"idx": 3}, {"idx": "x"},
+                                 {"id": None, "idx": 5}, {"id": -0, "idx": "ignored"}],
+                         ids=str)
+def test_plain_trl_block_takes_ids_as_the_row_path_does(tmp_path, ids):
+    recs = [{"prompt": f"Q{i}", "chosen": "yes it is", "rejected": "no",
+             **{k: (v if not isinstance(v, (int, str)) or isinstance(v, bool) else
+                    (v + i if isinstance(v, int) else f"{v}{i}")) for k, v in ids.items()}}
+            for i in range(3)]
+    block = b"".join(json.dumps(r).encode() + b"\n" for r in recs)
+    assert plain_trl_block(block, 0, "s") is not None
+    path = tmp_path / "s.jsonl"
     path.write_bytes(block)
     assert _batches_view(path) == _rows_view(path)
 
@@ -232,8 +250,10 @@ def test_split_whitespace_splits_as_utf8_split_whitespace():
         if i % 4 == 0:
             texts[rng.randrange(6)] += rng.choice(spaces)
         arr = pa.array(["pad", *texts]).slice(1)
-        assert (_words_and_edges(split_whitespace(arr))
-                == _words_and_edges(pc.utf8_split_whitespace(arr)))
+        # Python's own split as the reference (the UTF-8 kernel, on sliced arrays, was seen to
+        # return a "\n" token once in a full test run, so it is not the reference here)
+        assert _words_and_edges(split_whitespace(arr)) == [
+            (t.split(), not t or t[0].isspace() or t[-1].isspace()) for t in texts]
 
 
 @pytest.mark.parametrize("unit", [WordLengths(), GPT2Lengths()], ids=["words", "gpt2"])

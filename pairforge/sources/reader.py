@@ -324,7 +324,7 @@ def _batches(rows: Iterable[dict], stream: PairStream, size: int) -> Iterator[Te
 
 #: The fields of a plain TRL record (:meth:`PairStream._plain_trl_row`).
 _TRL_TEXTS = pa.schema([pa.field(k, pa.string()) for k in ("prompt", "chosen", "rejected")])
-#: Fields that make a TRL record something :func:`plain_trl_block` leaves to the row path.
+#: Fields of a TRL record beyond the texts that :meth:`PairStream._plain_trl_row` reads.
 _TRL_OTHER = ("id", "idx", "images", "image")
 #: A character ``str.strip`` keeps (RE2): anything but Python's whitespace (``str.isspace``).
 NOT_PY_SPACE = (r"[^\t\n\x{0b}\x{0c}\r\x{1c}-\x{1f} \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}"
@@ -335,11 +335,12 @@ _BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
 
 def plain_trl_block(block: bytes, start: int, name: str) -> TextBatch | None:
     """The :class:`TextBatch` of a block of JSON Lines (``start``: the index of its first line)
-    when every line is a plain TRL record, one per line, with no images and no id: the texts
-    stay in Arrow, ids are :func:`~pairforge.schema.stable_id` of the same parts
-    :meth:`PairStream._plain_trl_row` hashes. ``None`` for anything else (a blank, broken or
-    not plain line, a line with two records, text that is not UTF-8, a lone surrogate):
-    then the rows decide, exactly as before."""
+    when every line is a plain TRL record, one per line, with no images (and an ``id`` or
+    ``idx`` of strings or integers in every row or in none): the texts stay in Arrow, ids are
+    :func:`~pairforge.schema.stable_id` of the same parts :meth:`PairStream._plain_trl_row`
+    hashes. ``None`` for anything else (a blank, broken or not plain line, a line with two
+    records, text that is not UTF-8, a lone surrogate): then the rows decide, exactly as
+    before."""
     from pyarrow import json as pa_json
 
     if start == 0:
@@ -359,9 +360,19 @@ def plain_trl_block(block: bytes, start: int, name: str) -> TextBatch | None:
     except (pa.ArrowException, ValueError):
         return None
     n = table.num_rows
-    if n != closed.count(b"\n") or any(
-            k in table.column_names and table[k].null_count < n for k in _TRL_OTHER):
+    if n != closed.count(b"\n"):
         return None
+    given = {k: table[k].combine_chunks() for k in _TRL_OTHER
+             if k in table.column_names and table[k].null_count < n}
+    if "images" in given or "image" in given:
+        return None
+    key = "id" if "id" in given else "idx" if "idx" in given else None
+    if key is not None:  # str(id) / str(idx): an id of strings or integers in every row
+        column = given[key]
+        if column.null_count or not (pa.types.is_string(column.type)
+                                     or pa.types.is_int64(column.type)):
+            return None
+        given[key] = pc.cast(column, pa.string())
     prompt, chosen, rejected = (table[k].combine_chunks() for k in ("prompt", "chosen", "rejected"))
     if any(a.null_count for a in (prompt, chosen, rejected)):
         return None
@@ -370,11 +381,17 @@ def plain_trl_block(block: bytes, start: int, name: str) -> TextBatch | None:
         return None  # a blank answer or prompt: the row path says why
     if pc.any(pc.match_substring(prompt, IMAGE_TAG)).as_py():
         return None
-    # stable_id(name, line index, prompt, chosen, rejected): the parts joined by \x1f, then one
-    index = pc.cast(pa.array(np.arange(start, start + n)), pa.string())
+    # the parts stable_id hashes, each followed by \x1f: (name, id), or (name, idx or the
+    # line index, prompt, chosen, rejected)
+    if key == "id":
+        parts = [given["id"]]
+    else:
+        source = given["idx"] if key == "idx" else pc.cast(pa.array(np.arange(start, start + n)),
+                                                            pa.string())
+        parts = [source, prompt, chosen, rejected]
     joined = pc.binary_join_element_wise(
         pa.scalar(name.encode("utf-8", "surrogatepass"), pa.binary()),
-        *(pc.cast(a, pa.binary()) for a in (index, prompt, chosen, rejected)),
+        *(pc.cast(a, pa.binary()) for a in parts),
         pa.scalar(b"", pa.binary()), pa.scalar(b"\x1f", pa.binary()))
     return TextBatch(stable_ids(joined), prompt, chosen, rejected,
                      np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32))
