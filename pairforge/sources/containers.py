@@ -32,7 +32,7 @@ from pairforge.errors import BadInput, PairforgeError, first_line
 
 BATCH_ROWS = 64  # rows per Arrow batch: bounds memory when rows carry image bytes
 JSON_CHUNK = 1 << 20  # characters read at a time from a .json file
-JSONL_BLOCK = 1 << 23  # bytes of a .jsonl file read at a time by jsonl_blocks
+JSONL_BLOCK = 1 << 22  # bytes of a .jsonl file read at a time by jsonl_blocks
 SUFFIXES = (".jsonl", ".json", ".parquet")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

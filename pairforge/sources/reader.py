@@ -52,7 +52,7 @@ from pairforge.sources.images import ImageResolver
 
 ON_ERROR = ("skip", "fail")
 PEEK_LIMIT = 1000  # records looked at to find one to detect the format from
-TEXT_BATCH = 8192  # pairs per TextBatch (PairStream.text_batches)
+TEXT_BATCH = 4096  # pairs per TextBatch (PairStream.text_batches)
 
 
 class PairStream:
