@@ -148,12 +148,12 @@ def test_text_batches_of_other_formats_come_from_the_rows(tmp_path):
 @pytest.mark.parametrize("block,why", [
     (b'{"prompt": "Q", "chosen": "a", "rejected": "b"}\n\n', "blank line"),
     (b'{"prompt": "Q", "chosen": "a", "rejected": "b"}\n  \t\n', "whitespace line"),
-    (b'{"prompt": "Q", "chosen": "a", "rejected": "b"} {"prompt": "Q", "chosen": "a", '
-     b'"rejected": "b"}\n', "two records on one line"),
+    ((b'{"prompt": "Q", "chosen": "a", "rejected": "b"} {"prompt": "Q", "chosen": "a", '
+      b'"rejected": "b"}\n'), "two records on one line"),
     (b'{"prompt": "Q", "chosen": "a\xff", "rejected": "b"}\n', "not UTF-8"),
     (b'{"prompt": "Q", "chosen": "a\\ud800", "rejected": "b"}\n', "lone surrogate"),
-    (b'{"prompt": "Q", "chosen": "a", "rejected": "b", "id": "x"}\n'
-     b'{"prompt": "Q", "chosen": "a", "rejected": "b"}\n', "an id in some rows only"),
+    ((b'{"prompt": "Q", "chosen": "a", "rejected": "b", "id": "x"}\n'
+      b'{"prompt": "Q", "chosen": "a", "rejected": "b"}\n'), "an id in some rows only"),
     (b'{"prompt": "Q", "chosen": "a", "rejected": "b", "id": 1.5}\n', "a float id"),
     (b'{"prompt": "Q", "chosen": "a", "rejected": "b", "id": true}\n', "a boolean id"),
     (b'{"prompt": "Q", "chosen": "a", "rejected": "b", "idx": [3]}\n', "a list idx"),

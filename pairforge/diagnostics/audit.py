@@ -34,7 +34,11 @@ import pyarrow.parquet as pq
 from datasets import Features
 
 from pairforge.diagnostics.lengths import CharacterLengths, LengthUnit, length_unit
-from pairforge.diagnostics.model_based import ModelAuditor, ModelResult, model_table_columns
+from pairforge.diagnostics.model_based import (
+    ModelAuditor,
+    ModelResult,
+    model_table_columns,
+)
 from pairforge.diagnostics.stats import integrity_summary, repeated, set_summary
 from pairforge.diagnostics.text import (
     EDIT_UNITS,
@@ -44,7 +48,7 @@ from pairforge.diagnostics.text import (
     unspaced,
 )
 from pairforge.errors import PairforgeError, check_out_path
-from pairforge.schema import COLUMN_GROUPS, prompt_text, response_text
+from pairforge.schema import COLUMN_GROUPS
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -271,7 +275,7 @@ def _audit_sets(specs: Sequence[str], out: Path, *, format: str | None, image_ro
             n_pairs = n_with_images = 0
             with tqdm(total=stream.estimated_total(), desc=f"audit {name}", unit=" rows",
                       mininterval=0.5, disable=None, postfix="reading") as bar:
-                def progress() -> None:
+                def progress(bar=bar, stream=stream) -> None:
                     bar.update(stream.n_read - bar.n)
 
                 batches = prefetched(stream.text_batches())

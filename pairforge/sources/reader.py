@@ -9,12 +9,12 @@ or skipped: ``n_read == kept + len(skipped)``.
 
 from __future__ import annotations
 
-import itertools
-import os
-from collections import Counter
 import codecs
 import io
+import itertools
+import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
