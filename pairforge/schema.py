@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from datasets import Dataset, Features, Image, List, Value
 
 from pairforge import __version__
 from pairforge.errors import BadInput
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 ROLES = ("system", "user", "assistant")
 
@@ -215,6 +219,19 @@ def stable_id(*parts: object) -> str:
         h.update(str(p).encode("utf-8", "surrogatepass"))  # stable for any str
         h.update(b"\x1f")
     return h.hexdigest()[:16]
+
+
+def stable_ids(joined: pa.Array) -> list[str]:
+    """:func:`stable_id` of many rows at once: ``joined[i]`` holds row ``i``'s parts already
+    encoded and each followed by ``\x1f`` (an Arrow binary array, e.g. from
+    ``pyarrow.compute.binary_join_element_wise``), so only the hashing is per row."""
+    _, offsets, data = joined.buffers()
+    if data is None:
+        data = b""
+    ends = np.frombuffer(offsets, dtype=np.int32)[joined.offset:joined.offset + len(joined) + 1]
+    view, sha256 = memoryview(data), hashlib.sha256
+    return [sha256(view[a:b]).hexdigest()[:16] for a, b in zip(ends[:-1].tolist(),
+                                                                 ends[1:].tolist())]
 
 
 def derive_seed(*parts: object) -> int:

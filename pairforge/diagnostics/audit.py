@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,14 +34,29 @@ import pyarrow.parquet as pq
 from datasets import Features
 
 from pairforge.diagnostics.lengths import CharacterLengths, LengthUnit, length_unit
-from pairforge.diagnostics.model_based import ModelAuditor, ModelResult, model_table_columns
+from pairforge.diagnostics.model_based import (
+    ModelAuditor,
+    ModelResult,
+    model_table_columns,
+)
 from pairforge.diagnostics.stats import integrity_summary, repeated, set_summary
-from pairforge.diagnostics.text import EDIT_UNITS, choose_edit_unit, pair_metrics, unspaced
+from pairforge.diagnostics.text import (
+    EDIT_UNITS,
+    choose_edit_unit,
+    pair_metrics,
+    text_at,
+    unspaced,
+)
 from pairforge.errors import PairforgeError, check_out_path
-from pairforge.schema import COLUMN_GROUPS, prompt_text, response_text
+from pairforge.schema import COLUMN_GROUPS
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from pairforge.sources.reader import TextBatch
+
+#: Texts of a chunk: a list of strings or an Arrow string array.
+Texts = Sequence[str] | pa.Array
 
 #: Pairs read before their metrics are computed in one vectorised call.
 CHUNK_PAIRS = 32768
@@ -95,11 +112,12 @@ class SetAudit:
         self._different: list[Example] = []
         self._similar: list[Example] = []
 
-    def add(self, ids: Sequence[str], prompt_keys: Sequence[int], prompts: Sequence[str],
-            chosen: Sequence[str], rejected: Sequence[str],
+    def add(self, ids: Sequence[str], prompt_keys: Sequence[int], prompts: Texts,
+            chosen: Texts, rejected: Texts,
             images_unresolved: Sequence[int] | None = None) -> None:
-        """One chunk of pairs. ``prompt_keys``: equal for pairs with the same prompt;
-        ``images_unresolved``: per pair, its images with no readable file (default 0)."""
+        """One chunk of pairs. ``prompt_keys``: equal for pairs with the same prompt; texts are
+        lists of strings or Arrow string arrays; ``images_unresolved``: per pair, its images
+        with no readable file (default 0)."""
         is_unspaced = unspaced(chosen) | unspaced(rejected)
         self.n_unspaced += int(is_unspaced.sum())
         if self.edit_unit is None:
@@ -117,9 +135,10 @@ class SetAudit:
         k = min(self.n_examples, len(order))
 
         def examples(idx: np.ndarray) -> list[Example]:
-            return [Example(ids[i], prompts[i], chosen[i], rejected[i], int(m["lev_words"][i]),
-                            float(m["lev_norm"][i]), int(m["len_chosen"][i]),
-                            int(m["len_rejected"][i])) for i in idx.tolist()]
+            return [Example(ids[i], text_at(prompts, i), text_at(chosen, i), text_at(rejected, i),
+                            int(m["lev_words"][i]), float(m["lev_norm"][i]),
+                            int(m["len_chosen"][i]), int(m["len_rejected"][i]))
+                    for i in idx.tolist()]
 
         key = lambda e: (e.lev_norm, e.lev_words)  # noqa: E731
         self._different = sorted(self._different + examples(order[::-1][:k]), key=key,
@@ -253,28 +272,24 @@ def _audit_sets(specs: Sequence[str], out: Path, *, format: str | None, image_ro
                                 load_images=False)
             name = unique_name(stream.name, {r.name for r in results})
             audit = SetAudit(name, unit, edit_unit=edit_unit)
-            chunk: list[tuple[str, int, str, str, str, int]] = []
             n_pairs = n_with_images = 0
             with tqdm(total=stream.estimated_total(), desc=f"audit {name}", unit=" rows",
                       mininterval=0.5, disable=None, postfix="reading") as bar:
-                for row in stream:
-                    prompt = prompt_text(row["prompt"])
-                    n_with_images += bool(row["images"])
-                    chunk.append((row["id"], hash((prompt, len(row["images"] or ()))), prompt,
-                                  response_text(row["chosen"]), response_text(row["rejected"]),
-                                  stream.n_unresolved(row["images"])))
-                    if len(chunk) % 1024 == 0:
-                        bar.update(n_pairs + len(chunk) + len(stream.skipped) - bar.n)
-                    if len(chunk) == CHUNK_PAIRS:
-                        _stage(bar, f"text metrics of {len(chunk):,} pairs")
-                        audit.add(*zip(*chunk))
-                        n_pairs, chunk = n_pairs + len(chunk), []
-                        _stage(bar, "reading")
-                bar.update(stream.n_read - bar.n)
-                if chunk:
+                def progress(bar=bar, stream=stream) -> None:
+                    bar.update(stream.n_read - bar.n)
+
+                batches = prefetched(stream.text_batches())
+                for chunk in exact_chunks(batches, CHUNK_PAIRS, progress):
                     _stage(bar, f"text metrics of {len(chunk):,} pairs")
-                    audit.add(*zip(*chunk))
+                    keys = [hash(k) for k in zip(chunk.prompts.to_pylist(),
+                                                 chunk.n_images.tolist())]
+                    audit.add(chunk.ids, keys, chunk.prompts, chunk.chosen, chunk.rejected,
+                              chunk.unresolved)
                     n_pairs += len(chunk)
+                    n_with_images += int(np.count_nonzero(chunk.n_images))
+                    if len(chunk) == CHUNK_PAIRS:  # a shorter chunk is the last
+                        _stage(bar, "reading")
+                progress()
                 _stage(bar, "done")
             if stream.n_read != n_pairs + len(stream.skipped):
                 raise RuntimeError(f"{name}: read {stream.n_read} rows but got {n_pairs} pairs "
@@ -301,6 +316,69 @@ def _audit_sets(specs: Sequence[str], out: Path, *, format: str | None, image_ro
     plots = report.write_plots(out, results)
     report.write_html(out, results, plots)
     return results
+
+
+def exact_chunks(batches: Iterable[TextBatch], size: int,
+                 progress: Callable[[], None] = lambda: None) -> Iterator[TextBatch]:
+    """The pairs of ``batches`` in chunks of exactly ``size`` (the last one shorter), so that
+    chunk boundaries, and with them the chosen edit unit and the example pairs, do not depend
+    on how the reader batches; ``progress`` is called after each batch read."""
+    from pairforge.sources.reader import TextBatch
+
+    held: list[TextBatch] = []
+    n = 0
+    for batch in batches:
+        progress()
+        held.append(batch)
+        n += len(batch)
+        while n >= size:
+            chunk = TextBatch.concat(held)
+            yield chunk.slice(0, size)
+            rest = chunk.slice(size, len(chunk))
+            held, n = ([rest] if len(rest) else []), len(rest)
+    if n:
+        yield TextBatch.concat(held)
+
+
+def prefetched(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """``items``, produced by a background thread up to ``depth`` ahead (reading the next
+    batches while the metrics of one run: pyarrow, hashing and rapidfuzz release the GIL).
+    An exception in the producer is raised here; leaving early stops the producer."""
+    buffer: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put((done, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            buffer.put((done, e))
+
+    thread = threading.Thread(target=produce, name="audit-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full buffer
+            with contextlib.suppress(queue.Empty):
+                buffer.get(timeout=0.1)
+        thread.join()
 
 
 # ----------------------------------------------------------------------------- the out folder

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -111,7 +112,7 @@ class GPT2Lengths(TokenizerLengths):
         out = split.per_text_sum(per_token).astype(np.int32)
         other = np.flatnonzero(_not_single_spaced(split))
         if other.size:
-            out[other] = self.count([split.texts[i] for i in other.tolist()])
+            out[other] = self.count(split.arrow.take(pa.array(other)).to_pylist())
         return out
 
 
@@ -121,7 +122,7 @@ def _not_single_spaced(split: SplitTexts) -> np.ndarray:
     Byte arithmetic: separators take ``text bytes − token bytes``; exactly one byte per gap
     means each is one ASCII character, and a text without bytes below 32 has no ASCII
     whitespace but the space (other control bytes only send a text to the exact path)."""
-    n_texts = len(split.texts)
+    n_texts = len(split)
     if not n_texts:
         return np.zeros(0, dtype=bool)
     token_bytes = np.fromiter((len(t.encode()) for t in split.vocab), dtype=np.int64,

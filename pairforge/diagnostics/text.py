@@ -90,11 +90,26 @@ def characters(text: str) -> str:
     return "".join(c for c in text.lower() if unicodedata.category(c)[0] in "LNM")
 
 
+def as_arrow(texts: Sequence[str] | pa.Array) -> pa.Array:
+    """Texts as an Arrow string array (an Arrow array, as the audit's reader gives, as is)."""
+    return texts if isinstance(texts, pa.Array) else pa.array(list(texts), type=pa.string())
+
+
+def text_at(texts: Sequence[str] | pa.Array, i: int) -> str:
+    """``texts[i]`` as a Python string, for a list or an Arrow array."""
+    return texts[i].as_py() if isinstance(texts, pa.Array) else texts[i]
+
+
 def unspaced(texts: Sequence[str] | pa.Array) -> np.ndarray:
     """Per text: is at least :data:`UNSPACED_TEXT_SHARE` of its non-whitespace characters in
     a script written without spaces (:data:`UNSPACED_SCRIPTS`)?"""
-    arr = texts if isinstance(texts, pa.Array) else pa.array(list(texts), type=pa.string())
+    arr = as_arrow(texts)
     out = np.zeros(len(arr), dtype=bool)
+    # those scripts lie above U+0800, so their UTF-8 bytes start with 0xE0 or more: a batch
+    # without such a byte has none (one pass over the bytes)
+    raw = utf8_bytes(arr)
+    if not raw.size or raw.max() < 0xE0:
+        return out
     # only texts with a non-ASCII character can hold those scripts (a cheap vectorised test)
     candidates = np.flatnonzero(~pc.string_is_ascii(arr).to_numpy(zero_copy_only=False))
     if not candidates.size:
@@ -105,6 +120,47 @@ def unspaced(texts: Sequence[str] | pa.Array) -> np.ndarray:
     visible = pc.utf8_length(sub).to_numpy(zero_copy_only=False) - spaces
     out[candidates] = (script > 0) & (script >= UNSPACED_TEXT_SHARE * visible)
     return out
+
+
+def utf8_bytes(arr: pa.Array) -> np.ndarray:
+    """The UTF-8 bytes of all texts of a string array (a slice's own bytes only), no copy."""
+    _, offsets, data = arr.buffers()[:3]
+    if data is None or not len(arr):
+        return np.zeros(0, dtype=np.uint8)
+    dtype = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    bounds = np.frombuffer(offsets, dtype=dtype)[arr.offset:arr.offset + len(arr) + 1]
+    return np.frombuffer(data, dtype=np.uint8)[bounds[0]:bounds[-1]]
+
+
+def split_whitespace(arr: pa.Array) -> pa.ListArray:
+    """``pyarrow.compute.utf8_split_whitespace`` (whose whitespace is Python's ``str.isspace``).
+
+    ``ascii_split_whitespace`` splits UTF-8 text into the same words (a multi-byte character
+    never holds an ASCII byte) except at 0x1C-0x1F and the whitespace beyond ASCII (U+0085,
+    U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000), and is about
+    twice as fast; it is used when the texts hold none of those (one pass over the bytes).
+    The kernels differ only in how many empty edge tokens follow a run of two or more trailing
+    whitespace characters (one vs two), which no metric counts: they all drop empty tokens
+    or only ask whether a text has one (tested)."""
+    raw = utf8_bytes(arr)
+    if ((raw - np.uint8(0x1C)) < 4).any():
+        return pc.utf8_split_whitespace(arr)
+    lead = np.flatnonzero(raw >= 0xC2)  # lead bytes of the characters from U+0080 on
+    lead = lead[raw[lead] <= 0xE3]  # those of the whitespace above lie in C2-E3
+    if lead.size:
+        last = len(raw) - 1
+        b0 = raw[lead]
+        b1 = raw[np.minimum(lead + 1, last)]
+        b2 = raw[np.minimum(lead + 2, last)]
+        space = (((b0 == 0xC2) & ((b1 == 0x85) | (b1 == 0xA0)))
+                 | ((b0 == 0xE1) & (b1 == 0x9A) & (b2 == 0x80))
+                 | ((b0 == 0xE2) & (b1 == 0x80) & (((b2 >= 0x80) & (b2 <= 0x8A)) | (b2 == 0xA8)
+                                                   | (b2 == 0xA9) | (b2 == 0xAF)))
+                 | ((b0 == 0xE2) & (b1 == 0x81) & (b2 == 0x9F))
+                 | ((b0 == 0xE3) & (b1 == 0x80) & (b2 == 0x80)))
+        if space.any():
+            return pc.utf8_split_whitespace(arr)
+    return pc.ascii_split_whitespace(arr)
 
 
 def choose_edit_unit(unspaced_pairs: np.ndarray) -> str:
@@ -130,39 +186,45 @@ class SplitTexts:
     ``vocab[token_ids[offsets[i]:offsets[i + 1]]]`` are the tokens of ``texts[i]``; pyarrow
     adds empty tokens for leading / trailing whitespace (and for an empty text)."""
 
-    texts: list[str]
-    arrow: pa.Array
+    arrow: pa.Array  # string, no nulls
     vocab: list[str]
     token_ids: np.ndarray  # int32, every token of every text, concatenated
     offsets: np.ndarray  # int64, len(texts) + 1
 
     @classmethod
-    def of(cls, texts: Sequence[str]) -> SplitTexts:
-        texts = list(texts)
-        arrow = pa.array(texts, type=pa.string())
-        lists = pc.utf8_split_whitespace(arrow)
+    def of(cls, texts: Sequence[str] | pa.Array) -> SplitTexts:
+        arrow = as_arrow(texts)
+        lists = split_whitespace(arrow)
         encoded = pc.dictionary_encode(lists.flatten())
-        return cls(texts=texts, arrow=arrow, vocab=encoded.dictionary.to_pylist(),
+        return cls(arrow=arrow, vocab=encoded.dictionary.to_pylist(),
                    token_ids=encoded.indices.to_numpy(zero_copy_only=False),
                    offsets=lists.offsets.to_numpy().astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.arrow)
+
+    @cached_property
+    def texts(self) -> list[str]:
+        """The texts as Python strings (made on first use: most length units never need them)."""
+        return self.arrow.to_pylist()
 
     def per_text_sum(self, per_token: np.ndarray) -> np.ndarray:
         """Sum of a per-token-occurrence array over each text's tokens (every text has at
         least one token, maybe empty, so no segment is empty)."""
-        if not len(self.texts):
+        if not len(self):
             return np.zeros(0, dtype=np.int64)
         return np.add.reduceat(per_token, self.offsets[:-1], dtype=np.int64)
 
     def per_text_count(self, mask: np.ndarray) -> np.ndarray:
         """How many tokens of each text ``mask`` marks (cheap when it marks few)."""
         text = np.searchsorted(self.offsets, np.flatnonzero(mask), side="right") - 1
-        return np.bincount(text, minlength=len(self.texts))
+        return np.bincount(text, minlength=len(self))
 
     @cached_property
     def empty_counts(self) -> np.ndarray:
         """pyarrow's empty edge tokens per text (0 when the text has no edge whitespace)."""
         if "" not in self.vocab:
-            return np.zeros(len(self.texts), dtype=np.int64)
+            return np.zeros(len(self), dtype=np.int64)
         return self.per_text_count(self.token_ids == self.vocab.index(""))
 
     def whitespace_counts(self) -> np.ndarray:
@@ -210,9 +272,10 @@ class WordCodes:
             if len(self._token) + len(tokens) > self.LIMIT:
                 self._token.clear()
                 self._word.clear()
-            known = self._token
-            return np.array([known[t] if t in known else self._add(t) for t in tokens],
-                            dtype=np.int64)
+            codes = list(map(self._token.get, tokens))  # a C loop; None for a new token
+            if None in codes:
+                codes = [self._add(t) if c is None else c for t, c in zip(tokens, codes)]
+            return np.array(codes, dtype=np.int64)
 
     def _add(self, token: str) -> int:
         w = normalize_word(token)
@@ -231,9 +294,11 @@ class _TooManyWords(Exception):
 # ----------------------------------------------------------------------------- pair metrics
 
 
-def pair_metrics(chosen: Sequence[str], rejected: Sequence[str], unit: LengthUnit,
+def pair_metrics(chosen: Sequence[str] | pa.Array, rejected: Sequence[str] | pa.Array,
+                 unit: LengthUnit,
                  *, threads: int | None = None, edit_unit: str = "words") -> dict[str, np.ndarray]:
-    """Per-pair text metrics of ``chosen[i]`` vs ``rejected[i]``, vectorised.
+    """Per-pair text metrics of ``chosen[i]`` vs ``rejected[i]`` (lists of strings or Arrow
+    string arrays without nulls, as the audit's reader gives them), vectorised.
 
     Returns arrays of length ``n``: ``lev_words`` (Levenshtein distance in ``edit_unit``:
     words, or characters for unspaced scripts), ``lev_norm`` (divided by the longer answer's
@@ -269,10 +334,13 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _batch_metrics(chosen: Sequence[str], rejected: Sequence[str],
+def _batch_metrics(chosen: Sequence[str] | pa.Array, rejected: Sequence[str] | pa.Array,
                    unit: LengthUnit, edit_unit: str = "words") -> dict[str, np.ndarray]:
     n = len(chosen)
-    split = SplitTexts.of([*chosen, *rejected])
+    if isinstance(chosen, pa.Array) or isinstance(rejected, pa.Array):
+        split = SplitTexts.of(pa.concat_arrays([as_arrow(chosen), as_arrow(rejected)]))
+    else:
+        split = SplitTexts.of([*chosen, *rejected])
     try:
         if edit_unit == "characters":
             word_str, n_words = character_strings(split.arrow)
@@ -294,8 +362,8 @@ def _batch_metrics(chosen: Sequence[str], rejected: Sequence[str],
     # equal up to whitespace implies equal words, so only word-equal pairs need a look
     same_words = np.flatnonzero(lev == 0)
     out["is_identical"] = np.zeros(n, dtype=bool)
-    out["is_identical"][same_words] = [chosen[i].split() == rejected[i].split()
-                                       for i in same_words.tolist()]
+    out["is_identical"][same_words] = [
+        text_at(chosen, i).split() == text_at(rejected, i).split() for i in same_words.tolist()]
     return out
 
 

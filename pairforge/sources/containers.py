@@ -20,7 +20,7 @@ import codecs
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from pairforge.errors import BadInput, PairforgeError, first_line
 
 BATCH_ROWS = 64  # rows per Arrow batch: bounds memory when rows carry image bytes
 JSON_CHUNK = 1 << 20  # characters read at a time from a .json file
+JSONL_BLOCK = 1 << 22  # bytes of a .jsonl file read at a time by jsonl_blocks
 SUFFIXES = (".jsonl", ".json", ".parquet")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -145,21 +146,51 @@ def _jsonl(path: Path, where: str) -> Records:
     """One record per line; the row index is the 0-based line number; blank lines are skipped;
     a line with a lone surrogate escape is a :class:`BadInput`."""
     with open_source(path, where) as f:
-        for i, line in enumerate(f):
-            if i == 0:
-                line = line.removeprefix(codecs.BOM_UTF8)
-            if not line.strip():
+        yield from jsonl_records(f, where)
+
+
+def jsonl_blocks(path: Path, where: str, size: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """The file as blocks of whole lines of about ``size`` bytes (default :data:`JSONL_BLOCK`;
+    a longer line makes a longer block), each with the 0-based index of its first line.
+    :func:`jsonl_records` of the blocks at their indices gives the records :func:`_jsonl`
+    gives."""
+    size = size or JSONL_BLOCK
+    with open_source(path, where) as f:
+        index, rest = 0, b""
+        while True:
+            data = f.read(size)
+            if not data:
+                if rest:
+                    yield index, rest
+                return
+            data = rest + data
+            cut = data.rfind(b"\n") + 1
+            if not cut:  # no line ends in it yet: read on
+                rest = data
                 continue
-            try:
-                value = json.loads(line)
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-                yield i, BadInput(f"broken JSON line ({first_line(e)}); fix or remove the line",
-                                  where=where, row=i)
-                continue
-            # a surrogate can only come from a \\uXXXX escape: look only at lines that have one
-            if b"\\u" in line and (bad := _surrogate_reject(value, where, i)) is not None:
-                value = bad
-            yield i, value
+            block, rest = data[:cut], data[cut:]
+            yield index, block
+            index += block.count(b"\n")
+
+
+def jsonl_records(lines: Iterable[bytes], where: str, start: int = 0) -> Records:
+    """:func:`_jsonl`'s records of ``lines`` (bytes, each ending in a newline but maybe the
+    last), the first being line ``start`` of the file."""
+    for i, line in enumerate(lines, start):
+        if i == 0:
+            line = line.removeprefix(codecs.BOM_UTF8)
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            yield i, BadInput(f"broken JSON line ({first_line(e)}); fix or remove the line",
+                              where=where, row=i)
+            continue
+        # a surrogate can only come from a \\uXXXX escape: look only at lines that have one
+        if b"\\u" in line and (bad := _surrogate_reject(value, where, i)) is not None:
+            value = bad
+        yield i, value
 
 
 class _JsonScanner:
