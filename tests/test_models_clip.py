@@ -191,7 +191,7 @@ def test_trained_tiny_clip_prefers_true_descriptions():
                 wrongs.append(wrong)
     true_cos, wrong_cos = s.cosine(images, trues), s.cosine(images, wrongs)
     wins = sum(t > w for t, w in zip(true_cos, wrong_cos))
-    assert len(images) >= 30 and wins >= 0.7 * len(images), (wins, len(images))
+    assert len(images) >= 30 and wins >= 0.9 * len(images), (wins, len(images))  # measured 38 of 39
     # CLIPScore of a true description: 2.5 · its (positive) cosine
     assert true_cos[0] > 0
     assert clip_scores(s, images[:1], trues[:1]) == pytest.approx([2.5 * true_cos[0]], abs=1e-5)

@@ -251,4 +251,4 @@ def test_shipped_clip_loads_and_prefers_true_descriptions(clip, test_rows, monke
     assert len(images) == 60
     wins = (wm.clip_similarity(model, proc, images, trues)
             > wm.clip_similarity(model, proc, images, wrongs)).sum()
-    assert int(wins) >= 39  # 65 %; measured rate in the model card
+    assert int(wins) >= 44  # 73 %; measured here: 47 of 60 (78 %), all test pairs 81.7 % (model card)
