@@ -34,7 +34,7 @@ exactly), without the easy-negative filter (``easy_margin=1e9``), without Stage 
 (``lambda_calib=0``), with DDW fixed at 0.5/0.5, focus pairs only, robust pairs only; M3PO with
 α = 0 (the M3P-score without its log-prob penalty); VaPR without penalty lists
 (``penalty_top_k=0``); ASPO's caption pairs trained with plain DPO. DDW-fixed, focus-only,
-robust-only and plain DPO on Stage-2 rows are *views* of the full method's build (the same rows,
+robust-only (each pair keeping its stored DDW weight) and plain DPO on Stage-2 rows are *views* of the full method's build (the same rows,
 a column set or rows left out), written once under ``--work``.
 
 Budget: ``--steps`` optimizer steps of ``--batch-size`` pairs. P2-DPO's trainer counts *samples*
@@ -66,9 +66,20 @@ Writes ``--out-dir``/recipes.md, recipes.json, recipes_delta.png and recipes_rew
 ``benchmarks/``; ``--quick``/``--smoke`` write under ``--work`` unless ``--out-dir`` is given) after
 every run, so a cut-off run keeps what it measured.
 
-Time (estimates from per-run timings measured at small size on the shared 2-core machine; see
-:data:`TIMING_NOTE`): ``--quick`` ≤ 20 min with ``--threads 2``; the full mode about
-FULL_ESTIMATE.
+Time (an *estimate*, from per-run timings measured at small size with the current shipped models;
+rerun it with the retrained models). Measured on the shared 2-core machine at load 3.5-4, one
+thread, ``nice -n 19``: building VaPR from 96 examples 4 s, P2-DPO 77 s, ASPO's 32 caption pairs
+4 s; evaluating 200 questions 11-12 s; 16 steps × 8 pairs of DPO 15 s (a whole run with model
+loading and merging ≈ 30 s), of P2-DPO (4 samples per step) 41 s (≈ 75 s a run), of ASPO 23 s
+(≈ 40 s a run). The old benchmark on a quiet machine (load 0.7, one thread) gave 60 DPO steps in
+≈ 20 s and 300 questions in ≈ 7 s. From these:
+
+- ``--quick`` (7 sets + 5 train-time ablations, 2 seeds, 12 steps, 200 questions, 96 examples):
+  ≈ 17 min at that load on one thread, less with ``--threads 2``: within the 20 minutes;
+- the full mode (7 sets + 11 ablations, 3 seeds, 60 steps, 1000 questions, 300 examples): about
+  60 min on one quiet thread (≈ 50 s a DPO-type run, 85 s a P2-DPO run, 5 min of builds), about
+  twice that on the shared machine; ``--threads 2`` on a quiet machine should bring it under the
+  issue's 90 minutes.
 """
 
 from __future__ import annotations
@@ -157,27 +168,27 @@ MAIN: tuple[Variant, ...] = (
 ABLATIONS: tuple[Variant, ...] = (
     Variant("cwdpo/plain-dpo", "cwdpo", "dpo", "cwdpo", "plain DPO on CW-DPO's Stage-2 pairs (no Stage 1, w_c = 1)",
             view="stage2"),
-    Variant("cwdpo/wc=1", "cwdpo", "cwdpo", "cwdpo", "cooling weight fixed at 1.0",
+    Variant("cwdpo/wc=1", "cwdpo", "cwdpo", "cwdpo", "w/o Cooling Weight (Table 3): w_c fixed at 1.0",
             train=(("cooling_floor", -1e9), ("cooling_tau", 1.0))),
     Variant("cwdpo/no-easy-filter", "cwdpo-no-easy-filter", "cwdpo", "cwdpo",
-            "easy negatives kept (build: easy_margin=1e9)"),
-    Variant("cwdpo/no-stage1", "cwdpo", "cwdpo", "cwdpo", "no Stage 1: every step on Stage 2",
+            "w/o Negative Filtering (Table 3): easy negatives kept (build)"),
+    Variant("cwdpo/no-stage1", "cwdpo", "cwdpo", "cwdpo", "w/o Smooth SFT (Table 3): no Stage 1, every step on Stage 2",
             train=(("cw_stage1_epochs", 0.0),)),
-    Variant("p2dpo/no-calibration", "p2dpo", "p2dpo", "p2dpo", "without the calibration term (λ_calib = 0)",
+    Variant("p2dpo/no-calibration", "p2dpo", "p2dpo", "p2dpo", "w/o L_Calib (Table 4): λ_calib = 0",
             train=(("lambda_calib", 0.0),)),
-    Variant("p2dpo/ddw=0.5", "p2dpo", "p2dpo", "p2dpo", "DDW fixed at w_focus = w_robust = 0.5",
+    Variant("p2dpo/ddw=0.5", "p2dpo", "p2dpo", "p2dpo", "w/o DDW (Table 4): w_focus = w_robust = 0.5",
             view="ddw-fixed"),
-    Variant("p2dpo/focus-only", "p2dpo", "p2dpo", "p2dpo", "focus pairs only (stored DDW weight)", view="focus"),
-    Variant("p2dpo/robust-only", "p2dpo", "p2dpo", "p2dpo", "robust pairs only (stored DDW weight)",
+    Variant("p2dpo/focus-only", "p2dpo", "p2dpo", "p2dpo", "w/o VRPs (Table 4): focus pairs only", view="focus"),
+    Variant("p2dpo/robust-only", "p2dpo", "p2dpo", "p2dpo", "w/o FEPs (Table 4): robust pairs only",
             view="robust"),
-    Variant("m3po/alpha=0", "m3po-alpha0", "dpo", "m3po", "α = 0: rejected by MAS gap alone (build)"),
-    Variant("vapr/no-penalty-lists", "vapr-no-penalty", "dpo", "vapr", "without penalty lists (build: top_k=0)"),
-    Variant("aspo/dpo", "aspo", "dpo", "aspo", "the same caption pairs, plain DPO"),
+    Variant("m3po/alpha=0", "m3po-alpha0", "dpo", "m3po", "w/o Conf. Term (Table 3): α = 0 (build)"),
+    Variant("vapr/no-penalty-lists", "vapr-no-penalty", "dpo", "vapr", "without penalty lists (build: penalty_top_k=0)"),
+    Variant("aspo/dpo", "aspo", "dpo", "aspo", "standard DPO (Table 5) on the same caption pairs"),
 )
 VARIANTS = {v.name: v for v in (*MAIN, *ABLATIONS)}
 SMOKE_SETS = ("vapr", "length-biased")
-#: --quick: every main set, the ablations of the two cheapest mechanisms to run, 2 seeds.
-QUICK_ABLATIONS = ("cwdpo/wc=1", "p2dpo/no-calibration", "aspo/dpo")
+#: --quick: every main set and the train-time ablations that fit in 20 minutes (no extra build), 2 seeds.
+QUICK_ABLATIONS = ("cwdpo/plain-dpo", "cwdpo/wc=1", "cwdpo/no-stage1", "p2dpo/no-calibration", "aspo/dpo")
 #: Share of the optimizer steps CW-DPO spends on Stage 1 (SFT-C).
 CW_STAGE1_SHARE = 0.25
 #: Content-free sentences (world vocabulary only) that the length-biased control appends.
@@ -193,7 +204,6 @@ BOOTSTRAP = 2000
 #: README markers of the table that ``--readme-from`` rewrites.
 README_START = "<!-- bench_recipes table: start (python scripts/bench_recipes.py --readme-from benchmarks/recipes.json) -->"
 README_END = "<!-- bench_recipes table: end -->"
-TIMING_NOTE = "TIMING"
 
 # ============================================================================ pure logic
 
@@ -298,9 +308,11 @@ def reward_curve(records: Iterable[Mapping]) -> list[float]:
 
 def caption_heavy_answer(caption: str, background: str, rng: random.Random) -> str:
     """A world caption extended to several sentences for ASPO: the caption, "The background is
-    {bg}." and one content-free sentence of :data:`CLAUSES` (its image relevance is low, which
-    ASPO's weights should see); nothing added is gradable, so the answer grades as the caption."""
-    return f"{caption.strip()} The background is {background}. {rng.choice(CLAUSES)}"
+    {bg}." (unless the caption says so in a sentence of its own) and one content-free sentence of
+    :data:`CLAUSES` (its image relevance is low, which ASPO's weights should see); nothing added
+    is gradable, so the answer grades as the caption."""
+    extra = "" if "background is" in caption else f" The background is {background}."
+    return f"{caption.strip()}{extra} {rng.choice(CLAUSES)}"
 
 
 def replace_between_markers(text: str, new: str, start: str = README_START, end: str = README_END,
@@ -622,10 +634,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 f"{fmt_delta(sm.get('vs_full'))} | {fmt_seeds(sm.get('vs_full'))} | {fmt_p(sm.get('vs_full'))} | "
                 f"{fmt(sm['reward_acc_early'], pct=False, digits=2)} → {fmt(sm['reward_acc_end'], pct=False, digits=2)} | "
                 f"{ablation_verdict(sm.get('vs_full'))} |")
-    ok = {n: r for n, r in sets.items() if r["status"] == "ok" and r["summary"]}
+    ok = {n: r for n, r in main.items() if r["status"] == "ok" and r["summary"]}
     tasks = list(base.get("per_task", {}))
     if ok and tasks:
-        lines += ["", "## Δ accuracy per category (points, mean over seeds)", "",
+        lines += ["", "## Δ accuracy per category (points, mean over seeds; ablations: recipes.json)", "",
                   "| task | n | before | " + " | ".join(ok) + " |",
                   "|---|---:|---:|" + "---:|" * len(ok)]
         for t in tasks:
@@ -732,8 +744,8 @@ def write_plots(report: Mapping[str, Any], out: Path) -> list[str]:
         d = [100 * c["delta"] for _, c in rows]
         err = [[100 * (c["delta"] - c["ci"][0]) for _, c in rows], [100 * (c["ci"][1] - c["delta"]) for _, c in rows]]
         colors = ["tab:orange" if " − " in n else "tab:blue" for n, _ in rows]
-        ax.errorbar(d, y, xerr=err, fmt="none", ecolor=colors, capsize=3)
-        ax.scatter(d, y, c=colors, zorder=3)
+        for k, color in enumerate(colors):
+            ax.errorbar([d[k]], [y[k]], xerr=[[err[0][k]], [err[1][k]]], fmt="o", color=color, capsize=3)
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_yticks(y, [n for n, _ in rows], fontsize=8)
         ax.set_xlabel("Δ held-out accuracy (points), paired 95% interval")
@@ -1393,7 +1405,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-models", action="store_true", help="keep the trained weights of every run")
     p.add_argument("--quick", action="store_true",
                    help="reduced run (≤ 20 min on 2 cores with --threads 2): every set, "
-                        f"{len(QUICK_ABLATIONS)} ablations, 2 seeds, 200 questions, 16 steps, 96 source examples")
+                        f"{len(QUICK_ABLATIONS)} train-time ablations, 2 seeds, 200 questions, 12 steps, 96 source examples")
     p.add_argument("--smoke", action="store_true",
                    help="smoke test in seconds: 2 sets, no ablations, 1 seed, 4 steps, 24 source examples, "
                         "12 test questions; a random tiny LLaVA unless --model is given")
@@ -1412,7 +1424,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          "samples": 2, "max_new_tokens": 12, "sets": ",".join(SMOKE_SETS), "ablations": "none",
                          "bootstrap": 200}
     elif a.quick:
-        mode_defaults = {"n_source": 96, "n_captions": 32, "n_eval": 200, "steps": 16, "seeds": "0,1",
+        mode_defaults = {"n_source": 96, "n_captions": 32, "n_eval": 200, "steps": 12, "seeds": "0,1",
                          "samples": 2, "max_new_tokens": 32, "ablations": ",".join(QUICK_ABLATIONS)}
     for k, v in mode_defaults.items():
         if f"--{k.replace('_', '-')}" not in given:

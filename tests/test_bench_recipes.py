@@ -12,7 +12,6 @@ import pytest
 from conftest import script_module
 
 
-
 @pytest.fixture(scope="module")
 def bench():
     with script_module("bench_recipes") as module:
@@ -321,4 +320,12 @@ def test_quick_run_writes_the_report_and_reports_broken_recipes(bench, tmp_path,
     assert sets["length-biased"]["chosen_longer_rate"] == 1.0
     assert sets["vapr"]["chosen_correct"] == 1.0
     assert [c["verdict"] for c in report["checks"]][2] == "yes"
-    assert "## Accuracy per category" in md and report["finished"]
+    assert "## Δ accuracy per category" in md and report["finished"]
+    # the paired statistics: every run answered the base model's 12 questions
+    assert len(report["base"]["correct"]) == 12
+    vs = sets["vapr"]["summary"]["vs_base"]
+    assert len(sets["vapr"]["runs"][0]["correct"]) == 12 and vs["n"] == 12
+    assert vs["ci"][0] <= vs["delta"] <= vs["ci"][1] and 0 <= vs["mcnemar"]["p"] <= 1
+    assert vs["delta"] == pytest.approx(sets["vapr"]["summary"]["delta"][0])
+    assert sorted(report["plots"]) == ["recipes_delta.png", "recipes_reward.png"]
+    assert (out / "recipes_delta.png").stat().st_size > 1000
