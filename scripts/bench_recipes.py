@@ -662,14 +662,20 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _num(x: float | str | None, digits: int) -> str:
+    return "–" if x is None or isinstance(x, str) or math.isnan(x) else f"{x:.{digits}f}"
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None or math.isnan(x) else f"{100 * x:.0f}%"
 
 
-def readme_table(report: Mapping[str, Any]) -> str:
-    """The README's recipe section body, generated from ``recipes.json`` (never typed)."""
+def readme_table(report: Mapping[str, Any], source: str = "benchmarks/recipes.json") -> str:
+    """The README's recipe section body, generated from ``recipes.json`` (never typed): the main
+    table (means over seeds) and the ablations' Δ against their full method."""
     s, base = report["settings"], report["base"]
-    lines = [(f"Generated from `benchmarks/recipes.json` ({report['finished'] or 'unfinished'}): base model "
+    mean = lambda ms: "–" if ms[0] is None or math.isnan(ms[0]) else ms[0]
+    lines = [(f"Generated from `{source}` ({report['finished'] or 'unfinished'}): base model "
               f"{100 * base.get('accuracy', math.nan):.1f}% on {base.get('n', 0)} held-out questions; "
               f"{s['steps']} steps × {s['batch_size']} pairs, LoRA r={s['lora_r']}, seeds {s['seeds']}; "
               f"{report['wall_s'] / 60:.0f} min on {s['threads']} thread(s). Δ in points with the paired "
@@ -678,7 +684,7 @@ def readme_table(report: Mapping[str, Any]) -> str:
              "|---|---|---:|---:|---:|---|---|"]
     abl = []
     for name, r in report["sets"].items():
-        if r["of"]:
+        if r.get("of"):
             abl.append((name, r))
             continue
         label = display_name(name, r)
@@ -688,16 +694,16 @@ def readme_table(report: Mapping[str, Any]) -> str:
             continue
         pairs = f"{r['pairs']}" + (f" (+{r['stage1_rows']} Stage-1)" if r["stage1_rows"] else "")
         lines.append(f"| {label} | {r['loss']} | {pairs} | {fmt_delta(sm.get('vs_base'))} | {fmt_p(sm.get('vs_base'))} | "
-                     f"{fmt(sm['reward_acc_early'], pct=False, digits=2)} → {fmt(sm['reward_acc_end'], pct=False, digits=2)} | "
-                     f"{base.get('ece', math.nan):.3f} → {fmt(sm['ece_after'], pct=False, digits=3)} |")
+                     f"{_num(mean(sm['reward_acc_early']), 2)} → {_num(mean(sm['reward_acc_end']), 2)} | "
+                     f"{_num(base.get('ece', math.nan), 3)} → {_num(mean(sm['ece_after']), 3)} |")
     if abl:
         lines += ["", "| ablation | change | Δ vs full method [95% CI] | verdict |", "|---|---|---:|---|"]
         for name, r in abl:
             sm = r.get("summary")
             if r["status"] != "ok" or not sm:
-                lines.append(f"| {name} | {r['what']} | not run: {(r['reason'] or 'no run finished').replace('|', '/')} | |")
+                lines.append(f"| {name} | {r.get('what', '')} | not run: {(r['reason'] or 'no run finished').replace('|', '/')} | |")
                 continue
-            lines.append(f"| {name} | {r['what']} | {fmt_delta(sm.get('vs_full'))} | {ablation_verdict(sm.get('vs_full'))} |")
+            lines.append(f"| {name} | {r.get('what', '')} | {fmt_delta(sm.get('vs_full'))} | {ablation_verdict(sm.get('vs_full'))} |")
     return "\n".join(lines)
 
 
@@ -717,7 +723,11 @@ def update_readme(json_path: Path, readme: Path) -> None:
         text = readme.read_text()
     except OSError as e:
         raise PairforgeError(f"{readme}: cannot read ({one_line(e)}); pass --readme PATH") from None
-    write_atomic(readme, replace_between_markers(text, readme_table(report), where=str(readme)).encode())
+    try:
+        shown = json_path.resolve().relative_to(readme.resolve().parent).as_posix()
+    except ValueError:
+        shown = json_path.name
+    write_atomic(readme, replace_between_markers(text, readme_table(report, shown), where=str(readme)).encode())
 
 
 def write_plots(report: Mapping[str, Any], out: Path) -> list[str]:
@@ -758,12 +768,15 @@ def write_plots(report: Mapping[str, Any], out: Path) -> list[str]:
     curves = {n: c for n, c in curves.items() if c}
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4))
+        window = 1
         for n, cs in curves.items():
             k = min(len(c) for c in cs)
             mean = [statistics.fmean(c[i] for c in cs) for i in range(k)]
-            ax.plot(range(1, k + 1), mean, label=n, lw=1.2)
+            window = max(1, k // 12)  # a trailing moving average: one step holds only batch-size pairs
+            smooth = [statistics.fmean(mean[max(0, i - window + 1):i + 1]) for i in range(k)]
+            ax.plot(range(1, k + 1), smooth, label=n, lw=1.2)
         ax.set_xlabel("preference-stage step")
-        ax.set_ylabel("reward accuracy (mean over seeds)")
+        ax.set_ylabel(f"reward accuracy (mean over seeds, {window}-step moving average)")
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -1171,9 +1184,11 @@ class Bench:
         from pairforge.world.dataset import features
 
         a = self.args
-        path = self.work / "sources" / f"captions-n{a.n_captions}-seed{a.data_seed}"
+        rows = caption_rows(a.n_captions, a.data_seed)  # cheap; the folder is keyed by its content
+        key = stable_id("captions", *((r["id"], r["answer"]) for r in rows))
+        path = self.work / "sources" / f"captions-n{a.n_captions}-seed{a.data_seed}-{key}"
         if not (path / "dataset_info.json").is_file():
-            save_rows(caption_rows(a.n_captions, a.data_seed), path, features())
+            save_rows(rows, path, features())
         return str(path)
 
     def view_one(self, s: SetResult, b: BuildResult) -> int:
