@@ -1353,7 +1353,7 @@ class Bench:
                         f"{run.reward_acc_early:.2f} → {run.reward_acc_end:.2f}, ECE {run.ece:.3f}; "
                         f"train {run.train_seconds:.0f} s, eval {run.eval_seconds:.0f} s")
                 bar.update(1)
-                self.write()
+                self.write(plots=True)
         self.finished = time.strftime("finished %Y-%m-%d %H:%M")
         rep = self.write(plots=True)
         say(f"done in {rep['wall_s'] / 60:.1f} min → {Path(a.out_dir) / 'recipes.md'}")

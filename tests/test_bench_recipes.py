@@ -290,6 +290,27 @@ def test_the_repository_readme_has_the_markers(bench):
     bench.replace_between_markers(text, "x")  # raises when the markers are missing or out of order
 
 
+def test_modes_and_ablation_selection(bench, tmp_path):
+    model = str(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    a = bench.parse_args(["--model", model, "--quick"])
+    assert a.mode == "quick" and a.seeds == [0, 1] and a.n_eval == 200 and a.steps == 12
+    assert a.ablations == list(bench.QUICK_ABLATIONS)
+    assert a.sets == [v.name for v in bench.MAIN]
+    full = bench.parse_args(["--model", model])
+    assert full.mode == "full" and full.n_eval >= 1000 and len(full.seeds) >= 3
+    assert full.ablations == [v.name for v in bench.ABLATIONS]
+    # an ablation brings its full method along; an explicit option beats the mode's default
+    a = bench.parse_args(["--model", model, "--quick", "--sets", "vapr", "--ablations", "p2dpo/focus-only",
+                          "--n-eval", "30"])
+    assert a.sets == ["vapr", "p2dpo"] and a.ablations == ["p2dpo/focus-only"] and a.n_eval == 30
+    assert bench.parse_args(["--model", model, "--ablations", "none"]).ablations == []
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--model", model, "--ablations", "p2dpo/no-such"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--model", model, "--sets", "p2dpo/focus-only"])  # an ablation is not a set
+
+
 # ----------------------------------------------------------------------------- smoke run
 
 
