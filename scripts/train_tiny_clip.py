@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from pairforge.world import derive_seed, sft_dataset, vocabulary
 from pairforge.world.models import (
-    EDIT_TYPES, build_clip_processor, clip_config, edited_description, patch_targets,
+    EDIT_TYPES, build_clip_processor, clip_config, edited_description, patch_loss, patch_targets,
     pixel_values_from_uint8, save_checkpoint, scene_description, seed_everything, training_parser,
     warmup_cosine_lr,
 )
@@ -280,13 +280,6 @@ def write_card(out: Path, args, log: dict, n_words: int) -> None:
         t2i=last("losses_t2i"), dense=last("losses_dense")))
 
 
-def dense_loss(logits, kind, color) -> torch.Tensor:
-    """Cross-entropy of the per-patch kind and colour predictions (B, P, K+1+C+1)."""
-    nk = len(KINDS) + 1
-    return (F.cross_entropy(logits[..., :nk].flatten(0, 1), kind.flatten())
-            + F.cross_entropy(logits[..., nk:].flatten(0, 1), color.flatten()))
-
-
 def pretrain_vision_dense(model, dense_head, images, kind_t, color_t, processor, args,
                           gen: torch.Generator, object_head=None, present_t=None,
                           centres_t=None) -> list[float]:
@@ -305,7 +298,7 @@ def pretrain_vision_dense(model, dense_head, images, kind_t, color_t, processor,
             g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
         pixels = pixel_values_from_uint8(images[idx], processor.image_processor)
         out = model.get_image_features(pixel_values=pixels)
-        loss = dense_loss(dense_head(out.last_hidden_state[:, 1:]), kind_t[idx], color_t[idx])
+        loss = patch_loss(dense_head(out.last_hidden_state[:, 1:]), kind_t[idx], color_t[idx])
         if args.object_weight:
             loss = loss + args.object_weight * object_loss(
                 object_head(out.pooler_output), present_t[idx], centres_t[idx])
@@ -388,7 +381,7 @@ def main(argv=None) -> None:
         scale = model.logit_scale.exp().clamp(max=100)
         n_neg = len(negs)
         parts = clip_losses(img, desc[:B], desc[B:B + n_neg], desc[B + n_neg:], batch_answers, scale)
-        parts["dense"] = dense_loss(dense_head(vis.last_hidden_state[:, 1:]), kind_t[idx], color_t[idx])
+        parts["dense"] = patch_loss(dense_head(vis.last_hidden_state[:, 1:]), kind_t[idx], color_t[idx])
         loss = parts["i2t"] + parts["t2i"] + args.answer_weight * parts["answer"] + args.dense_weight * parts["dense"]
         if args.object_weight:
             parts["object"] = object_loss(object_head(vis.pooler_output), present_t[idx], centres_t[idx])
