@@ -48,6 +48,7 @@ from pairforge.world import (
     vocabulary,
 )
 from pairforge.world.models import (
+    TINY_CLIP_PATH,
     build_vlm_processor,
     encode_sft_example,
     patch_loss,
@@ -63,35 +64,37 @@ from pairforge.world.scenes import MAX_OBJECTS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = training_parser(__doc__.split("\n")[0], steps=1500)
+    p = training_parser(__doc__.split("\n")[0], steps=700)
+    p.set_defaults(lr=1.5e-3, warmup=50)
     p.add_argument("--n-validation", type=int, default=500)
     p.add_argument("--vision-hidden", type=int, default=128)
     p.add_argument("--vision-layers", type=int, default=3)
     p.add_argument("--text-hidden", type=int, default=256)
     p.add_argument("--text-layers", type=int, default=4)
     p.add_argument("--text-intermediate", type=int, default=768)
-    p.add_argument("--vision-tower", type=Path, default=None,
+    p.add_argument("--vision-tower", type=Path, default=TINY_CLIP_PATH,
                    help="a CLIPModel checkpoint (e.g. the tiny CLIP) whose vision tower initialises "
-                        "ours, as LLaVA starts from a pretrained CLIP ViT; sizes must match")
-    p.add_argument("--vision-lr-scale", type=float, default=1.0,
+                        "ours, as LLaVA starts from a pretrained CLIP ViT; sizes must match (default: the "
+                        "shipped tiny CLIP; 'none' starts from random weights)")
+    p.add_argument("--vision-lr-scale", type=float, default=0.3,
                    help="learning-rate factor of the vision tower (0 freezes it, as LLaVA does)")
-    p.add_argument("--span-weight", type=float, default=1.0,
+    p.add_argument("--span-weight", type=float, default=3.0,
                    help="loss weight of the answer tokens that decide correctness (the world's "
                         "answer_span_start/end: the colour, kind, number, relation...); 1 = plain "
                         "mean over answer tokens")
-    p.add_argument("--turns", type=int, default=1,
+    p.add_argument("--turns", type=int, default=4,
                    help="questions per training image, asked as one multi-turn conversation with "
                         "the loss on every answer (the image is encoded once for all of them)")
-    p.add_argument("--curriculum", type=float, default=0.0,
+    p.add_argument("--curriculum", type=float, default=0.15,
                    help="share of the steps over which the largest object count of the training "
                         "scenes grows from 1 to 6 (0: every scene draws 1-6 objects, as the world does)")
-    p.add_argument("--projector-lr-scale", type=float, default=1.0,
+    p.add_argument("--projector-lr-scale", type=float, default=2.0,
                    help="learning-rate factor of the projector (LLaVA trains it alone first)")
-    p.add_argument("--dense-weight", type=float, default=0.0,
+    p.add_argument("--dense-weight", type=float, default=1.0,
                    help="weight of a dense auxiliary loss on the vision tower: each patch token "
                         "predicts the kind and colour of the object covering it (ground-truth "
                         "boxes), through a linear head that is not saved")
-    p.add_argument("--probe-every", type=int, default=250,
+    p.add_argument("--probe-every", type=int, default=100,
                    help="every N steps, log per task how often the decisive answer token is "
                         "the argmax on the validation split (teacher-forced, one forward)")
     p.add_argument("--check", type=Path, default=None, metavar="CHECKPOINT",
@@ -100,7 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and compare the losses bit for bit with its train_log.json; the result "
                         "goes into its card")
     p.add_argument("--check-steps", type=int, default=40)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.vision_tower is not None and str(args.vision_tower).lower() == "none":
+        args.vision_tower = None
+    return args
 
 
 def span_mask(processor, row, n_labels: int) -> list[bool]:

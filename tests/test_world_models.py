@@ -205,16 +205,16 @@ def test_shipped_vlm_loads_offline_through_auto_classes(vlm, monkeypatch):
 
 
 def test_shipped_vlm_answers_in_sentences_above_floor(vlm, test_rows):
-    """Greedy on 50 held-out questions. Measured on 1000 test questions: 44.6% (model card;
-    27 of these 50). The floor, 17 of 50, is about 2.5 binomial standard deviations below
-    the card's rate and catches a broken or random checkpoint (random weights score 0); the
-    previous checkpoint (40%, 19 of these 50) also passes it."""
+    """Greedy on 50 held-out questions. Measured on 1000 test questions: 59.9% (model card;
+    32 of these 50). The floor, 22 of 50, is about 2.5 binomial standard deviations below
+    the card's rate: it catches a broken or random checkpoint (random weights score 0) and
+    the previous one (40%, 19 of these 50)."""
     model, proc = vlm
     rows = test_rows[:50]
     answers = [a[0] for a in wm.generate_answers(model, proc, rows, batch_size=25)]
     assert all(a and a[-1] in ".?" and len(a.split()) >= 2 for a in answers[:5]), answers[:5]
     grades = [grade(r, a) for r, a in zip(rows, answers)]
-    assert grades.count("correct") >= 17, list(zip(answers, grades))
+    assert grades.count("correct") >= 22, list(zip(answers, grades))
 
 
 def test_shipped_vlm_attention_over_image_tokens(vlm, test_rows):
