@@ -466,7 +466,8 @@ def check_determinism(checkpoint: Path, n_steps: int) -> None:
     first_diff = next((i for i, (a, b) in enumerate(zip(rerun, log["losses"])) if a != b), None)
     verdict = (f"Checked: the first {n_steps} steps rerun here with the same command and "
                f"{torch.get_num_threads()} thread gave {'bit-identical' if same else 'DIFFERENT'} "
-               f"losses" + ("." if same else f" (first difference at step {first_diff + 1})."))
+               f"losses" + ("" if same else f" (first difference at step {first_diff + 1})")
+               + f" (`python scripts/train_tiny_vlm.py --check <this folder> --check-steps {n_steps}`).")
     card = checkpoint / "README.md"
     text = card.read_text()
     head, rest = text.split("<!-- repro:start -->", 1)
