@@ -29,10 +29,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pairforge.diagnostics.model_based import wilson_ci95
 from pairforge.world import TASKS, caption_credit, derive_seed, grade, sft_dataset
 from pairforge.world.models import (
-    EDIT_TYPES, TINY_CLIP_PATH, TINY_VLM_PATH, clip_similarity, edited_description,
-    generate_answers, load_tiny_clip, load_tiny_vlm, scene_description,
+    EDIT_TYPES,
+    TINY_CLIP_PATH,
+    TINY_VLM_PATH,
+    clip_similarity,
+    edited_description,
+    generate_answers,
+    load_tiny_clip,
+    load_tiny_vlm,
+    scene_description,
 )
 
 START, END = "<!-- eval:start -->", "<!-- eval:end -->"
@@ -55,16 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--update-cards", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k/n (Wilson 1927)."""
-    if not n:
-        return (0.0, 1.0)
-    p = k / n
-    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
-    return (max(0.0, mid - half), min(1.0, mid + half))
 
 
 def pct(k: int, n: int) -> str:
@@ -103,7 +101,7 @@ def eval_vlm(args, rows) -> tuple[dict, str]:
         "n": len(rows),
         "accuracy": total["correct"] / len(rows),
         "unparseable": total["unparseable"] / len(rows),
-        "accuracy_ci95": wilson(total["correct"], len(rows)),
+        "accuracy_ci95": wilson_ci95(total["correct"], len(rows)),
         "caption_credit": caption,
         "per_task": {t: {"n": sum(by_task[t].values()), "correct": by_task[t]["correct"],
                          "wrong": by_task[t]["wrong"], "unparseable": by_task[t]["unparseable"]}

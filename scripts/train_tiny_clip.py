@@ -59,6 +59,7 @@ from pairforge.world import COLORS, KINDS
 def parse_args(argv=None) -> argparse.Namespace:
     p = training_parser(__doc__.split("\n")[0], steps=1000, steps_help="stage 2: contrastive steps",
                         seed_help="seed of the initialisation, data order, edits")
+    p.add_argument("--n-train", type=int, default=20000, help="train-split rows drawn (its filter rows are then left out)")
     p.add_argument("--hard-negatives", type=int, default=3,
                    help="minimal wrong edits per image (distinct edit types first)")
     p.add_argument("--answer-weight", type=float, default=0.5)

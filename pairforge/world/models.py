@@ -249,7 +249,6 @@ def training_parser(description: str, *, steps: int, steps_help: str = "optimize
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder (created)")
     p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the world's sft_dataset")
-    p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--steps", type=int, default=steps, help=steps_help)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
