@@ -14,15 +14,17 @@ hard negatives as extra columns):
 - image ↔ answer sentence, symmetric, where identical sentences in the batch count as
   positives for each other (weight ``--answer-weight``);
 - a dense auxiliary loss on the vision tower (weight ``--dense-weight``): each patch token
-  predicts the kind and colour of the object covering it, from the generator's ground-truth
-  boxes (:func:`pairforge.world.models.patch_targets`), through a linear head that is not
-  saved. Without it this small ViT does not learn shapes within the budget (kind edits stayed
+  predicts the kind and colour of the object covering it and (``--dense-centre``) the grid cell
+  of that object's centre, from the generator's ground-truth boxes
+  (:func:`pairforge.world.models.patch_targets`), through a linear head that is not saved. Without it this small ViT does not learn shapes within the budget (kind edits stayed
   at chance after 1000 steps); the same patch features feed the tiny VLM;
 - a pooled object loss (weight ``--object-weight``, both stages): from the projected image
   embedding, a linear head (not saved) predicts which colour+kind pairs the scene holds
   (binary cross-entropy) and each present pair's centre (squared error). It lifted kind edits
   from 66.8% to 79.9%; the centre part stayed near chance and position edits stayed at chance
-  (benchmarks/world_models_clip_experiments.md).
+  (benchmarks/world_models_clip_experiments.md);
+- a pairwise relation loss (weight ``--relation-weight``): for each image whose description
+  names a relation, ``-log σ(scale · (cos(image, true) − cos(image, relation flipped)))``.
 
 Hard negatives are drawn with per-type weights (``--edit-weights``, default position 3, kind 2,
 colour and count 1), so the weak edit types are among the K more often.
@@ -49,7 +51,8 @@ from tqdm import tqdm
 
 from pairforge.world import derive_seed, sft_dataset, vocabulary
 from pairforge.world.models import (
-    EDIT_TYPES, build_clip_processor, clip_config, edited_description, patch_loss, patch_targets,
+    EDIT_TYPES, PatchTargets, build_clip_processor, clip_config, dense_head_size, edited_description,
+    patch_loss, patch_targets,
     pixel_values_from_uint8, save_checkpoint, scene_description, seed_everything, training_parser,
     warmup_cosine_lr,
 )
@@ -74,6 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "linear head (not saved) predicts which colour+kind pairs are present and "
                         "each present pair's centre (x, y); in both stages (stage 1 then also trains "
                         "the visual projection)")
+    p.add_argument("--dense-centre", action=argparse.BooleanOptionalAction, default=True,
+                   help="the dense loss also asks each patch for the grid cell of its object's "
+                        "centre, so patch tokens carry where each object is")
+    p.add_argument("--relation-weight", type=float, default=1.0,
+                   help="weight of a pairwise relation loss: for images whose description names a "
+                        "relation, -log σ(s(true) − s(relation flipped)) with the CLIP logit scale")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=3)
     return p.parse_args(argv)
@@ -155,6 +164,13 @@ def object_loss(logits, present, centres) -> torch.Tensor:
     return bce + mse
 
 
+def relation_loss(img, true, flipped, scale) -> torch.Tensor:
+    """Mean ``-log σ(scale · (cos(img, true) − cos(img, flipped)))`` over images whose
+    description names a relation, ``flipped`` being that description with the relation
+    reversed: the one contrast that needs where the objects are."""
+    return -F.logsigmoid(scale * ((img * true).sum(-1) - (img * flipped).sum(-1))).mean()
+
+
 def clip_losses(img, desc, neg, ans, answers: list[str], scale) -> dict[str, torch.Tensor]:
     """The three InfoNCE terms on L2-normalised embeddings: images, descriptions and answers
     (B, D), hard negatives (B·K, D); ``answers`` are the answer strings."""
@@ -231,8 +247,10 @@ drawn with weights {edit_weights}), and the example's SFT answer sentence.
 steps, cosine decay. Loss = image→text InfoNCE over the batch's descriptions plus all hard
 negatives + description→image InfoNCE + {aw} × image↔answer InfoNCE (identical answers are
 shared positives) + {dw} × a dense auxiliary loss (each patch token predicts the kind and colour
-of the object covering it, from ground-truth boxes, through a linear head that is not shipped;
-without it this ViT did not learn shapes within the budget) + {ow} × a pooled object loss (from
+of the object covering it and the grid cell of that object's centre, from ground-truth boxes,
+through a linear head that is not shipped; without it this ViT did not learn shapes within the
+budget) + {rw} × a relation loss (−log σ of the scaled cosine margin of the true description
+over the same description with its relation flipped) + {ow} × a pooled object loss (from
 the image embedding, a linear head that is not shipped predicts which colour+kind pairs are
 present and each one's centre). Stage 1: {dense_steps} steps of the vision tower (and, with the
 object loss, its projection) on the dense and object losses alone. Measured here (2 shared CPU
@@ -275,13 +293,13 @@ def write_card(out: Path, args, log: dict, n_words: int) -> None:
         data_seed=args.data_seed, n_examples=log["n_train_examples"], n_excl=log["n_train_excluded"],
         k=args.hard_negatives, command=log["command"], steps=args.steps, batch=args.batch_size,
         wd=args.weight_decay, lr=args.lr, warmup=args.warmup, aw=args.answer_weight,
-        dw=args.dense_weight, ow=args.object_weight, dense_steps=args.dense_steps,
+        dw=args.dense_weight, ow=args.object_weight, rw=args.relation_weight, dense_steps=args.dense_steps,
         edit_weights=args.edit_weights, torch=log["torch"], threads=log["threads"], data_s=log["data_seconds"],
         train_s=log["train_seconds"], total_min=log["total_seconds"] / 60, i2t=last("losses_i2t"),
         t2i=last("losses_t2i"), dense=last("losses_dense")))
 
 
-def pretrain_vision_dense(model, dense_head, images, kind_t, color_t, processor, args,
+def pretrain_vision_dense(model, dense_head, images, patch_t, processor, args,
                           gen: torch.Generator, object_head=None, present_t=None,
                           centres_t=None) -> list[float]:
     """Stage 1: the vision tower alone on the dense patch loss (``--dense-steps`` steps, linear
@@ -294,12 +312,12 @@ def pretrain_vision_dense(model, dense_head, images, kind_t, color_t, processor,
     losses = []
     bar = tqdm(range(args.dense_steps), desc="stage 1: dense", unit="step")
     for step in bar:
-        idx = torch.randint(len(kind_t), (args.batch_size,), generator=gen)
+        idx = torch.randint(len(images), (args.batch_size,), generator=gen)
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
         pixels = pixel_values_from_uint8(images[idx], processor.image_processor)
         out = model.get_image_features(pixel_values=pixels)
-        loss = patch_loss(dense_head(out.last_hidden_state[:, 1:]), kind_t[idx], color_t[idx])
+        loss = patch_loss(dense_head(out.last_hidden_state[:, 1:]), *(t[idx] for t in patch_t))
         if args.object_weight:
             loss = loss + args.object_weight * object_loss(
                 object_head(out.pooler_output), present_t[idx], centres_t[idx])
@@ -322,8 +340,9 @@ def main(argv=None) -> None:
     images, scenes, answers, ids, n_excl = load_rows(args)
     descriptions = [scene_description(s) for s in scenes]
     targets = [patch_targets(s) for s in tqdm(scenes, desc="patch targets", unit="scene")]
-    kind_t = torch.tensor([t[0] for t in targets])
-    color_t = torch.tensor([t[1] for t in targets])
+    fields = PatchTargets._fields if args.dense_centre else PatchTargets._fields[:2]
+    patch_t = tuple(torch.tensor([getattr(t, f) for t in targets]) for f in fields)
+    flipped = [edited_description(s, "position", random.Random(0)) for s in scenes]  # None: no relation
     objects = [object_targets(s) for s in scenes]
     present_t = torch.tensor([o[0] for o in objects], dtype=torch.float32)
     centres_t = torch.tensor([o[1] for o in objects], dtype=torch.float32)
@@ -339,7 +358,7 @@ def main(argv=None) -> None:
     model = CLIPModel(config)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    dense_head = torch.nn.Linear(args.hidden, len(KINDS) + 1 + len(COLORS) + 1)  # not saved
+    dense_head = torch.nn.Linear(args.hidden, dense_head_size(centre=args.dense_centre))  # not saved
     n_slots = len(COLORS) * len(KINDS)
     object_head = torch.nn.Linear(args.hidden, 3 * n_slots)  # not saved
     named = [*model.named_parameters(), *(("dense_head." + n, p) for n, p in dense_head.named_parameters())]
@@ -357,13 +376,15 @@ def main(argv=None) -> None:
 
     gen = torch.Generator().manual_seed(args.seed)
     t1 = time.time()
-    stage1 = pretrain_vision_dense(model, dense_head, images, kind_t, color_t, processor, args, gen,
+    stage1 = pretrain_vision_dense(model, dense_head, images, patch_t, processor, args, gen,
                                    object_head, present_t, centres_t)
     t_stage1 = time.time() - t1
     order: list[int] = []
     logs: dict[str, list[float]] = {"loss": [], "i2t": [], "t2i": [], "answer": [], "dense": []}
     if args.object_weight:
         logs["object"] = []
+    if args.relation_weight:
+        logs["relation"] = []
     bar = tqdm(range(args.steps), desc="train", unit="step")
     for step in bar:
         if len(order) < args.batch_size:
@@ -377,16 +398,21 @@ def main(argv=None) -> None:
         vis = model.get_image_features(pixel_values=pixels)
         img = F.normalize(vis.pooler_output, dim=-1)
         batch_answers = [answers[i] for i in idx]
-        desc = embed_text([descriptions[i] for i in idx] + negs + batch_answers)
+        rel = [(r, flipped[i]) for r, i in enumerate(idx) if flipped[i] is not None] if args.relation_weight else []
+        desc = embed_text([descriptions[i] for i in idx] + negs + batch_answers + [t for _, t in rel])
         B = len(idx)
         scale = model.logit_scale.exp().clamp(max=100)
         n_neg = len(negs)
-        parts = clip_losses(img, desc[:B], desc[B:B + n_neg], desc[B + n_neg:], batch_answers, scale)
-        parts["dense"] = patch_loss(dense_head(vis.last_hidden_state[:, 1:]), kind_t[idx], color_t[idx])
+        parts = clip_losses(img, desc[:B], desc[B:B + n_neg], desc[B + n_neg:2 * B + n_neg], batch_answers, scale)
+        parts["dense"] = patch_loss(dense_head(vis.last_hidden_state[:, 1:]), *(t[idx] for t in patch_t))
         loss = parts["i2t"] + parts["t2i"] + args.answer_weight * parts["answer"] + args.dense_weight * parts["dense"]
         if args.object_weight:
             parts["object"] = object_loss(object_head(vis.pooler_output), present_t[idx], centres_t[idx])
             loss = loss + args.object_weight * parts["object"]
+        if rel:
+            rows = torch.tensor([r for r, _ in rel])
+            parts["relation"] = relation_loss(img[rows], desc[rows], desc[2 * B + n_neg:], scale)
+            loss = loss + args.relation_weight * parts["relation"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], args.grad_clip)
         opt.step()

@@ -9,8 +9,10 @@ image, with the loss on every answer: the image is encoded once for several supe
 answers. ``--curriculum`` grows the largest object count from 1 to 6 over the first share of
 the steps. The decisive answer tokens (the world's ``answer_span_start:answer_span_end``: the
 colour, kind, number, relation...) weigh ``--span-weight`` in the loss; ``--dense-weight``
-adds a per-patch kind/colour loss on the vision tower (:func:`patch_targets`), which teaches a
-ViT this small to see shapes far sooner than the answers alone do.
+adds a per-patch loss on the vision tower (:func:`patch_targets`: the kind, colour and centre
+cell of the object under each patch), which teaches a ViT this small to see shapes far sooner
+than the answers alone do. ``--always`` puts the listed task categories (default spatial and
+existence, the two that need relations or absence) into every conversation that has them.
 
 Model: a randomly initialised ``LlavaForConditionalGeneration`` (CLIP vision tower +
 projector + Llama LM, :func:`pairforge.world.models.vlm_config`). AdamW, linear warmup then
@@ -38,8 +40,6 @@ from tqdm import tqdm
 
 from pairforge.schema import assistant_message, user_message
 from pairforge.world import (
-    COLORS,
-    KINDS,
     WORLD_NAME,
     derive_seed,
     make_examples,
@@ -49,7 +49,9 @@ from pairforge.world import (
 )
 from pairforge.world.models import (
     TINY_CLIP_PATH,
+    PatchTargets,
     build_vlm_processor,
+    dense_head_size,
     encode_sft_example,
     patch_loss,
     patch_targets,
@@ -94,6 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight of a dense auxiliary loss on the vision tower: each patch token "
                         "predicts the kind and colour of the object covering it (ground-truth "
                         "boxes), through a linear head that is not saved")
+    p.add_argument("--dense-centre", action=argparse.BooleanOptionalAction, default=True,
+                   help="the dense loss also asks each patch for the grid cell of its object's "
+                        "centre, so the patch tokens carry where each object is (relations)")
+    p.add_argument("--always", default="spatial,existence",
+                   help="comma-separated task categories asked in every training conversation whose "
+                        "scene has such a question (the other turns are drawn at random); '' = none")
     p.add_argument("--probe-every", type=int, default=100,
                    help="every N steps, log per task how often the decisive answer token is "
                         "the argmax on the validation split (teacher-forced, one forward)")
@@ -172,7 +180,9 @@ def training_conversation(index: int, args, max_objects: int):
     scene = sample_scene(derive_seed(base, "scene"), n_objects=rng.randint(1, max_objects))
     rows = make_examples(scene, derive_seed(base, "questions"))
     rng.shuffle(rows)
-    rows = rows[:args.turns]
+    always = {t for t in args.always.split(",") if t}
+    rows = ([r for r in rows if r["task"] in always] + [r for r in rows if r["task"] not in always])[:args.turns]
+    rng.shuffle(rows)
     image = np.asarray(rows[0]["images"][0].convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
     return rows, image, scene
 
@@ -188,7 +198,7 @@ def max_objects_at(step: int, args) -> int:
 def training_batch(step: int, args, processor):
     """The batch of ``step``: conversations ``step·B … step·B + B − 1`` encoded, their images
     and their per-patch targets (kind, colour)."""
-    ids, labels, spans, images, kinds, colors = [], [], [], [], [], []
+    ids, labels, spans, images, patches = [], [], [], [], []
     cap = max_objects_at(step, args)
     for r in range(args.batch_size):
         rows, image, scene = training_conversation(step * args.batch_size + r, args, cap)
@@ -198,13 +208,12 @@ def training_batch(step: int, args, processor):
         spans.append(m)
         images.append(image)
         if args.dense_weight:
-            k, c = patch_targets(scene)
-            kinds.append(k)
-            colors.append(c)
+            patches.append(patch_targets(scene))
     batch = collate(range(len(ids)), ids, labels, torch.from_numpy(np.stack(images)),
                     processor.image_processor, processor.tokenizer.pad_token_id, spans)
     if args.dense_weight:
-        batch["patch_kind"], batch["patch_color"] = torch.tensor(kinds), torch.tensor(colors)
+        fields = PatchTargets._fields if args.dense_centre else PatchTargets._fields[:2]
+        batch["patch"] = tuple(torch.tensor([getattr(t, f) for t in patches]) for f in fields)
     return batch
 
 
@@ -257,8 +266,9 @@ class VisionCapture:
 
 @torch.no_grad()
 def decisive_probe(model, batches, tasks: list[str]) -> dict[str, float]:
-    """Per task: how often the first decisive answer token is the model's argmax given the
-    true prefix (teacher-forced; a cheap, monotone stand-in for greedy accuracy)."""
+    """Per task: how often every decisive answer token is the model's argmax given the true
+    prefix (teacher-forced; a cheap stand-in for greedy accuracy; all of them, since the first
+    token alone does not decide, e.g. "to the left of" / "to the right of")."""
     model.eval()
     hits: dict[str, list[bool]] = {}
     row = 0
@@ -267,10 +277,9 @@ def decisive_probe(model, batches, tasks: list[str]) -> dict[str, float]:
         target, decisive = b["labels"][:, 1:], b["span"][:, 1:]
         pred = logits.argmax(-1)
         for r in range(len(target)):
-            pos = decisive[r].nonzero()
-            if len(pos):
-                p = int(pos[0])
-                hits.setdefault(tasks[row], []).append(bool(pred[r, p] == target[r, p]))
+            pos = decisive[r]
+            if pos.any():
+                hits.setdefault(tasks[row], []).append(bool((pred[r][pos] == target[r][pos]).all()))
             row += 1
     model.train()
     out = {t: float(np.mean(v)) for t, v in sorted(hits.items())}
@@ -501,7 +510,7 @@ def train(args, stop_after: int | None = None) -> dict:
     groups = param_groups(model, args)
     dense_head, capture = None, None
     if args.dense_weight:
-        dense_head = torch.nn.Linear(args.vision_hidden, len(KINDS) + 1 + len(COLORS) + 1)  # not saved
+        dense_head = torch.nn.Linear(args.vision_hidden, dense_head_size(centre=args.dense_centre))  # not saved
         capture = VisionCapture(model)
         groups.append({"params": list(dense_head.parameters()), "weight_decay": 0.0, "lr_scale": 1.0})
     trainable = [p for g in groups for p in g["params"]]
@@ -520,7 +529,7 @@ def train(args, stop_after: int | None = None) -> dict:
         lr = warmup_cosine_lr(step, args.steps, lr=args.lr, warmup=args.warmup, min_ratio=args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        patch = (batch.pop("patch_kind"), batch.pop("patch_color")) if args.dense_weight else None
+        patch = batch.pop("patch") if args.dense_weight else None
         loss = weighted_loss(model, batch, args.span_weight)
         if patch is not None:
             dense = patch_loss(dense_head(capture.hidden[:, 1:]), *patch)

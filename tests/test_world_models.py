@@ -158,6 +158,77 @@ def test_scene_description_and_minimal_edits():
         wm.edited_description(one, "size", random.Random(0))
 
 
+def test_patch_targets_hand_computed():
+    from pairforge.world import COLORS, KINDS
+    from pairforge.world.scenes import Obj, Scene
+
+    a = Obj("circle", "red", "small", 14, 28, 42, 56)      # centre (28, 42) → cell (col 2, row 3)
+    b = Obj("square", "blue", "small", 84, 84, 112, 112)   # centre (98, 98) → cell (7, 7)
+    t = wm.patch_targets(Scene(112, 112, "white", (a, b), seed=0))
+    assert isinstance(t, wm.PatchTargets) and all(len(v) == 64 for v in t)
+    covers = {17: a, 18: a, 25: a, 26: a, 54: b, 55: b, 62: b, 63: b}  # row-major 8×8 grid
+    for p in range(64):
+        o = covers.get(p)
+        want = ((list(KINDS).index(o.kind), list(COLORS).index(o.color), *((2, 3) if o is a else (7, 7)))
+                if o else (len(KINDS), len(COLORS), 8, 8))
+        assert (t.kind[p], t.color[p], t.col[p], t.row[p]) == want, p
+
+
+def test_patch_loss_hand_computed_and_head_size_checked():
+    from pairforge.world import COLORS, KINDS
+
+    nk, nc = len(KINDS) + 1, len(COLORS) + 1
+    assert wm.dense_head_size() == nk + nc + 18 and wm.dense_head_size(centre=False) == nk + nc
+    target = torch.zeros(2, 3, dtype=torch.long)
+    # uniform logits: each head's cross-entropy is log(its number of classes)
+    zeros = torch.zeros(2, 3, wm.dense_head_size())
+    assert float(wm.patch_loss(zeros, target, target, target, target)) == pytest.approx(
+        math.log(nk) + math.log(nc) + 2 * math.log(9))
+    assert float(wm.patch_loss(zeros[..., :nk + nc], target, target)) == pytest.approx(
+        math.log(nk) + math.log(nc))
+    # a confident right kind (logit 10 on class 0): −log(e^10 / (e^10 + nk − 1))
+    sharp = zeros[..., :nk + nc].clone()
+    sharp[..., 0] = 10.0
+    assert float(wm.patch_loss(sharp, target, target)) == pytest.approx(
+        -math.log(math.exp(10) / (math.exp(10) + nk - 1)) + math.log(nc), rel=1e-5)
+    with pytest.raises(PairforgeError, match="dense_head_size"):
+        wm.patch_loss(zeros[..., :-1], target, target, target, target)
+    with pytest.raises(PairforgeError, match="both col and row"):
+        wm.patch_loss(zeros, target, target, target)
+
+
+def test_clip_relation_loss_hand_computed():
+    from conftest import script_module
+
+    with script_module("train_tiny_clip") as m:
+        img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        true = torch.tensor([[0.6, 0.8], [0.6, 0.8]])
+        flipped = torch.tensor([[0.8, 0.6], [0.8, 0.6]])
+        # image 0: cos 0.6 vs 0.8 → −log σ(10 · −0.2) = log(1 + e²); image 1: log(1 + e⁻²)
+        want = (math.log(1 + math.exp(2)) + math.log(1 + math.exp(-2))) / 2
+        assert float(m.relation_loss(img, true, flipped, 10.0)) == pytest.approx(want)
+
+
+def test_vlm_training_conversations_always_ask_the_listed_tasks():
+    from conftest import script_module
+
+    with script_module("train_tiny_vlm") as m:
+        args = m.parse_args(["--out", "unused"])
+        assert args.always == "spatial,existence" and args.turns == 4
+        n_spatial = 0
+        for i in range(40):
+            rows, image, scene = m.training_conversation(i, args, 6)
+            tasks = [r["task"] for r in rows]
+            assert len(rows) == 4 and len(set(tasks)) == 4 and image.shape == (3, 112, 112)
+            assert "existence" in tasks
+            n_spatial += "spatial" in tasks
+            # the listed tasks are not always first: the turn order is shuffled
+        assert n_spatial >= 20, n_spatial  # every scene with a clear relation (most, at 1-6 objects)
+        args = m.parse_args(["--out", "unused", "--always", ""])
+        assert sum("existence" in [r["task"] for r in m.training_conversation(i, args, 6)[0]]
+                   for i in range(40)) < 30
+
+
 def test_checkpoint_round_trip_random_weights(tmp_path, processor, test_rows):
     """A random tiny VLM saved in bfloat16 loads in float32 through the Auto classes, with
     eager attention from config.json, and runs."""

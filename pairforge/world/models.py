@@ -28,7 +28,7 @@ import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pairforge.errors import PairforgeError
 
@@ -470,14 +470,29 @@ def edited_description(scene: Any, edit: str, rng: random.Random) -> str | None:
     return _render_description(groups, rel, background)
 
 
+class PatchTargets(NamedTuple):
+    """Per-patch ground truth of a scene (row-major, as the ViT orders its patch tokens):
+    the index in :data:`~pairforge.world.KINDS` / :data:`~pairforge.world.COLORS` of the object
+    covering the patch, and the grid column / row of that object's centre; the last index of
+    each ("no object": ``len(KINDS)``, ``len(COLORS)``, grid width, grid height) where no
+    object covers the patch."""
+
+    kind: list[int]
+    color: list[int]
+    col: list[int]
+    row: list[int]
+
+
 def patch_targets(scene: Any, *, patch_size: int = PATCH_SIZE, min_overlap: float = 0.1
-                  ) -> tuple[list[int], list[int]]:
-    """Per-patch ground truth of a scene for the vision tower's dense auxiliary loss: for each
-    patch of the ``patch_size`` grid (row-major, as the ViT orders its tokens), the index in
-    :data:`~pairforge.world.KINDS` and in :data:`~pairforge.world.COLORS` of the object whose
-    box covers most of the patch; ``len(KINDS)`` / ``len(COLORS)`` ("no object") when no box
-    covers at least ``min_overlap`` of the patch. A ViT this small does not learn shapes from
-    the contrastive signal alone within our budget; this dense signal teaches it quickly."""
+                  ) -> PatchTargets:
+    """Per-patch ground truth of a scene for the vision tower's dense auxiliary loss
+    (:class:`PatchTargets`): for each patch of the ``patch_size`` grid, the kind and colour of
+    the object whose box covers most of the patch, and the grid cell of that object's centre;
+    "no object" when no box covers at least ``min_overlap`` of the patch. A ViT this small does
+    not learn shapes from the contrastive signal alone within our budget; this dense signal
+    teaches it quickly. The centre cell makes every patch of an object carry where the *object*
+    is (not only where the patch is), so attention pooled over an object's patches reads its
+    position: what a relation ("left of", "above") between two named objects needs."""
     import numpy as np
     from pairforge.world import COLORS, KINDS
 
@@ -488,6 +503,8 @@ def patch_targets(scene: Any, *, patch_size: int = PATCH_SIZE, min_overlap: floa
     best = np.full((gh, gw), min_overlap * patch_size * patch_size)
     kind = np.full((gh, gw), len(KINDS))
     color = np.full((gh, gw), len(COLORS))
+    col = np.full((gh, gw), gw)
+    row = np.full((gh, gw), gh)
     kinds, colors = list(KINDS), list(COLORS)
     for o in sc.objects:
         ox = np.clip(np.minimum(o.x1, x0 + patch_size) - np.maximum(o.x0, x0), 0, None)
@@ -497,19 +514,42 @@ def patch_targets(scene: Any, *, patch_size: int = PATCH_SIZE, min_overlap: floa
         best = np.where(win, area, best)
         kind[win] = kinds.index(o.kind)
         color[win] = colors.index(o.color)
-    return kind.reshape(-1).tolist(), color.reshape(-1).tolist()
+        cx, cy = o.center
+        col[win] = min(gw - 1, max(0, int(cx // patch_size)))
+        row[win] = min(gh - 1, max(0, int(cy // patch_size)))
+    return PatchTargets(*(a.reshape(-1).tolist() for a in (kind, color, col, row)))
 
 
-def patch_loss(logits: "torch.Tensor", kind: "torch.Tensor", color: "torch.Tensor") -> "torch.Tensor":
-    """The dense auxiliary loss on per-patch predictions ``logits`` (B, P, K+1 + C+1: kind
-    then colour, "no object" last in each) against :func:`patch_targets` ``kind`` and
-    ``color`` (B, P): the sum of the two mean cross-entropies."""
+def dense_head_size(grid: int = IMAGE_SIZE // PATCH_SIZE, *, centre: bool = True) -> int:
+    """Outputs per patch of the dense head :func:`patch_loss` reads: kind + colour (each with
+    "no object"), and with ``centre`` the centre's column and row (each ``grid`` + 1)."""
+    from pairforge.world import COLORS, KINDS
+
+    return len(KINDS) + 1 + len(COLORS) + 1 + (2 * (grid + 1) if centre else 0)
+
+
+def patch_loss(logits: "torch.Tensor", kind: "torch.Tensor", color: "torch.Tensor",
+               col: "torch.Tensor | None" = None, row: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """The dense auxiliary loss on per-patch predictions ``logits`` (B, P, :func:`dense_head_size`:
+    kind, colour, then with ``col``/``row`` the centre's column and row, "no object" last in
+    each) against :func:`patch_targets` (B, P each): the sum of the mean cross-entropies."""
     import torch.nn.functional as F
-    from pairforge.world import KINDS
+    from pairforge.world import COLORS, KINDS
 
-    nk = len(KINDS) + 1
-    return (F.cross_entropy(logits[..., :nk].flatten(0, 1), kind.flatten())
-            + F.cross_entropy(logits[..., nk:].flatten(0, 1), color.flatten()))
+    heads = [(len(KINDS) + 1, kind), (len(COLORS) + 1, color)]
+    if (col is None) != (row is None):
+        raise PairforgeError("patch_loss: pass both col and row (the centre cell) or neither")
+    if col is not None:
+        grid = (logits.shape[-1] - heads[0][0] - heads[1][0]) // 2
+        heads += [(grid, col), (grid, row)]
+    loss, at = 0.0, 0
+    for n, target in heads:
+        loss = loss + F.cross_entropy(logits[..., at:at + n].flatten(0, 1), target.flatten())
+        at += n
+    if at != logits.shape[-1]:
+        raise PairforgeError(f"patch_loss: logits have {logits.shape[-1]} outputs per patch, the "
+                             f"targets need {at}; size the head with dense_head_size()")
+    return loss
 
 
 # ----------------------------------------------------------------------------- evaluation helpers
