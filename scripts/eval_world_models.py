@@ -102,6 +102,7 @@ def eval_vlm(args, rows) -> tuple[dict, str]:
         "accuracy": total["correct"] / len(rows),
         "unparseable": total["unparseable"] / len(rows),
         "accuracy_ci95": wilson_ci95(total["correct"], len(rows)),
+        "correct": "".join("1" if g == "correct" else "0" for g in grades),  # per question, for paired tests
         "caption_credit": caption,
         "per_task": {t: {"n": sum(by_task[t].values()), "correct": by_task[t]["correct"],
                          "wrong": by_task[t]["wrong"], "unparseable": by_task[t]["unparseable"]}
@@ -109,7 +110,7 @@ def eval_vlm(args, rows) -> tuple[dict, str]:
         "sampling": {"questions": len(sq), "samples": args.samples,
                      "mean_distinct_answers": sum(distinct) / len(distinct),
                      "share_with_correct_and_wrong": both / len(sq),
-                     "sample_accuracy": s_correct / n_s},
+                     "sample_accuracy": s_correct / n_s} if sq else None,
         "examples": [{"task": r["task"], "question": r["question"], "answer": r["answer"],
                       "greedy": a[0], "grade": g} for r, a, g in list(zip(rows, greedy, grades))[:10]],
     }
@@ -129,11 +130,12 @@ def eval_vlm(args, rows) -> tuple[dict, str]:
                   f"`pairforge.world.caption_credit`): {100 * caption['precision']:.1f}% of their mentions "
                   f"hold in the scene; they name {100 * caption['recall']:.1f}% of the scene's objects."]
     sm = res["sampling"]
-    lines += ["", f"Sampling at temperature 1.0 (no top-k/top-p), {sm['questions']} test questions × "
-                  f"{sm['samples']} samples: {sm['mean_distinct_answers']:.2f} distinct answers per "
-                  f"question on average; {100 * sm['share_with_correct_and_wrong']:.0f}% of questions "
-                  f"have both a correct and a wrong sample; samples are correct "
-                  f"{100 * sm['sample_accuracy']:.1f}% of the time."]
+    if sm is not None:
+        lines += ["", f"Sampling at temperature 1.0 (no top-k/top-p), {sm['questions']} test questions × "
+                      f"{sm['samples']} samples: {sm['mean_distinct_answers']:.2f} distinct answers per "
+                      f"question on average; {100 * sm['share_with_correct_and_wrong']:.0f}% of questions "
+                      f"have both a correct and a wrong sample; samples are correct "
+                      f"{100 * sm['sample_accuracy']:.1f}% of the time."]
     return res, "\n".join(lines)
 
 

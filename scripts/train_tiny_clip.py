@@ -83,6 +83,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--relation-weight", type=float, default=1.0,
                    help="weight of a pairwise relation loss: for images whose description names a "
                         "relation, -log σ(s(true) − s(relation flipped)) with the CLIP logit scale")
+    p.add_argument("--text-steps", type=int, default=0,
+                   help="stage 3: steps with the vision tower frozen (so the tiny VLM's init does not "
+                        "change), training the text tower and both projections on the contrastive, "
+                        "relation and text relation-code losses")
+    p.add_argument("--text-code-weight", type=float, default=1.0,
+                   help="stage 3: weight of the text relation-code loss: from the text embedding, a "
+                        "linear head (not saved) predicts the sentence's relation as ±1 on the two "
+                        "named colour+kind slots of the x or y axis (breaks the left/right symmetry "
+                        "that keeps both towers ignoring the relation word)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this CLIPModel checkpoint (e.g. to run stage 3 alone: "
+                        "--dense-steps 0 --steps 0 --text-steps N)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=3)
     return p.parse_args(argv)
@@ -169,6 +181,27 @@ def relation_loss(img, true, flipped, scale) -> torch.Tensor:
     description names a relation, ``flipped`` being that description with the relation
     reversed: the one contrast that needs where the objects are."""
     return -F.logsigmoid(scale * ((img * true).sum(-1) - (img * flipped).sum(-1))).mean()
+
+
+def relation_code(scene) -> list[float]:
+    """The relation its description states, as a (2·S,) vector over the colour+kind slots of
+    :func:`object_targets` (x block, then y block): for "A is to the left of B" (x_A < x_B)
+    +1 at B and −1 at A on the x block, so that code · centres > 0 exactly when the sentence
+    is true; "right of" the opposite sign; "above"/"below" likewise on the y block (y grows
+    downwards). All zeros when the description names no relation."""
+    from pairforge.world.models import _description_parts, _scene
+
+    groups, rel, _ = _description_parts(_scene(scene))
+    colors, kinds = list(COLORS), list(KINDS)
+    n = len(colors) * len(kinds)
+    code = [0.0] * (2 * n)
+    if rel is not None:
+        a, r, b = rel
+        slot = lambda g: colors.index(groups[g][0]) * len(kinds) + kinds.index(groups[g][1])  # noqa: E731
+        off, sign = {"left": (0, 1.0), "right": (0, -1.0), "above": (n, 1.0), "below": (n, -1.0)}[r]
+        code[off + slot(b)] += sign
+        code[off + slot(a)] -= sign
+    return code
 
 
 def clip_losses(img, desc, neg, ans, answers: list[str], scale) -> dict[str, torch.Tensor]:
@@ -331,6 +364,66 @@ def pretrain_vision_dense(model, dense_head, images, patch_t, processor, args,
     return losses
 
 
+def train_text_side(model, processor, images, scenes, descriptions, flipped, args, gen,
+                    edit_weights, ids) -> dict[str, list[float]]:
+    """Stage 3 (``--text-steps``): the vision tower frozen, the text tower and both projections
+    trained on i2t/t2i InfoNCE with hard negatives, the relation loss, and the text
+    relation-code loss (:func:`relation_code`, linear head not saved)."""
+    tok = processor.tokenizer
+    n = len(COLORS) * len(KINDS)
+    code_head = torch.nn.Linear(model.config.projection_dim, 2 * n)
+    for p in model.vision_model.parameters():
+        p.requires_grad_(False)
+    params = [*model.text_model.parameters(), *model.text_projection.parameters(),
+              *model.visual_projection.parameters(), model.logit_scale, *code_head.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    logs: dict[str, list[float]] = {"i2t": [], "t2i": [], "relation": [], "code": []}
+    order: list[int] = []
+    bar = tqdm(range(args.text_steps), desc="stage 3: text side", unit="step")
+    for step in bar:
+        if len(order) < args.batch_size:
+            order += torch.randperm(len(scenes), generator=gen).tolist()
+        idx, order = order[:args.batch_size], order[args.batch_size:]
+        for g in opt.param_groups:
+            g["lr"] = warmup_cosine_lr(step, args.text_steps, lr=args.lr, warmup=args.warmup,
+                                       min_ratio=args.min_lr_ratio)
+        negs = [t for i in idx for t in hard_negatives(
+            scenes[i], args.hard_negatives, random.Random(derive_seed(args.seed, ids[i], "text", step)),
+            edit_weights)]
+        with torch.no_grad():
+            pooled = model.vision_model(pixel_values=pixel_values_from_uint8(
+                images[idx], processor.image_processor)).pooler_output
+        img = F.normalize(model.visual_projection(pooled), dim=-1)
+        rel = [(r, flipped[i]) for r, i in enumerate(idx) if flipped[i] is not None]
+        texts = [descriptions[i] for i in idx] + negs + [t for _, t in rel]
+        enc = tok(texts, return_tensors="pt", padding=True, truncation=True)
+        raw = model.get_text_features(input_ids=enc.input_ids, attention_mask=enc.attention_mask).pooler_output
+        txt = F.normalize(raw, dim=-1)
+        B, n_neg = len(idx), len(negs)
+        scale = model.logit_scale.exp().clamp(max=100)
+        target = torch.arange(B)
+        parts = {"i2t": F.cross_entropy(scale * img @ txt[:B + n_neg].T, target),
+                 "t2i": F.cross_entropy(scale * txt[:B] @ img.T, target)}
+        codes = torch.tensor([relation_code(scenes[i]) for i in idx])
+        parts["code"] = F.mse_loss(code_head(raw[:B]), codes) * codes.shape[1]
+        loss = parts["i2t"] + parts["t2i"] + args.text_code_weight * parts["code"]
+        if rel:
+            rows = torch.tensor([r for r, _ in rel])
+            parts["relation"] = relation_loss(img[rows], txt[rows], txt[B + n_neg:], scale)
+            loss = loss + args.relation_weight * parts["relation"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for k, v in parts.items():
+            logs[k].append(float(v))
+        if (step + 1) % args.log_every == 0:
+            bar.set_postfix({k: f"{np.mean(v[-args.log_every:]):.3f}" for k, v in logs.items() if v})
+    for p in model.vision_model.parameters():
+        p.requires_grad_(True)
+    return logs
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     t0 = time.time()
@@ -355,7 +448,7 @@ def main(argv=None) -> None:
     t_data = time.time() - t0
 
     config = clip_config(len(tok), hidden=args.hidden, layers=args.layers)
-    model = CLIPModel(config)
+    model = CLIPModel(config) if args.init is None else CLIPModel.from_pretrained(args.init, dtype=torch.float32)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     dense_head = torch.nn.Linear(args.hidden, dense_head_size(centre=args.dense_centre))  # not saved
@@ -425,6 +518,8 @@ def main(argv=None) -> None:
                             i2t=f"{np.mean(logs['i2t'][-args.log_every:]):.3f}",
                             dense=f"{np.mean(logs['dense'][-args.log_every:]):.3f}",
                             lr=f"{warmup_cosine_lr(step, args.steps, lr=args.lr, warmup=args.warmup, min_ratio=args.min_lr_ratio):.2e}")
+    stage3 = (train_text_side(model, processor, images, scenes, descriptions, flipped, args, gen,
+                              edit_weights, ids) if args.text_steps else {})
     t_train = time.time() - t1
 
     save_checkpoint(model, processor, args.out, dtype=getattr(torch, args.save_dtype))
@@ -433,7 +528,7 @@ def main(argv=None) -> None:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "n_params": n_params, "n_train_examples": len(scenes), "n_train_excluded": n_excl,
         **{f"losses_{k}" if k != "loss" else "losses": v for k, v in logs.items()},
-        "losses_stage1_dense": stage1, "data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1),
+        "losses_stage1_dense": stage1, **{f"losses_stage3_{k}": v for k, v in stage3.items()}, "data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1),
         "stage1_seconds": round(t_stage1, 1),
         "total_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
         "threads": torch.get_num_threads(),

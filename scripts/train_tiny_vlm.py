@@ -11,8 +11,8 @@ the steps. The decisive answer tokens (the world's ``answer_span_start:answer_sp
 colour, kind, number, relation...) weigh ``--span-weight`` in the loss; ``--dense-weight``
 adds a per-patch loss on the vision tower (:func:`patch_targets`: the kind, colour and centre
 cell of the object under each patch), which teaches a ViT this small to see shapes far sooner
-than the answers alone do. ``--always`` puts the listed task categories (default spatial and
-existence, the two that need relations or absence) into every conversation that has them.
+than the answers alone do. ``--always`` puts the listed task categories (e.g. spatial,existence)
+into every conversation that has them.
 
 Model: a randomly initialised ``LlavaForConditionalGeneration`` (CLIP vision tower +
 projector + Llama LM, :func:`pairforge.world.models.vlm_config`). AdamW, linear warmup then
@@ -66,7 +66,7 @@ from pairforge.world.scenes import MAX_OBJECTS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = training_parser(__doc__.split("\n")[0], steps=700)
+    p = training_parser(__doc__.split("\n")[0], steps=1000)
     p.set_defaults(lr=1.5e-3, warmup=50)
     p.add_argument("--n-validation", type=int, default=500)
     p.add_argument("--vision-hidden", type=int, default=128)
@@ -99,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dense-centre", action=argparse.BooleanOptionalAction, default=True,
                    help="the dense loss also asks each patch for the grid cell of its object's "
                         "centre, so the patch tokens carry where each object is (relations)")
-    p.add_argument("--always", default="spatial,existence",
+    p.add_argument("--always", default="",
                    help="comma-separated task categories asked in every training conversation whose "
                         "scene has such a question (the other turns are drawn at random); '' = none")
     p.add_argument("--probe-every", type=int, default=100,

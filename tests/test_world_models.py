@@ -209,12 +209,37 @@ def test_clip_relation_loss_hand_computed():
         assert float(m.relation_loss(img, true, flipped, 10.0)) == pytest.approx(want)
 
 
+def test_clip_relation_code_hand_computed():
+    from conftest import script_module
+
+    from pairforge.world import COLORS, KINDS
+    from pairforge.world.scenes import Obj, Scene
+
+    red = Obj("circle", "red", "small", 0, 40, 20, 60)       # centre x 10
+    blue = Obj("square", "blue", "small", 80, 40, 100, 60)   # centre x 90: red is left of blue
+    n = len(COLORS) * len(KINDS)
+    r = list(COLORS).index("red") * len(KINDS) + list(KINDS).index("circle")
+    b = list(COLORS).index("blue") * len(KINDS) + list(KINDS).index("square")
+    with script_module("train_tiny_clip") as m:
+        for seed, text in ((0, "the red circle is to the left of the blue square."),
+                           (1, "the blue square is to the right of the red circle.")):
+            scene = Scene(112, 112, "white", (red, blue), seed=seed)
+            assert wm.scene_description(scene).endswith(text)
+            code = m.relation_code(scene)
+            want = [0.0] * (2 * n)
+            want[b], want[r] = 1.0, -1.0  # x block: code · centres = x_blue − x_red > 0 (true)
+            assert code == want, seed
+        one = Scene(112, 112, "white", (red,), seed=0)
+        assert m.relation_code(one) == [0.0] * (2 * n)
+
+
 def test_vlm_training_conversations_always_ask_the_listed_tasks():
     from conftest import script_module
 
     with script_module("train_tiny_vlm") as m:
-        args = m.parse_args(["--out", "unused"])
-        assert args.always == "spatial,existence" and args.turns == 4
+        assert m.parse_args(["--out", "unused"]).always == ""  # default: every turn drawn at random
+        args = m.parse_args(["--out", "unused", "--always", "spatial,existence"])
+        assert args.turns == 4
         n_spatial = 0
         for i in range(40):
             rows, image, scene = m.training_conversation(i, args, 6)
