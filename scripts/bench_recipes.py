@@ -585,6 +585,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
              (f"Model: `{s['model']}`; CLIP: `{s['clip'] or 'none'}`; {report['finished'] or 'unfinished'}; "
               f"wall {report['wall_s'] / 60:.1f} min, {s['threads']} thread(s), load average "
               f"{report['load_start']} at start, {report['load_end']} at end."), "",
+             *([f"Merged from {len(report['parts'])} parts run side by side: "
+                + "; ".join(f"`{q['command']}` ({q['wall_s'] / 60:.1f} min: {', '.join(q['sets'])})"
+                            for q in report["parts"]), ""] if report.get("parts") else []),
              (f"Budget per run: {s['steps']} optimizer steps × {s['batch_size']} pairs (P2-DPO: "
               f"{max(1, math.ceil(s['batch_size'] / 2))} samples of up to 2 pairs), LoRA r={s['lora_r']} "
               f"α={s['lora_alpha']} on the text model, lr {s['lr']} (warmup {s['warmup']}, cosine), "
@@ -1075,6 +1078,7 @@ class Bench:
         self.base: dict[str, Any] = {}
         self.examples: dict[str, Any] = {}
         self.finished = ""
+        self.merged: dict[str, Any] | None = None  # wall time, loads and parts of a --merge
 
     # -- settings
 
@@ -1114,7 +1118,7 @@ class Bench:
         rep = {"command": self.command, "settings": self.settings(), "base": self.base,
                "sets": sets, "builds": builds, "wall_s": time.perf_counter() - self.t0,
                "finished": self.finished, "load_start": self.load_start, "load_end": _load(),
-               "definitions": DEFINITIONS}
+               "definitions": DEFINITIONS, **(self.merged or {})}
         rep["checks"] = checks(rep)
         return rep
 
@@ -1362,6 +1366,62 @@ class Bench:
         return rep
 
 
+def merge_reports(paths: Sequence[Path], out_dir: Path, command: str) -> dict[str, Any]:
+    """One report from the ``recipes.json`` of runs that split the sets between them (run side by
+    side, e.g. one process per core): same settings apart from the sets, ablations and threads,
+    and the same base-model answers, else a one-line error. An ablation must sit in the same
+    part as its full method (it is compared with it seed by seed). Statistics, checks, tables
+    and plots are recomputed over the union; wall time is the longest part's, threads the sum."""
+    reps = [json.loads(Path(p).read_text()) for p in paths]
+    first = reps[0]
+    same = [k for k in first["settings"] if k not in ("sets", "ablations", "threads")]
+    seen: dict[str, Path] = {}
+    for p, r in zip(paths, reps):
+        diff = [k for k in same if r["settings"].get(k) != first["settings"].get(k)]
+        if diff:
+            raise PairforgeError(f"--merge {p}: settings differ from {paths[0]} in {', '.join(diff)}; "
+                                 f"merge only parts of one benchmark run")
+        if r["base"].get("correct") != first["base"].get("correct"):
+            raise PairforgeError(f"--merge {p}: the base model's answers differ from {paths[0]}'s; "
+                                 f"the parts did not evaluate the same model on the same questions")
+        for n, d in r["sets"].items():
+            if d.get("runs") and n in seen:
+                raise PairforgeError(f"--merge {p}: set {n!r} was also run in {seen[n]}; give each set "
+                                     f"to one part")
+            if d.get("runs"):
+                seen[n] = p
+        for n, d in r["sets"].items():
+            if d.get("of") and d.get("runs") and not r["sets"].get(d["of"], {}).get("runs"):
+                raise PairforgeError(f"--merge {p}: ablation {n!r} has no runs of its full method "
+                                     f"{d['of']!r} in the same part; run them together")
+    names = {n for r in reps for n in r["sets"]}
+    args = parse_args(["--out-dir", str(out_dir)])
+    for k, v in first["settings"].items():
+        setattr(args, k, v)
+    args.sets = [v.name for v in MAIN if v.name in names]
+    args.ablations = [v.name for v in ABLATIONS if v.name in names]
+    args.threads = sum(r["settings"]["threads"] for r in reps)
+    args.out_dir = str(out_dir)
+    bench = Bench(args, command)
+    for r in reps:
+        for n, d in r["builds"].items():
+            if n not in bench.builds or bench.builds[n].status == "pending":
+                bench.builds[n] = BuildResult(**d)
+        for n, d in r["sets"].items():
+            if d.get("runs") or bench.sets[n].status == "pending":
+                res = bench.sets[n]
+                res.status, res.reason = d["status"], d["reason"]
+                res.runs = [RunResult(**x) for x in d["runs"]]
+    bench.base = first["base"]
+    bench.finished = max(r["finished"] for r in reps)
+    bench.merged = {"wall_s": max(r["wall_s"] for r in reps),
+                    "load_start": " / ".join(r["load_start"] for r in reps),
+                    "load_end": " / ".join(r["load_end"] for r in reps),
+                    "parts": [{"command": r["command"], "wall_s": r["wall_s"], "sets": sorted(
+                        n for n, d in r["sets"].items() if d.get("runs"))} for r in reps]}
+    return bench.write(plots=True)
+
+
 def _build_deps(name: str) -> list[str]:
     src = BUILDS[name].source
     if src.startswith("build:"):
@@ -1427,8 +1487,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--readme-from", default=None, metavar="JSON",
                    help="only rewrite the README's recipe table (between its markers) from this recipes.json")
     p.add_argument("--readme", default=str(ROOT / "README.md"), help="the README --readme-from rewrites")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="only merge the recipes.json of parts that split the sets (run side by side, "
+                        "each with its own --work and --out-dir) into one report in --out-dir")
     a = p.parse_args(argv)
-    if a.readme_from:
+    if a.readme_from or a.merge:
+        if a.merge and a.out_dir is None:
+            p.error("--merge: give --out-dir for the merged report")
         return a
     if a.quick and a.smoke:
         p.error("--quick and --smoke: choose one")
@@ -1490,6 +1555,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         update_readme(Path(args.readme_from), Path(args.readme))
         print(f"{args.readme}: recipe table rewritten from {args.readme_from}")
         return None
+    if args.merge:
+        command = "python scripts/bench_recipes.py " + " ".join(
+            shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+        rep = merge_reports([Path(p) for p in args.merge], Path(args.out_dir), command)
+        print(f"merged {len(args.merge)} parts → {Path(args.out_dir) / 'recipes.md'}")
+        return rep
     import torch
 
     torch.set_num_threads(args.threads)

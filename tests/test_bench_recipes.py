@@ -350,3 +350,34 @@ def test_quick_run_writes_the_report_and_reports_broken_recipes(bench, tmp_path,
     assert vs["delta"] == pytest.approx(sets["vapr"]["summary"]["delta"][0])
     assert sorted(report["plots"]) == ["recipes_delta.png", "recipes_reward.png"]
     assert (out / "recipes_delta.png").stat().st_size > 1000
+
+
+def test_merge_of_parts_equals_one_run(bench, tmp_path, monkeypatch):
+    """Two --smoke parts with one set each, merged, give the same statistics as the one run with
+    both sets (the runs are deterministic); parts that do not belong together are refused."""
+    from pairforge.errors import PairforgeError
+
+    monkeypatch.setenv("PAIRFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    common = ["--smoke", "--work", str(tmp_path / "work")]
+    bench.main([*common, "--out-dir", str(tmp_path / "both"), "--sets", "vapr,length-biased"])
+    bench.main([*common, "--out-dir", str(tmp_path / "a"), "--sets", "vapr"])
+    bench.main([*common, "--out-dir", str(tmp_path / "b"), "--sets", "length-biased"])
+    merged = bench.main(["--merge", str(tmp_path / "a" / "recipes.json"), str(tmp_path / "b" / "recipes.json"),
+                         "--out-dir", str(tmp_path / "m")])
+    one = json.loads((tmp_path / "both" / "recipes.json").read_text())
+    on_disk = json.loads((tmp_path / "m" / "recipes.json").read_text())
+    assert on_disk["sets"].keys() == one["sets"].keys() == {"vapr", "length-biased"}
+    for name in one["sets"]:
+        assert on_disk["sets"][name]["runs"][0]["correct"] == one["sets"][name]["runs"][0]["correct"]
+        assert on_disk["sets"][name]["summary"]["vs_base"] == one["sets"][name]["summary"]["vs_base"]
+    assert [c["verdict"] for c in on_disk["checks"]] == [c["verdict"] for c in one["checks"]]
+    assert merged["settings"]["threads"] == 2 and len(on_disk["parts"]) == 2
+    assert "Merged from 2 parts" in (tmp_path / "m" / "recipes.md").read_text()
+    with pytest.raises(PairforgeError, match="also run in"):
+        bench.merge_reports([tmp_path / "a" / "recipes.json"] * 2, tmp_path / "x", "merge")
+    other = json.loads((tmp_path / "b" / "recipes.json").read_text())
+    other["settings"]["steps"] = 5
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(PairforgeError, match="settings differ .* in steps"):
+        bench.merge_reports([tmp_path / "a" / "recipes.json", tmp_path / "other.json"], tmp_path / "x", "merge")
