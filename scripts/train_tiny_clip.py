@@ -77,10 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "linear head (not saved) predicts which colour+kind pairs are present and "
                         "each present pair's centre (x, y); in both stages (stage 1 then also trains "
                         "the visual projection)")
-    p.add_argument("--dense-centre", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--dense-centre", action=argparse.BooleanOptionalAction, default=False,
                    help="the dense loss also asks each patch for the grid cell of its object's "
                         "centre, so patch tokens carry where each object is")
-    p.add_argument("--relation-weight", type=float, default=1.0,
+    p.add_argument("--relation-weight", type=float, default=0.0,
                    help="weight of a pairwise relation loss: for images whose description names a "
                         "relation, -log σ(s(true) − s(relation flipped)) with the CLIP logit scale")
     p.add_argument("--text-steps", type=int, default=0,
@@ -280,10 +280,8 @@ drawn with weights {edit_weights}), and the example's SFT answer sentence.
 steps, cosine decay. Loss = image→text InfoNCE over the batch's descriptions plus all hard
 negatives + description→image InfoNCE + {aw} × image↔answer InfoNCE (identical answers are
 shared positives) + {dw} × a dense auxiliary loss (each patch token predicts the kind and colour
-of the object covering it and the grid cell of that object's centre, from ground-truth boxes,
-through a linear head that is not shipped; without it this ViT did not learn shapes within the
-budget) + {rw} × a relation loss (−log σ of the scaled cosine margin of the true description
-over the same description with its relation flipped) + {ow} × a pooled object loss (from
+of the object covering it{centre_text}, from ground-truth boxes, through a linear head that is
+not shipped; without it this ViT did not learn shapes within the budget){relation_text} + {ow} × a pooled object loss (from
 the image embedding, a linear head that is not shipped predicts which colour+kind pairs are
 present and each one's centre). Stage 1: {dense_steps} steps of the vision tower (and, with the
 object loss, its projection) on the dense and object losses alone. Measured here (2 shared CPU
@@ -326,7 +324,11 @@ def write_card(out: Path, args, log: dict, n_words: int) -> None:
         data_seed=args.data_seed, n_examples=log["n_train_examples"], n_excl=log["n_train_excluded"],
         k=args.hard_negatives, command=log["command"], steps=args.steps, batch=args.batch_size,
         wd=args.weight_decay, lr=args.lr, warmup=args.warmup, aw=args.answer_weight,
-        dw=args.dense_weight, ow=args.object_weight, rw=args.relation_weight, dense_steps=args.dense_steps,
+        dw=args.dense_weight, ow=args.object_weight,
+        centre_text=" and the grid cell of that object's centre" if args.dense_centre else "",
+        relation_text=(f" + {args.relation_weight} × a relation loss (−log σ of the scaled cosine margin "
+                       f"of the true description over the same description with its relation flipped)"
+                       if args.relation_weight else ""), dense_steps=args.dense_steps,
         edit_weights=args.edit_weights, torch=log["torch"], threads=log["threads"], data_s=log["data_seconds"],
         train_s=log["train_seconds"], total_min=log["total_seconds"] / 60, i2t=last("losses_i2t"),
         t2i=last("losses_t2i"), dense=last("losses_dense")))

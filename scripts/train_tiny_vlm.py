@@ -9,8 +9,8 @@ image, with the loss on every answer: the image is encoded once for several supe
 answers. ``--curriculum`` grows the largest object count from 1 to 6 over the first share of
 the steps. The decisive answer tokens (the world's ``answer_span_start:answer_span_end``: the
 colour, kind, number, relation...) weigh ``--span-weight`` in the loss; ``--dense-weight``
-adds a per-patch loss on the vision tower (:func:`patch_targets`: the kind, colour and centre
-cell of the object under each patch), which teaches a ViT this small to see shapes far sooner
+adds a per-patch loss on the vision tower (:func:`patch_targets`: the kind and colour of the
+object under each patch, with ``--dense-centre`` also its centre cell), which teaches a ViT this small to see shapes far sooner
 than the answers alone do. ``--always`` puts the listed task categories (e.g. spatial,existence)
 into every conversation that has them.
 
@@ -66,7 +66,7 @@ from pairforge.world.scenes import MAX_OBJECTS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = training_parser(__doc__.split("\n")[0], steps=1000)
+    p = training_parser(__doc__.split("\n")[0], steps=700)
     p.set_defaults(lr=1.5e-3, warmup=50)
     p.add_argument("--n-validation", type=int, default=500)
     p.add_argument("--vision-hidden", type=int, default=128)
@@ -96,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight of a dense auxiliary loss on the vision tower: each patch token "
                         "predicts the kind and colour of the object covering it (ground-truth "
                         "boxes), through a linear head that is not saved")
-    p.add_argument("--dense-centre", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--dense-centre", action=argparse.BooleanOptionalAction, default=False,
                    help="the dense loss also asks each patch for the grid cell of its object's "
                         "centre, so the patch tokens carry where each object is (relations)")
     p.add_argument("--always", default="",
@@ -181,8 +181,11 @@ def training_conversation(index: int, args, max_objects: int):
     rows = make_examples(scene, derive_seed(base, "questions"))
     rng.shuffle(rows)
     always = {t for t in args.always.split(",") if t}
-    rows = ([r for r in rows if r["task"] in always] + [r for r in rows if r["task"] not in always])[:args.turns]
-    rng.shuffle(rows)
+    if always:  # the listed tasks first, then the turns shuffled again
+        rows = [r for r in rows if r["task"] in always] + [r for r in rows if r["task"] not in always]
+        rows = rows[:args.turns]
+        rng.shuffle(rows)
+    rows = rows[:args.turns]
     image = np.asarray(rows[0]["images"][0].convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
     return rows, image, scene
 
