@@ -66,7 +66,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hard-negatives", type=int, default=3,
                    help="minimal wrong edits per image (distinct edit types first)")
     p.add_argument("--answer-weight", type=float, default=0.5)
-    p.add_argument("--dense-weight", type=float, default=1.0)
     p.add_argument("--dense-steps", type=int, default=2000,
                    help="stage 1: steps of the vision tower alone on the dense patch loss")
     p.add_argument("--edit-weights", type=str, default="color=1,kind=2,count=1,position=3",
@@ -77,9 +76,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "linear head (not saved) predicts which colour+kind pairs are present and "
                         "each present pair's centre (x, y); in both stages (stage 1 then also trains "
                         "the visual projection)")
-    p.add_argument("--dense-centre", action=argparse.BooleanOptionalAction, default=False,
-                   help="the dense loss also asks each patch for the grid cell of its object's "
-                        "centre, so patch tokens carry where each object is")
     p.add_argument("--relation-weight", type=float, default=0.0,
                    help="weight of a pairwise relation loss: for images whose description names a "
                         "relation, -log σ(s(true) − s(relation flipped)) with the CLIP logit scale")

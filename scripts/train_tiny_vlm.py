@@ -92,13 +92,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "scenes grows from 1 to 6 (0: every scene draws 1-6 objects, as the world does)")
     p.add_argument("--projector-lr-scale", type=float, default=2.0,
                    help="learning-rate factor of the projector (LLaVA trains it alone first)")
-    p.add_argument("--dense-weight", type=float, default=1.0,
-                   help="weight of a dense auxiliary loss on the vision tower: each patch token "
-                        "predicts the kind and colour of the object covering it (ground-truth "
-                        "boxes), through a linear head that is not saved")
-    p.add_argument("--dense-centre", action=argparse.BooleanOptionalAction, default=False,
-                   help="the dense loss also asks each patch for the grid cell of its object's "
-                        "centre, so the patch tokens carry where each object is (relations)")
     p.add_argument("--always", default="",
                    help="comma-separated task categories asked in every training conversation whose "
                         "scene has such a question (the other turns are drawn at random); '' = none")

@@ -260,6 +260,13 @@ def training_parser(description: str, *, steps: int, steps_help: str = "optimize
                    help="torch CPU threads, fixed for determinism (1 is fastest on a shared CPU)")
     p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--dense-weight", type=float, default=1.0,
+                   help="weight of a dense auxiliary loss on the vision tower: each patch token "
+                        "predicts the kind and colour of the object covering it (ground-truth "
+                        "boxes, patch_targets), through a linear head that is not saved")
+    p.add_argument("--dense-centre", action=argparse.BooleanOptionalAction, default=False,
+                   help="the dense loss also asks each patch for the grid cell of its object's "
+                        "centre, so patch tokens carry where each object is (for relations)")
     return p
 
 
