@@ -433,7 +433,9 @@ def main(argv=None) -> None:
     targets = [patch_targets(s) for s in tqdm(scenes, desc="patch targets", unit="scene")]
     fields = PatchTargets._fields if args.dense_centre else PatchTargets._fields[:2]
     patch_t = tuple(torch.tensor([getattr(t, f) for t in targets]) for f in fields)
-    flipped = [edited_description(s, "position", random.Random(0)) for s in scenes]  # None: no relation
+    # the relation flipped (None: no relation), for the relation losses only
+    flipped = ([edited_description(s, "position", random.Random(0)) for s in scenes]
+               if args.relation_weight or args.text_steps else [None] * len(scenes))
     objects = [object_targets(s) for s in scenes]
     present_t = torch.tensor([o[0] for o in objects], dtype=torch.float32)
     centres_t = torch.tensor([o[1] for o in objects], dtype=torch.float32)
