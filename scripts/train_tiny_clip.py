@@ -16,7 +16,8 @@ hard negatives as extra columns):
 - a dense auxiliary loss on the vision tower (weight ``--dense-weight``): each patch token
   predicts the kind and colour of the object covering it and (``--dense-centre``) the grid cell
   of that object's centre, from the generator's ground-truth boxes
-  (:func:`pairforge.world.models.patch_targets`), through a linear head that is not saved. Without it this small ViT does not learn shapes within the budget (kind edits stayed
+  (:func:`pairforge.world.models.patch_targets`), through a linear head that is not saved.
+  Without it this small ViT does not learn shapes within the budget (kind edits stayed
   at chance after 1000 steps); the same patch features feed the tiny VLM;
 - a pooled object loss (weight ``--object-weight``, both stages): from the projected image
   embedding, a linear head (not saved) predicts which colour+kind pairs the scene holds
@@ -51,8 +52,8 @@ from tqdm import tqdm
 
 from pairforge.world import derive_seed, sft_dataset, vocabulary
 from pairforge.world.models import (
-    EDIT_TYPES, PatchTargets, build_clip_processor, clip_config, dense_head_size, edited_description,
-    patch_loss, patch_targets,
+    EDIT_TYPES, build_clip_processor, clip_config, dense_head_size, edited_description,
+    patch_loss, patch_target_tensors, patch_targets,
     pixel_values_from_uint8, save_checkpoint, scene_description, seed_everything, training_parser,
     warmup_cosine_lr,
 )
@@ -200,21 +201,22 @@ def relation_code(scene) -> list[float]:
     return code
 
 
-def clip_losses(img, desc, neg, ans, answers: list[str], scale) -> dict[str, torch.Tensor]:
+def clip_losses(img, desc, neg, ans, answers: list[str] | None, scale) -> dict[str, torch.Tensor]:
     """The three InfoNCE terms on L2-normalised embeddings: images, descriptions and answers
-    (B, D), hard negatives (B·K, D); ``answers`` are the answer strings."""
+    (B, D), hard negatives (B·K, D); ``answers`` are the answer strings (``ans`` None: no
+    answer term)."""
     B = img.shape[0]
     target = torch.arange(B)
     logits_i2t = scale * img @ torch.cat([desc, neg]).T           # (B, B + B·K): negatives as columns
     logits_t2i = scale * desc @ img.T                              # (B, B)
+    out = {"i2t": F.cross_entropy(logits_i2t, target), "t2i": F.cross_entropy(logits_t2i, target)}
+    if ans is None:
+        return out
     same = torch.tensor([[a == b for b in answers] for a in answers], dtype=torch.float32)
     soft = same / same.sum(1, keepdim=True)                        # identical sentences share the target
     logits_ia = scale * img @ ans.T
-    return {
-        "i2t": F.cross_entropy(logits_i2t, target),
-        "t2i": F.cross_entropy(logits_t2i, target),
-        "answer": 0.5 * (F.cross_entropy(logits_ia, soft) + F.cross_entropy(logits_ia.T, soft)),
-    }
+    out["answer"] = 0.5 * (F.cross_entropy(logits_ia, soft) + F.cross_entropy(logits_ia.T, soft))
+    return out
 
 
 CARD = """---
@@ -376,6 +378,7 @@ def train_text_side(model, processor, images, scenes, descriptions, flipped, arg
               *model.visual_projection.parameters(), model.logit_scale, *code_head.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     logs: dict[str, list[float]] = {"i2t": [], "t2i": [], "relation": [], "code": []}
+    codes_all = torch.tensor([relation_code(s) for s in scenes])
     order: list[int] = []
     bar = tqdm(range(args.text_steps), desc="stage 3: text side", unit="step")
     for step in bar:
@@ -399,10 +402,8 @@ def train_text_side(model, processor, images, scenes, descriptions, flipped, arg
         txt = F.normalize(raw, dim=-1)
         B, n_neg = len(idx), len(negs)
         scale = model.logit_scale.exp().clamp(max=100)
-        target = torch.arange(B)
-        parts = {"i2t": F.cross_entropy(scale * img @ txt[:B + n_neg].T, target),
-                 "t2i": F.cross_entropy(scale * txt[:B] @ img.T, target)}
-        codes = torch.tensor([relation_code(scenes[i]) for i in idx])
+        parts = clip_losses(img, txt[:B], txt[B:B + n_neg], None, None, scale)
+        codes = codes_all[idx]
         parts["code"] = F.mse_loss(code_head(raw[:B]), codes) * codes.shape[1]
         loss = parts["i2t"] + parts["t2i"] + args.text_code_weight * parts["code"]
         if rel:
@@ -431,8 +432,7 @@ def main(argv=None) -> None:
     images, scenes, answers, ids, n_excl = load_rows(args)
     descriptions = [scene_description(s) for s in scenes]
     targets = [patch_targets(s) for s in tqdm(scenes, desc="patch targets", unit="scene")]
-    fields = PatchTargets._fields if args.dense_centre else PatchTargets._fields[:2]
-    patch_t = tuple(torch.tensor([getattr(t, f) for t in targets]) for f in fields)
+    patch_t = patch_target_tensors(targets, centre=args.dense_centre)
     # the relation flipped (None: no relation), for the relation losses only
     flipped = ([edited_description(s, "position", random.Random(0)) for s in scenes]
                if args.relation_weight or args.text_steps else [None] * len(scenes))

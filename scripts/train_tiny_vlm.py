@@ -10,8 +10,8 @@ answers. ``--curriculum`` grows the largest object count from 1 to 6 over the fi
 the steps. The decisive answer tokens (the world's ``answer_span_start:answer_span_end``: the
 colour, kind, number, relation...) weigh ``--span-weight`` in the loss; ``--dense-weight``
 adds a per-patch loss on the vision tower (:func:`patch_targets`: the kind and colour of the
-object under each patch, with ``--dense-centre`` also its centre cell), which teaches a ViT this small to see shapes far sooner
-than the answers alone do. ``--always`` puts the listed task categories (e.g. spatial,existence)
+object under each patch, with ``--dense-centre`` also its centre cell), which teaches a ViT
+this small to see shapes far sooner than the answers alone do. ``--always`` puts the listed task categories (e.g. spatial,existence)
 into every conversation that has them.
 
 Model: a randomly initialised ``LlavaForConditionalGeneration`` (CLIP vision tower +
@@ -49,11 +49,11 @@ from pairforge.world import (
 )
 from pairforge.world.models import (
     TINY_CLIP_PATH,
-    PatchTargets,
     build_vlm_processor,
     dense_head_size,
     encode_sft_example,
     patch_loss,
+    patch_target_tensors,
     patch_targets,
     pixel_values_from_uint8,
     save_checkpoint,
@@ -174,11 +174,11 @@ def training_conversation(index: int, args, max_objects: int):
     rows = make_examples(scene, derive_seed(base, "questions"))
     rng.shuffle(rows)
     always = {t for t in args.always.split(",") if t}
-    if always:  # the listed tasks first, then the turns shuffled again
+    if always:  # the listed tasks first
         rows = [r for r in rows if r["task"] in always] + [r for r in rows if r["task"] not in always]
-        rows = rows[:args.turns]
-        rng.shuffle(rows)
     rows = rows[:args.turns]
+    if always:  # then the chosen turns in random order
+        rng.shuffle(rows)
     image = np.asarray(rows[0]["images"][0].convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
     return rows, image, scene
 
@@ -193,7 +193,7 @@ def max_objects_at(step: int, args) -> int:
 
 def training_batch(step: int, args, processor):
     """The batch of ``step``: conversations ``step·B … step·B + B − 1`` encoded, their images
-    and their per-patch targets (kind, colour)."""
+    and their per-patch targets (:func:`patch_target_tensors`)."""
     ids, labels, spans, images, patches = [], [], [], [], []
     cap = max_objects_at(step, args)
     for r in range(args.batch_size):
@@ -208,8 +208,7 @@ def training_batch(step: int, args, processor):
     batch = collate(range(len(ids)), ids, labels, torch.from_numpy(np.stack(images)),
                     processor.image_processor, processor.tokenizer.pad_token_id, spans)
     if args.dense_weight:
-        fields = PatchTargets._fields if args.dense_centre else PatchTargets._fields[:2]
-        batch["patch"] = tuple(torch.tensor([getattr(t, f) for t in patches]) for f in fields)
+        batch["patch"] = patch_target_tensors(patches, centre=args.dense_centre)
     return batch
 
 

@@ -527,6 +527,15 @@ def patch_targets(scene: Any, *, patch_size: int = PATCH_SIZE, min_overlap: floa
     return PatchTargets(*(a.reshape(-1).tolist() for a in (kind, color, col, row)))
 
 
+def patch_target_tensors(targets: Sequence[PatchTargets], *, centre: bool) -> tuple:
+    """:func:`patch_targets` of a batch (or a whole training set) as the ``(N, P)`` long tensors
+    :func:`patch_loss` takes: kind and colour, and with ``centre`` the centre's column and row."""
+    import torch
+
+    fields = PatchTargets._fields if centre else PatchTargets._fields[:2]
+    return tuple(torch.tensor([getattr(t, f) for t in targets]) for f in fields)
+
+
 def dense_head_size(grid: int = IMAGE_SIZE // PATCH_SIZE, *, centre: bool = True) -> int:
     """Outputs per patch of the dense head :func:`patch_loss` reads: kind + colour (each with
     "no object"), and with ``centre`` the centre's column and row (each ``grid`` + 1)."""
