@@ -11,8 +11,14 @@ the steps. The decisive answer tokens (the world's ``answer_span_start:answer_sp
 colour, kind, number, relation...) weigh ``--span-weight`` in the loss; ``--dense-weight``
 adds a per-patch loss on the vision tower (:func:`patch_targets`: the kind and colour of the
 object under each patch, with ``--dense-centre`` also its centre cell), which teaches a ViT
-this small to see shapes far sooner than the answers alone do. ``--always`` puts the listed task categories (e.g. spatial,existence)
-into every conversation that has them.
+this small to see shapes far sooner than the answers alone do. ``--attend-weight`` adds an
+attention-supervision loss (:func:`attention_loss`, training only): in one language-model layer,
+head 0 at each position that predicts a decisive token attends to the patches of the object
+the question names and head 1 to those of a spatial question's reference object, the two
+look-ups a relation needs; ``--own-cell-weight`` asks each patch token for its own grid cell
+(:func:`own_cell_loss`), so that what such a look-up reads says where the object is.
+``--init`` continues from a checkpoint. ``--always`` puts the listed task categories (e.g.
+spatial,existence) into every conversation that has them.
 
 Model: a randomly initialised ``LlavaForConditionalGeneration`` (CLIP vision tower +
 projector + Llama LM, :func:`pairforge.world.models.vlm_config`). AdamW, linear warmup then
@@ -48,10 +54,14 @@ from pairforge.world import (
     vocabulary,
 )
 from pairforge.world.models import (
+    IMAGE_SIZE,
+    PATCH_SIZE,
     TINY_CLIP_PATH,
     build_vlm_processor,
     dense_head_size,
     encode_sft_example,
+    object_patch_masks,
+    own_cell_loss,
     patch_loss,
     patch_target_tensors,
     patch_targets,
@@ -78,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a CLIPModel checkpoint (e.g. the tiny CLIP) whose vision tower initialises "
                         "ours, as LLaVA starts from a pretrained CLIP ViT; sizes must match (default: the "
                         "shipped tiny CLIP; 'none' starts from random weights)")
+    p.add_argument("--init", type=Path, default=None, metavar="CHECKPOINT",
+                   help="continue from this tiny-VLM checkpoint (its architecture; --vision-tower and "
+                        "the size options are then ignored) instead of a fresh model")
     p.add_argument("--vision-lr-scale", type=float, default=0.3,
                    help="learning-rate factor of the vision tower (0 freezes it, as LLaVA does)")
     p.add_argument("--span-weight", type=float, default=3.0,
@@ -95,6 +108,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--always", default="",
                    help="comma-separated task categories asked in every training conversation whose "
                         "scene has such a question (the other turns are drawn at random); '' = none")
+    p.add_argument("--own-cell-weight", type=float, default=0.0,
+                   help="weight of a dense loss asking each patch token (the vision tower's output) for "
+                        "its own grid column and row (own_cell_loss; linear head not saved), so the image "
+                        "tokens the language model reads carry where they are; 0 = off")
+    p.add_argument("--attend-weight", type=float, default=0.0,
+                   help="weight of an attention-supervision loss (training only): in LM layer "
+                        "--attend-layer, head 0 at the positions that predict a decisive answer token "
+                        "attends to the image patches of the question's object, head 1 to those of its "
+                        "reference object (spatial questions); 0 = off")
+    p.add_argument("--attend-layer", type=int, default=2,
+                   help="the language-model layer (0-based) whose heads 0 and 1 --attend-weight supervises")
     p.add_argument("--probe-every", type=int, default=100,
                    help="every N steps, log per task how often the decisive answer token is "
                         "the argmax on the validation split (teacher-forced, one forward)")
@@ -148,7 +172,15 @@ def encode_turns(processor, rows) -> tuple[list[int], list[int], list[bool]]:
     for k, row in enumerate(rows):
         messages += [user_message(row["question"], n_images=int(k == 0)), assistant_message(row["answer"])]
     ids, labels = encode_sft_example(processor, messages)
-    runs, k = [], 0  # the labelled runs, one per answer
+    mask = [False] * len(ids)
+    for (a, b), row in zip(label_runs(labels), rows, strict=True):
+        mask[a:b] = span_mask(processor, row, b - a)
+    return ids, labels, mask
+
+
+def label_runs(labels: list[int]) -> list[tuple[int, int]]:
+    """The ``[start, end)`` runs of labelled positions, one per answer."""
+    runs, k = [], 0
     while k < len(labels):
         if labels[k] == -100:
             k += 1
@@ -158,10 +190,48 @@ def encode_turns(processor, rows) -> tuple[list[int], list[int], list[bool]]:
             j += 1
         runs.append((k, j))
         k = j
-    mask = [False] * len(ids)
-    for (a, b), row in zip(runs, rows, strict=True):
-        mask[a:b] = span_mask(processor, row, b - a)
-    return ids, labels, mask
+    return runs
+
+
+def attention_targets(conversations) -> tuple[torch.Tensor, ...]:
+    """The targets of the attention-supervision loss for a batch of ``(rows, labels, decisive
+    mask, scene)`` conversations: one entry per position that predicts a decisive answer token
+    (the position before it) and object the question names, as tensors ``row`` (N,),
+    ``position`` (N,), ``head`` (N,: 0 for the target object, 1 for the reference object) and
+    ``patches`` (N, P) bool: the object's patches (:func:`object_patch_masks`)."""
+    rows_, pos_, head_, patches_ = [], [], [], []
+    for r, (rows, labels, mask, scene) in enumerate(conversations):
+        masks = None
+        for (a, b), row in zip(label_runs(labels), rows, strict=True):
+            target = row["target"]
+            objects = [(0, target["object_index"]), (1, target["reference_index"])]
+            objects = [(h, i) for h, i in objects if i is not None and i >= 0]
+            if not objects:
+                continue
+            masks = masks if masks is not None else object_patch_masks(scene)
+            for q in (k - 1 for k in range(a, b) if mask[k]):
+                for h, i in objects:
+                    rows_.append(r)
+                    pos_.append(q)
+                    head_.append(h)
+                    patches_.append(masks[i])
+    if not rows_:
+        return (torch.zeros(0, dtype=torch.long),) * 3 + (torch.zeros(0, 0, dtype=torch.bool),)
+    return (torch.tensor(rows_), torch.tensor(pos_), torch.tensor(head_), torch.tensor(patches_))
+
+
+def attention_loss(attn: torch.Tensor, image_positions: torch.Tensor, targets) -> torch.Tensor:
+    """Mean ``−log`` of the attention mass that each supervised (row, position, head) puts on
+    its object's image patches: ``attn`` is one layer's (B, H, T, T) attention weights,
+    ``image_positions`` (B, P) the sequence positions of each row's P image tokens (row-major
+    patches), ``targets`` from :func:`attention_targets`. Zero when nothing is supervised."""
+    rows, pos, head, patches = targets
+    if len(rows) == 0:
+        return attn.sum() * 0.0
+    to_image = attn[rows, head, pos]                                # (N, T)
+    on_patches = to_image.gather(1, image_positions[rows])           # (N, P)
+    mass = (on_patches * patches).sum(-1)
+    return -torch.log(mass.clamp(min=1e-6)).mean()
 
 
 def training_conversation(index: int, args, max_objects: int):
@@ -194,7 +264,7 @@ def max_objects_at(step: int, args) -> int:
 def training_batch(step: int, args, processor):
     """The batch of ``step``: conversations ``step·B … step·B + B − 1`` encoded, their images
     and their per-patch targets (:func:`patch_target_tensors`)."""
-    ids, labels, spans, images, patches = [], [], [], [], []
+    ids, labels, spans, images, patches, conversations = [], [], [], [], [], []
     cap = max_objects_at(step, args)
     for r in range(args.batch_size):
         rows, image, scene = training_conversation(step * args.batch_size + r, args, cap)
@@ -205,10 +275,14 @@ def training_batch(step: int, args, processor):
         images.append(image)
         if args.dense_weight:
             patches.append(patch_targets(scene))
+        if args.attend_weight:
+            conversations.append((rows, b, m, scene))
     batch = collate(range(len(ids)), ids, labels, torch.from_numpy(np.stack(images)),
                     processor.image_processor, processor.tokenizer.pad_token_id, spans)
     if args.dense_weight:
         batch["patch"] = patch_target_tensors(patches, centre=args.dense_centre)
+    if args.attend_weight:
+        batch["attend"] = attention_targets(conversations)
     return batch
 
 
@@ -231,14 +305,22 @@ def collate(idx, ids, labels, images, image_processor, pad_id: int, spans=None):
             "span": span}
 
 
-def weighted_loss(model, batch, span_weight: float) -> torch.Tensor:
+def weighted_loss(model, batch, span_weight: float, attentions: list | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over answer tokens, decisive tokens weighted
-    ``span_weight`` (1: the model's own loss)."""
+    ``span_weight`` (1: the model's own loss). With a list as ``attentions``, the forward also
+    returns every LM layer's attention weights, appended to it."""
     span = batch.pop("span")
+    extra = {"output_attentions": True} if attentions is not None else {}
     if span_weight == 1.0:
-        return model(**batch).loss
+        out = model(**batch, **extra)
+        if attentions is not None:
+            attentions.extend(out.attentions)
+        return out.loss
     labels = batch.pop("labels")
-    logits = model(**batch).logits[:, :-1]
+    out = model(**batch, **extra)
+    if attentions is not None:
+        attentions.extend(out.attentions)
+    logits = out.logits[:, :-1]
     target, decisive = labels[:, 1:], span[:, 1:]
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
                                             reduction="none")
@@ -448,8 +530,18 @@ def write_card(out: Path, model, args, log: dict, n_words: int) -> None:
         proj_scale=args.projector_lr_scale, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
         clip=args.grad_clip, span_weight=args.span_weight,
         dense_note=(f", plus {args.dense_weight} × a dense auxiliary loss on the vision tower (each patch "
-                    f"token predicts the kind and colour of the object covering it, from ground-truth "
-                    f"boxes, through a linear head that is not shipped)" if args.dense_weight else ""),
+                    f"token predicts the kind and colour of the object covering it"
+                    + (" and the grid cell of that object's centre" if args.dense_centre else "")
+                    + ", from ground-truth boxes, through a linear head that is not shipped)"
+                    if args.dense_weight else "")
+                   + (f", plus {args.own_cell_weight} × a dense loss asking each patch token for its own grid "
+                      f"column and row (linear head not shipped), so the image tokens carry where they are"
+                      if args.own_cell_weight else "")
+                   + (f", plus {args.attend_weight} × an attention-supervision loss (in language-model layer "
+                      f"{args.attend_layer}, head 0 at each position that predicts a decisive token puts its "
+                      f"attention on the image patches of the object the question names, head 1 on those of "
+                      f"the reference object of a spatial question: −log of the attention mass on them)"
+                      if args.attend_weight else ""),
         vision_note=(
             f"vision tower initialised from the tiny CLIP ({args.vision_tower.name}), learning-rate "
             f"factor {args.vision_lr_scale}" if args.vision_tower else "all weights from random init"),
@@ -498,23 +590,31 @@ def train(args, stop_after: int | None = None) -> dict:
     config = vlm_config(len(tok), vision_hidden=args.vision_hidden, vision_layers=args.vision_layers,
                         text_hidden=args.text_hidden, text_layers=args.text_layers,
                         text_intermediate=args.text_intermediate)
-    model = LlavaForConditionalGeneration(config)
-    if args.vision_tower is not None:
-        init_vision_tower(model, args.vision_tower)
+    if args.init is not None:
+        model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32,
+                                                              attn_implementation="eager")
+    else:
+        model = LlavaForConditionalGeneration(config)
+        if args.vision_tower is not None:
+            init_vision_tower(model, args.vision_tower)
     model.train()
     groups = param_groups(model, args)
-    dense_head, capture = None, None
+    dense_head, cell_head, capture = None, None, None
+    if args.dense_weight or args.own_cell_weight:
+        capture = VisionCapture(model)
     if args.dense_weight:
         dense_head = torch.nn.Linear(args.vision_hidden, dense_head_size(centre=args.dense_centre))  # not saved
-        capture = VisionCapture(model)
         groups.append({"params": list(dense_head.parameters()), "weight_decay": 0.0, "lr_scale": 1.0})
+    if args.own_cell_weight:
+        cell_head = torch.nn.Linear(args.vision_hidden, 2 * (IMAGE_SIZE // PATCH_SIZE))  # not saved
+        groups.append({"params": list(cell_head.parameters()), "weight_decay": 0.0, "lr_scale": 1.0})
     trainable = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
 
     val_batches = [collate(range(s, min(s + 64, len(v_ids))), v_ids, v_labels, v_images,
                            processor.image_processor, tok.pad_token_id, v_spans)
                    for s in range(0, len(v_ids), 64)]
-    losses, dense_losses, probes, n_tokens, n_unk = [], [], [], 0, 0
+    losses, dense_losses, cell_losses, attend_losses, probes, n_tokens, n_unk = [], [], [], [], [], 0, 0
     t1 = time.time()
     bar = tqdm(range(args.steps if stop_after is None else min(stop_after, args.steps)), desc="train", unit="step")
     for step in bar:
@@ -525,11 +625,23 @@ def train(args, stop_after: int | None = None) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         patch = batch.pop("patch") if args.dense_weight else None
-        loss = weighted_loss(model, batch, args.span_weight)
+        attend = batch.pop("attend") if args.attend_weight else None
+        attentions = [] if attend is not None else None
+        image_positions = (batch["input_ids"] == model.config.image_token_index).nonzero()[:, 1].view(
+            len(batch["input_ids"]), -1) if attend is not None else None
+        loss = weighted_loss(model, batch, args.span_weight, attentions)
+        if attend is not None:
+            att = attention_loss(attentions[args.attend_layer], image_positions, attend)
+            attend_losses.append(float(att))
+            loss = loss + args.attend_weight * att
         if patch is not None:
             dense = patch_loss(dense_head(capture.hidden[:, 1:]), *patch)
             dense_losses.append(float(dense))
             loss = loss + args.dense_weight * dense
+        if cell_head is not None:
+            cell = own_cell_loss(cell_head(capture.hidden[:, 1:]))
+            cell_losses.append(float(cell))
+            loss = loss + args.own_cell_weight * cell
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
         opt.step()
@@ -542,11 +654,13 @@ def train(args, stop_after: int | None = None) -> dict:
                                               for k, v in probes[-1].items()}))
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             bar.set_postfix(loss=f"{np.mean(losses[-args.log_every:]):.3f}", lr=f"{lr:.2e}",
-                            objects=max_objects_at(step, args))
+                            objects=max_objects_at(step, args),
+                            **({"cell": f"{np.mean(cell_losses[-args.log_every:]):.3f}"} if cell_losses else {}),
+                            **({"attend": f"{np.mean(attend_losses[-args.log_every:]):.3f}"} if attend_losses else {}))
     if n_unk:
         print(f"warning: {n_unk} <unk> tokens in the training conversations; the vocabulary misses some words")
     return {"model": model, "processor": processor, "val_batches": val_batches, "losses": losses,
-            "losses_dense": dense_losses, "probes": probes, "n_tokens": n_tokens,
+            "losses_dense": dense_losses, "losses_own_cell": cell_losses, "losses_attend": attend_losses, "probes": probes, "n_tokens": n_tokens,
             "n_validation_examples": len(v_ids), "t0": t0, "data_seconds": t_data,
             "train_seconds": time.time() - t1}
 
@@ -567,7 +681,9 @@ def main(argv=None) -> None:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "n_params": n_params, "n_train_conversations": args.steps * args.batch_size,
         "n_train_tokens": run["n_tokens"], "n_validation_examples": run["n_validation_examples"],
-        "losses": losses, "losses_dense": run["losses_dense"], "probes": run["probes"],
+        "losses": losses, "losses_dense": run["losses_dense"], "losses_own_cell": run["losses_own_cell"],
+        "losses_attend": run["losses_attend"],
+        "probes": run["probes"],
         "validation": [{"step": args.steps, "loss": val}],
         "data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1),
         "total_seconds": round(time.time() - run["t0"], 1), "torch": torch.__version__,

@@ -4,9 +4,11 @@ attention maps, accuracy floors well below the measured figures but far above ra
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -197,6 +199,32 @@ def test_patch_loss_hand_computed_and_head_size_checked():
         wm.patch_loss(zeros, target, target, target)
 
 
+def test_object_patch_masks_hand_computed():
+    from pairforge.world.scenes import Obj, Scene
+
+    wide = Obj("square", "red", "small", 0, 0, 28, 14)       # exactly patches 0 and 1 of row 0
+    edge = Obj("circle", "blue", "small", 10, 98, 20, 112)   # 4 px (0.29) of patch 56, 6 px of 57
+    sliver = Obj("star", "green", "small", 97, 30, 111, 44)  # col 6 by 1 px only: patches 22, 30 out
+    tiny = Obj("cross", "yellow", "small", 50, 50, 51, 51)   # covers no patch by 0.1: its centre's, 27
+    masks = wm.object_patch_masks(Scene(112, 112, "white", (wide, edge, sliver, tiny), seed=0))
+    on = [[p for p, m in enumerate(mask) if m] for mask in masks]
+    # sliver, col 7 by 13 px: row 2 by 12 px (0.80, patch 23), row 3 by 2 px (26/196 = 0.13, patch 31)
+    assert on == [[0, 1], [56, 57], [23, 31], [27]], on
+
+
+def test_own_cell_loss_hand_computed():
+    # uniform logits: log 8 for the column plus log 8 for the row
+    assert float(wm.own_cell_loss(torch.zeros(2, 64, 16))) == pytest.approx(2 * math.log(8))
+    # a 2×2 grid, each patch sure (logit 10) of column 0 and row 0: patches 0..3 sit at
+    # (col, row) (0,0), (1,0), (0,1), (1,1), so the column is right for 0 and 2, the row for 0 and 1
+    logits = torch.zeros(1, 4, 4)
+    logits[..., 0] = logits[..., 2] = 10.0
+    right, wrong = -math.log(math.exp(10) / (math.exp(10) + 1)), -math.log(1 / (math.exp(10) + 1))
+    assert float(wm.own_cell_loss(logits, grid=2)) == pytest.approx(2 * (right + wrong) / 2)
+    with pytest.raises(PairforgeError, match="own_cell_loss"):
+        wm.own_cell_loss(torch.zeros(1, 64, 8))
+
+
 def test_clip_relation_loss_hand_computed():
     from conftest import script_module
 
@@ -252,6 +280,38 @@ def test_vlm_training_conversations_always_ask_the_listed_tasks():
         args = m.parse_args(["--out", "unused", "--always", ""])
         assert sum("existence" in [r["task"] for r in m.training_conversation(i, args, 6)[0]]
                    for i in range(40)) < 30
+
+
+def test_vlm_attention_targets_and_loss_hand_computed():
+    from conftest import script_module
+
+    from pairforge.world.scenes import Obj, Scene
+
+    a = Obj("circle", "red", "small", 0, 0, 14, 14)        # patch 0
+    b = Obj("square", "blue", "small", 98, 98, 112, 112)   # patch 63
+    scene = Scene(112, 112, "white", (a, b), seed=0)
+    rows = [{"target": {"object_index": 1, "reference_index": 0}},      # a spatial question
+            {"target": {"object_index": -1, "reference_index": -1}}]   # names no object
+    labels = [-100, -100, 5, 6, 7, -100, 8, 9]   # answers at [2, 5) and [6, 8)
+    mask = [False, False, False, True, True, False, False, True]
+    with script_module("train_tiny_vlm") as m:
+        assert m.label_runs(labels) == [(2, 5), (6, 8)]
+        row, pos, head, patches = m.attention_targets([(rows, labels, mask, scene)])
+        # decisive tokens 3 and 4 are predicted at positions 2 and 3; head 0 → object 1, head 1 → object 0
+        assert row.tolist() == [0, 0, 0, 0] and pos.tolist() == [2, 2, 3, 3] and head.tolist() == [0, 1, 0, 1]
+        assert [p.nonzero().flatten().tolist() for p in patches] == [[63], [0], [63], [0]]
+
+        # the loss: −log of each entry's attention mass on its patches, averaged
+        attn = torch.zeros(1, 2, 4, 4)
+        attn[0, 1, 3] = torch.tensor([0.1, 0.5, 0.3, 0.1])   # head 1 at position 3
+        attn[0, 0, 2] = torch.tensor([0.2, 0.3, 0.5, 0.0])   # head 0 at position 2
+        image_positions = torch.tensor([[1, 2]])              # two image tokens, at 1 and 2
+        targets = (torch.tensor([0, 0]), torch.tensor([3, 2]), torch.tensor([1, 0]),
+                   torch.tensor([[True, False], [True, True]]))
+        want = (-math.log(0.5) - math.log(0.3 + 0.5)) / 2
+        assert float(m.attention_loss(attn, image_positions, targets)) == pytest.approx(want)
+        none = m.attention_targets([(rows[1:], labels[5:], mask[5:], scene)])
+        assert len(none[0]) == 0 and float(m.attention_loss(attn, image_positions, none)) == 0.0
 
 
 def test_checkpoint_round_trip_random_weights(tmp_path, processor, test_rows):
@@ -349,3 +409,26 @@ def test_shipped_clip_loads_and_prefers_true_descriptions(clip, test_rows, monke
     wins = (wm.clip_similarity(model, proc, images, trues)
             > wm.clip_similarity(model, proc, images, wrongs)).sum()
     assert int(wins) >= 44  # 73 %; measured here: 47 of 60 (78 %), all test pairs 81.7 % (model card)
+
+
+def test_diagnose_tiny_vlm_reports_lookups_and_position(tmp_path, capsys):
+    """The diagnostic runs on the shipped VLM and reports, per task, each layer's attention mass
+    on the named object's patches (a share: 0..1) and the position probe's R²; ridge_r2 is 1
+    on an exactly linear target and about 0 or below on noise."""
+    from conftest import script_module
+
+    with script_module("diagnose_tiny_vlm") as m:
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(400, 5))
+        assert m.ridge_r2(x, x @ np.arange(1.0, 6.0) + 2, lam=1e-6) == pytest.approx(1.0, abs=1e-6)
+        assert m.ridge_r2(x, rng.normal(size=400)) < 0.05
+        m.main(["--n-validation", "30", "--n-images", "4", "--json", str(tmp_path / "d.json")])
+    out = json.loads((tmp_path / "d.json").read_text())
+    from pairforge.world import TASKS
+
+    assert out["lookup_mass"] and all(k.split("/")[0] in TASKS and k.split("/")[1] in ("obj", "ref")
+                                      for k in out["lookup_mass"])
+    for layers in out["lookup_mass"].values():
+        assert len(layers) == 4 and all(len(h) == 4 and all(0 <= v <= 1 for v in h) for h in layers)
+    assert set(out["position_r2"]) == {"column", "row"}
+    assert "| task / object |" in capsys.readouterr().out

@@ -527,6 +527,31 @@ def patch_targets(scene: Any, *, patch_size: int = PATCH_SIZE, min_overlap: floa
     return PatchTargets(*(a.reshape(-1).tolist() for a in (kind, color, col, row)))
 
 
+def object_patch_masks(scene: Any, *, patch_size: int = PATCH_SIZE, min_overlap: float = 0.1
+                       ) -> list[list[bool]]:
+    """Per object of the scene (in ``scene.objects`` order), which patches of the
+    ``patch_size`` grid (row-major, as the ViT orders its patch tokens) it covers: its box
+    covers at least ``min_overlap`` of the patch, or, for an object too small to cover that
+    much of any patch, the one patch holding its centre. What an attention head that looks
+    the object up should attend to (``scripts/train_tiny_vlm.py --attend-weight``)."""
+    import numpy as np
+
+    sc = _scene(scene)
+    gw, gh = sc.width // patch_size, sc.height // patch_size
+    x0 = np.arange(gw) * patch_size
+    y0 = np.arange(gh) * patch_size
+    out = []
+    for o in sc.objects:
+        ox = np.clip(np.minimum(o.x1, x0 + patch_size) - np.maximum(o.x0, x0), 0, None)
+        oy = np.clip(np.minimum(o.y1, y0 + patch_size) - np.maximum(o.y0, y0), 0, None)
+        mask = (oy[:, None] * ox[None, :]) >= min_overlap * patch_size * patch_size
+        if not mask.any():
+            cx, cy = o.center
+            mask[min(gh - 1, max(0, int(cy // patch_size))), min(gw - 1, max(0, int(cx // patch_size)))] = True
+        out.append(mask.reshape(-1).tolist())
+    return out
+
+
 def patch_target_tensors(targets: Sequence[PatchTargets], *, centre: bool) -> tuple:
     """:func:`patch_targets` of a batch (or a whole training set) as the ``(N, P)`` long tensors
     :func:`patch_loss` takes: kind and colour, and with ``centre`` the centre's column and row."""
@@ -566,6 +591,25 @@ def patch_loss(logits: "torch.Tensor", kind: "torch.Tensor", color: "torch.Tenso
         raise PairforgeError(f"patch_loss: logits have {logits.shape[-1]} outputs per patch, the "
                              f"targets need {at}; size the head with dense_head_size()")
     return loss
+
+
+def own_cell_loss(logits: "torch.Tensor", grid: int = IMAGE_SIZE // PATCH_SIZE) -> "torch.Tensor":
+    """Cross-entropy of every patch's own grid column and row (patch ``p`` of the row-major
+    grid: column ``p % grid``, row ``p // grid``) from per-patch ``logits`` (B, grid², 2·grid:
+    column then row), summed over the two. A ViT trained only on pooled or per-object targets
+    can wash its position embedding out of the patch tokens (the session-4 tiny CLIP's did: its
+    patch features hold no linear trace of their column); this target keeps it in, so a
+    language model reading the tokens' values can tell where a looked-up object is."""
+    import torch
+    import torch.nn.functional as F
+
+    n = grid * grid
+    if logits.shape[-2:] != (n, 2 * grid):
+        raise PairforgeError(f"own_cell_loss: logits must be (B, {n}, {2 * grid}) for a {grid}×{grid} "
+                             f"grid, got {tuple(logits.shape)}")
+    p = torch.arange(n, device=logits.device).expand(logits.shape[0], n)
+    return (F.cross_entropy(logits[..., :grid].flatten(0, 1), (p % grid).flatten())
+            + F.cross_entropy(logits[..., grid:].flatten(0, 1), (p // grid).flatten()))
 
 
 # ----------------------------------------------------------------------------- evaluation helpers
