@@ -76,7 +76,7 @@ from pairforge.world.scenes import MAX_OBJECTS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = training_parser(__doc__.split("\n")[0], steps=700)
+    p = training_parser(__doc__.split("\n")[0], steps=700, out_required=False)
     p.set_defaults(lr=1.5e-3, warmup=50)
     p.add_argument("--n-validation", type=int, default=500)
     p.add_argument("--vision-hidden", type=int, default=128)
@@ -129,6 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "goes into its card")
     p.add_argument("--check-steps", type=int, default=40)
     args = p.parse_args(argv)
+    if args.out is None and args.check is None:
+        p.error("--out is required (the checkpoint folder to write), unless --check CHECKPOINT")
     if args.vision_tower is not None and str(args.vision_tower).lower() == "none":
         args.vision_tower = None
     return args

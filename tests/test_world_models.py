@@ -266,6 +266,10 @@ def test_vlm_training_conversations_always_ask_the_listed_tasks():
 
     with script_module("train_tiny_vlm") as m:
         assert m.parse_args(["--out", "unused"]).always == ""  # default: every turn drawn at random
+        # --check (as the model card shows it) needs no --out; training does
+        assert m.parse_args(["--check", "ckpt"]).out is None
+        with pytest.raises(SystemExit):
+            m.parse_args([])
         args = m.parse_args(["--out", "unused", "--always", "spatial,existence"])
         assert args.turns == 4
         n_spatial = 0

@@ -240,13 +240,15 @@ def save_checkpoint(model, processor, out: str | Path, *, dtype: "torch.dtype | 
 
 
 def training_parser(description: str, *, steps: int, steps_help: str = "optimizer steps",
-                    seed_help: str = "seed of the initialisation and data order"):
+                    seed_help: str = "seed of the initialisation and data order", out_required: bool = True):
     """The arguments both training scripts share (output, seeds, data size, optimiser,
-    schedule, threads, saving); each script adds its own model and loss arguments."""
+    schedule, threads, saving); each script adds its own model and loss arguments.
+    ``out_required=False`` for a script with a mode that writes no checkpoint (it checks ``--out``
+    itself)."""
     import argparse
 
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--out", type=Path, required=True, help="checkpoint folder (created)")
+    p.add_argument("--out", type=Path, required=out_required, help="checkpoint folder (created)")
     p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--data-seed", type=int, default=0, help="seed of the world's sft_dataset")
     p.add_argument("--steps", type=int, default=steps, help=steps_help)
