@@ -131,6 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.out is None and args.check is None:
         p.error("--out is required (the checkpoint folder to write), unless --check CHECKPOINT")
+    if args.attend_weight and not 0 <= args.attend_layer < args.text_layers:
+        p.error(f"--attend-layer {args.attend_layer}: the language model has layers 0-{args.text_layers - 1}")
     if args.vision_tower is not None and str(args.vision_tower).lower() == "none":
         args.vision_tower = None
     return args
@@ -545,6 +547,8 @@ def write_card(out: Path, model, args, log: dict, n_words: int) -> None:
                       f"the reference object of a spatial question: −log of the attention mass on them)"
                       if args.attend_weight else ""),
         vision_note=(
+            f"all weights continued from the checkpoint {args.init}, vision learning-rate factor "
+            f"{args.vision_lr_scale}" if args.init else
             f"vision tower initialised from the tiny CLIP ({args.vision_tower.name}), learning-rate "
             f"factor {args.vision_lr_scale}" if args.vision_tower else "all weights from random init"),
         torch=log["torch"], threads=log["threads"], data_s=log["data_seconds"],

@@ -270,6 +270,8 @@ def test_vlm_training_conversations_always_ask_the_listed_tasks():
         assert m.parse_args(["--check", "ckpt"]).out is None
         with pytest.raises(SystemExit):
             m.parse_args([])
+        with pytest.raises(SystemExit):  # the LM has layers 0-3
+            m.parse_args(["--out", "unused", "--attend-weight", "1", "--attend-layer", "4"])
         args = m.parse_args(["--out", "unused", "--always", "spatial,existence"])
         assert args.turns == 4
         n_spatial = 0
