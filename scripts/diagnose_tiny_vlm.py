@@ -31,7 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_tiny_vlm import attention_targets, encode_turns  # noqa: E402
 
 from pairforge.world import Scene, render_scene, sample_scene, sft_dataset  # noqa: E402
-from pairforge.world.models import TINY_VLM_PATH, load_tiny_vlm, pixel_values_from_uint8  # noqa: E402
+from pairforge.world.models import (  # noqa: E402
+    TINY_VLM_PATH,
+    load_tiny_vlm,
+    pixel_values_from_uint8,
+    uint8_chw,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,10 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def uint8_image(pil) -> torch.Tensor:
-    return torch.from_numpy(np.array(pil.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))[None]
-
-
 @torch.no_grad()
 def lookup_mass(model, processor, rows) -> dict[str, list[list[float]]]:
     """``"task/obj"`` or ``"task/ref"`` → (layers × heads) mean attention mass on the object's patches."""
@@ -62,7 +63,7 @@ def lookup_mass(model, processor, rows) -> dict[str, list[list[float]]]:
             continue
         inp = torch.tensor([ids])
         out = model(input_ids=inp, attention_mask=torch.ones_like(inp), output_attentions=True,
-                    pixel_values=pixel_values_from_uint8(uint8_image(row["images"][0]), processor.image_processor))
+                    pixel_values=pixel_values_from_uint8(torch.tensor(uint8_chw(row["images"][0]))[None], processor.image_processor))
         image_pos = (inp[0] == model.config.image_token_index).nonzero()[:, 0]
         att = torch.stack(out.attentions)[:, 0]                       # (L, H, T, T)
         mass = (att[:, :, pos][..., image_pos] * patches).sum(-1)     # (L, H, N)
@@ -87,7 +88,7 @@ def position_r2(model, processor, n_images: int, seed: int) -> dict[str, float]:
     """R² of each image token's own column and row from the projected image tokens."""
     feats = []
     for i in tqdm(range(n_images), desc="position probe", unit="img"):
-        pixels = pixel_values_from_uint8(uint8_image(render_scene(sample_scene(seed * 100_003 + i))),
+        pixels = pixel_values_from_uint8(torch.tensor(uint8_chw(render_scene(sample_scene(seed * 100_003 + i))))[None],
                                          processor.image_processor)
         out = model.get_image_features(pixel_values=pixels)
         projected = out.pooler_output if hasattr(out, "pooler_output") else out  # transformers ≥ 5: an output object

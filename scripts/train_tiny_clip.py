@@ -55,7 +55,7 @@ from pairforge.world.models import (
     EDIT_TYPES, build_clip_processor, clip_config, dense_head_size, edited_description,
     patch_loss, patch_target_tensors, patch_targets,
     pixel_values_from_uint8, save_checkpoint, scene_description, seed_everything, training_parser,
-    warmup_cosine_lr,
+    uint8_chw, warmup_cosine_lr,
 )
 from pairforge.world import COLORS, KINDS
 
@@ -105,7 +105,7 @@ def load_rows(args):
     images = np.zeros((len(rows), 3, 112, 112), dtype=np.uint8)
     scenes, answers, ids = [], [], []
     for i, row in enumerate(tqdm(rows, desc="render train", unit="ex")):
-        images[i] = np.asarray(row["images"][0].convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+        images[i] = uint8_chw(row["images"][0])
         scenes.append(row["scene"])
         answers.append(row["answer"])
         ids.append(row["id"])

@@ -69,6 +69,7 @@ from pairforge.world.models import (
     save_checkpoint,
     seed_everything,
     training_parser,
+    uint8_chw,
     vlm_config,
     warmup_cosine_lr,
 )
@@ -165,7 +166,7 @@ def encode_split(split, processor, desc: str):
         ids.append(a)
         labels.append(b)
         spans.append(m)
-        images[i] = np.asarray(row["images"][0].convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+        images[i] = uint8_chw(row["images"][0])
     return ids, labels, spans, torch.from_numpy(images), list(rows["task"]), len(split) - len(rows)
 
 
@@ -253,7 +254,7 @@ def training_conversation(index: int, args, max_objects: int):
     rows = rows[:args.turns]
     if always:  # then the chosen turns in random order
         rng.shuffle(rows)
-    image = np.asarray(rows[0]["images"][0].convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+    image = uint8_chw(rows[0]["images"][0])
     return rows, image, scene
 
 
@@ -314,16 +315,12 @@ def weighted_loss(model, batch, span_weight: float, attentions: list | None = No
     ``span_weight`` (1: the model's own loss). With a list as ``attentions``, the forward also
     returns every LM layer's attention weights, appended to it."""
     span = batch.pop("span")
-    extra = {"output_attentions": True} if attentions is not None else {}
-    if span_weight == 1.0:
-        out = model(**batch, **extra)
-        if attentions is not None:
-            attentions.extend(out.attentions)
-        return out.loss
-    labels = batch.pop("labels")
-    out = model(**batch, **extra)
+    labels = batch.pop("labels") if span_weight != 1.0 else None
+    out = model(**batch, **({"output_attentions": True} if attentions is not None else {}))
     if attentions is not None:
         attentions.extend(out.attentions)
+    if labels is None:
+        return out.loss
     logits = out.logits[:, :-1]
     target, decisive = labels[:, 1:], span[:, 1:]
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,

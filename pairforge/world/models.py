@@ -325,6 +325,14 @@ def encode_sft_example(processor, messages: Sequence[Mapping], *, ignore_index: 
     return ids, labels
 
 
+def uint8_chw(image):
+    """A PIL image as the ``(3, H, W)`` uint8 array (RGB) that :func:`pixel_values_from_uint8`
+    takes, stacked into a batch (read-only: a view of the image's buffer)."""
+    import numpy as np
+
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+
+
 def pixel_values_from_uint8(images: "torch.Tensor", image_processor) -> "torch.Tensor":
     """``(B, 3, H, W)`` uint8 images at the processor's size → normalised float pixel values,
     equal to what the ``CLIPImageProcessor`` returns for those images (no resize or crop
