@@ -32,6 +32,7 @@ from tqdm import tqdm
 from pairforge.diagnostics.model_based import wilson_ci95
 from pairforge.world import TASKS, caption_credit, derive_seed, grade, sft_dataset
 from pairforge.world.models import (
+    DESCRIPTION_FORMATS,
     EDIT_TYPES,
     TINY_CLIP_PATH,
     TINY_VLM_PATH,
@@ -50,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vlm", type=Path, default=TINY_VLM_PATH)
     p.add_argument("--clip", type=Path, default=TINY_CLIP_PATH)
+    p.add_argument("--clip-text-format", choices=DESCRIPTION_FORMATS, default="fair",
+                   help="format of the CLIP's descriptions and edits (fair: the text alone decides no "
+                        "edit; session-4: the shipped CLIP's training format, which lets it decide some)")
     p.add_argument("--skip-vlm", action="store_true")
     p.add_argument("--skip-clip", action="store_true")
     p.add_argument("--n-test", type=int, default=1000,
@@ -143,9 +147,10 @@ def eval_clip(args, rows) -> tuple[dict, str]:
     model, processor = load_tiny_clip(path=args.clip)
     images, trues, edits, kinds = [], [], [], []
     for r in rows:
-        true = scene_description(r["scene"])
+        true = scene_description(r["scene"], args.clip_text_format)
         for e in EDIT_TYPES:
-            wrong = edited_description(r["scene"], e, random.Random(derive_seed("clip-eval", r["id"], e)))
+            wrong = edited_description(r["scene"], e, random.Random(derive_seed("clip-eval", r["id"], e)),
+                                       args.clip_text_format)
             if wrong is None:
                 continue
             images.append(r["images"][0])
@@ -160,9 +165,12 @@ def eval_clip(args, rows) -> tuple[dict, str]:
         wins += (a > b).tolist()
     per = {e: {"n": sum(k == e for k in kinds), "true_wins": sum(w for w, k in zip(wins, kinds) if k == e)}
            for e in EDIT_TYPES}
-    res = {"n_pairs": len(wins), "n_scenes": len(rows), "true_wins_rate": sum(wins) / len(wins),
+    res = {"text_format": args.clip_text_format, "n_pairs": len(wins), "n_scenes": len(rows),
+           "true_wins_rate": sum(wins) / len(wins),
            "per_edit": per}
-    lines = ["| edit | pairs | true description scores higher % |", "|---|---:|---:|"]
+    lines = [(f"Descriptions and edits in the `{args.clip_text_format}` format "
+              f"(`pairforge.world.models.DESCRIPTION_FORMATS`)."), "",
+             "| edit | pairs | true description scores higher % |", "|---|---:|---:|"]
     for e in EDIT_TYPES:
         lines.append(f"| {e} | {per[e]['n']} | {pct(per[e]['true_wins'], per[e]['n'])} |")
     lines.append(f"| **all** | {len(wins)} | **{pct(sum(wins), len(wins))}** |")

@@ -50,14 +50,28 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pairforge.world import derive_seed, sft_dataset, vocabulary
+from pairforge.world import COLORS, KINDS, derive_seed, sft_dataset, vocabulary
 from pairforge.world.models import (
-    EDIT_TYPES, build_clip_processor, clip_config, dense_head_size, edited_description,
-    patch_loss, patch_target_tensors, patch_targets,
-    pixel_values_from_uint8, save_checkpoint, scene_description, seed_everything, training_parser,
-    uint8_chw, warmup_cosine_lr,
+    DESCRIPTION_FORMATS,
+    EDIT_TYPES,
+    IMAGE_SIZE,
+    PATCH_SIZE,
+    build_clip_processor,
+    clip_config,
+    dense_head_size,
+    edited_description,
+    own_cell_loss,
+    patch_loss,
+    patch_target_tensors,
+    patch_targets,
+    pixel_values_from_uint8,
+    save_checkpoint,
+    scene_description,
+    seed_everything,
+    training_parser,
+    uint8_chw,
+    warmup_cosine_lr,
 )
-from pairforge.world import COLORS, KINDS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,6 +91,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "linear head (not saved) predicts which colour+kind pairs are present and "
                         "each present pair's centre (x, y); in both stages (stage 1 then also trains "
                         "the visual projection)")
+    p.add_argument("--text-format", choices=DESCRIPTION_FORMATS, default="session-4",
+                   help="format of the descriptions and their edits (pairforge.world.models."
+                        "DESCRIPTION_FORMATS): session-4 (the default) reproduces the shipped CLIP, "
+                        "but the text alone decides some of its position and count edits; fair "
+                        "(what scripts/eval_world_models.py scores) does not allow that")
+    p.add_argument("--own-cell-weight", type=float, default=0.0,
+                   help="weight of a dense loss asking each patch token for its own grid column and row "
+                        "(own_cell_loss; linear head not saved), in both stages, so the patch tokens the "
+                        "tiny VLM starts from carry where they are; 0 = off")
     p.add_argument("--relation-weight", type=float, default=0.0,
                    help="weight of a pairwise relation loss: for images whose description names a "
                         "relation, -log σ(s(true) − s(relation flipped)) with the CLIP logit scale")
@@ -125,7 +148,8 @@ def parse_edit_weights(text: str) -> dict[str, float]:
     return weights
 
 
-def hard_negatives(scene, k: int, rng: random.Random, weights: dict[str, float] | None = None) -> list[str]:
+def hard_negatives(scene, k: int, rng: random.Random, weights: dict[str, float] | None = None,
+                   text_format: str = "session-4") -> list[str]:
     """``k`` minimal wrong edits of the scene's description, of distinct edit types while the
     scene allows them (colour and kind edits always exist), then repeated types. The types
     are ordered by weighted sampling without replacement (Efraimidis & Spirakis keys
@@ -135,7 +159,7 @@ def hard_negatives(scene, k: int, rng: random.Random, weights: dict[str, float] 
     while len(out) < k:
         keys = {e: rng.random() ** (1.0 / weights[e]) for e in EDIT_TYPES}
         for e in sorted(EDIT_TYPES, key=lambda e: -keys[e]):
-            text = edited_description(scene, e, rng)
+            text = edited_description(scene, e, rng, text_format)
             if text is not None and len(out) < k:
                 out.append(text)
     return out
@@ -180,7 +204,7 @@ def relation_loss(img, true, flipped, scale) -> torch.Tensor:
     return -F.logsigmoid(scale * ((img * true).sum(-1) - (img * flipped).sum(-1))).mean()
 
 
-def relation_code(scene) -> list[float]:
+def relation_code(scene, text_format: str = "session-4") -> list[float]:
     """The relation its description states, as a (2·S,) vector over the colour+kind slots of
     :func:`object_targets` (x block, then y block): for "A is to the left of B" (x_A < x_B)
     +1 at B and −1 at A on the x block, so that code · centres > 0 exactly when the sentence
@@ -188,7 +212,7 @@ def relation_code(scene) -> list[float]:
     downwards). All zeros when the description names no relation."""
     from pairforge.world.models import _description_parts, _scene
 
-    groups, rel, _ = _description_parts(_scene(scene))
+    groups, rel, _ = _description_parts(_scene(scene), text_format)
     colors, kinds = list(COLORS), list(KINDS)
     n = len(colors) * len(kinds)
     code = [0.0] * (2 * n)
@@ -263,8 +287,8 @@ loads it. Weights stored in {save_dtype} (loaded in float32 by default).
 
 `pairforge.world.sft_dataset(n_train={n_train}, n_validation=0, n_test=0, seed={data_seed})`,
 train split: {n_examples} images (the {n_excl} filter examples excluded). Texts per image:
-its complete scene description (`pairforge.world.models.scene_description`: every colour+kind
-group with its count, the background, one clear relation), {k} minimal wrong edits of it as
+its complete scene description (`pairforge.world.models.scene_description` in the `{text_format}`
+format: every colour+kind group with its count, the background, one clear relation), {k} minimal wrong edits of it as
 hard negatives (`edited_description`: one colour, kind, count or position swapped; edit types
 drawn with weights {edit_weights}), and the example's SFT answer sentence.
 
@@ -327,20 +351,22 @@ def write_card(out: Path, args, log: dict, n_words: int) -> None:
         relation_text=(f" + {args.relation_weight} × a relation loss (−log σ of the scaled cosine margin "
                        f"of the true description over the same description with its relation flipped)"
                        if args.relation_weight else ""), dense_steps=args.dense_steps,
-        edit_weights=args.edit_weights, torch=log["torch"], threads=log["threads"], data_s=log["data_seconds"],
+        edit_weights=args.edit_weights, text_format=args.text_format, torch=log["torch"], threads=log["threads"], data_s=log["data_seconds"],
         train_s=log["train_seconds"], total_min=log["total_seconds"] / 60, i2t=last("losses_i2t"),
         t2i=last("losses_t2i"), dense=last("losses_dense")))
 
 
 def pretrain_vision_dense(model, dense_head, images, patch_t, processor, args,
                           gen: torch.Generator, object_head=None, present_t=None,
-                          centres_t=None) -> list[float]:
+                          centres_t=None, cell_head=None) -> list[float]:
     """Stage 1: the vision tower alone on the dense patch loss (``--dense-steps`` steps, linear
     warmup then a constant learning rate). A ViT this small learns shapes from per-patch
     targets in a few thousand cheap steps; from the contrastive loss alone it does not."""
     params = [*model.vision_model.parameters(), *dense_head.parameters()]
     if args.object_weight:  # the head reads the projected embedding, as the contrastive loss does
         params += [*model.visual_projection.parameters(), *object_head.parameters()]
+    if cell_head is not None:
+        params += list(cell_head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     losses = []
     bar = tqdm(range(args.dense_steps), desc="stage 1: dense", unit="step")
@@ -354,6 +380,8 @@ def pretrain_vision_dense(model, dense_head, images, patch_t, processor, args,
         if args.object_weight:
             loss = loss + args.object_weight * object_loss(
                 object_head(out.pooler_output), present_t[idx], centres_t[idx])
+        if cell_head is not None:
+            loss = loss + args.own_cell_weight * own_cell_loss(cell_head(out.last_hidden_state[:, 1:]))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
@@ -378,7 +406,7 @@ def train_text_side(model, processor, images, scenes, descriptions, flipped, arg
               *model.visual_projection.parameters(), model.logit_scale, *code_head.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     logs: dict[str, list[float]] = {"i2t": [], "t2i": [], "relation": [], "code": []}
-    codes_all = torch.tensor([relation_code(s) for s in scenes])
+    codes_all = torch.tensor([relation_code(s, args.text_format) for s in scenes])
     order: list[int] = []
     bar = tqdm(range(args.text_steps), desc="stage 3: text side", unit="step")
     for step in bar:
@@ -390,7 +418,7 @@ def train_text_side(model, processor, images, scenes, descriptions, flipped, arg
                                        min_ratio=args.min_lr_ratio)
         negs = [t for i in idx for t in hard_negatives(
             scenes[i], args.hard_negatives, random.Random(derive_seed(args.seed, ids[i], "text", step)),
-            edit_weights)]
+            edit_weights, args.text_format)]
         with torch.no_grad():
             pooled = model.vision_model(pixel_values=pixel_values_from_uint8(
                 images[idx], processor.image_processor)).pooler_output
@@ -430,11 +458,11 @@ def main(argv=None) -> None:
     from transformers import CLIPModel
 
     images, scenes, answers, ids, n_excl = load_rows(args)
-    descriptions = [scene_description(s) for s in scenes]
+    descriptions = [scene_description(s, args.text_format) for s in scenes]
     targets = [patch_targets(s) for s in tqdm(scenes, desc="patch targets", unit="scene")]
     patch_t = patch_target_tensors(targets, centre=args.dense_centre)
     # the relation flipped (None: no relation), for the relation losses only
-    flipped = ([edited_description(s, "position", random.Random(0)) for s in scenes]
+    flipped = ([edited_description(s, "position", random.Random(0), args.text_format) for s in scenes]
                if args.relation_weight or args.text_steps else [None] * len(scenes))
     objects = [object_targets(s) for s in scenes]
     present_t = torch.tensor([o[0] for o in objects], dtype=torch.float32)
@@ -457,6 +485,10 @@ def main(argv=None) -> None:
     named = [*model.named_parameters(), *(("dense_head." + n, p) for n, p in dense_head.named_parameters())]
     if args.object_weight:
         named += [("object_head." + n, p) for n, p in object_head.named_parameters()]
+    cell_head = None
+    if args.own_cell_weight:
+        cell_head = torch.nn.Linear(args.hidden, 2 * (IMAGE_SIZE // PATCH_SIZE))  # not saved
+        named += [("cell_head." + n, p) for n, p in cell_head.named_parameters()]
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -470,7 +502,7 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     t1 = time.time()
     stage1 = pretrain_vision_dense(model, dense_head, images, patch_t, processor, args, gen,
-                                   object_head, present_t, centres_t)
+                                   object_head, present_t, centres_t, cell_head)
     t_stage1 = time.time() - t1
     order: list[int] = []
     logs: dict[str, list[float]] = {"loss": [], "i2t": [], "t2i": [], "answer": [], "dense": []}
@@ -478,13 +510,16 @@ def main(argv=None) -> None:
         logs["object"] = []
     if args.relation_weight:
         logs["relation"] = []
+    if cell_head is not None:
+        logs["own_cell"] = []
     bar = tqdm(range(args.steps), desc="train", unit="step")
     for step in bar:
         if len(order) < args.batch_size:
             order += torch.randperm(len(scenes), generator=gen).tolist()
         idx, order = order[:args.batch_size], order[args.batch_size:]
         negs = [t for i in idx for t in hard_negatives(
-            scenes[i], args.hard_negatives, random.Random(derive_seed(args.seed, ids[i], step)), edit_weights)]
+            scenes[i], args.hard_negatives, random.Random(derive_seed(args.seed, ids[i], step)), edit_weights,
+            args.text_format)]
         for g in opt.param_groups:
             g["lr"] = warmup_cosine_lr(step, args.steps, lr=args.lr, warmup=args.warmup, min_ratio=args.min_lr_ratio)
         pixels = pixel_values_from_uint8(images[idx], processor.image_processor)
@@ -502,6 +537,9 @@ def main(argv=None) -> None:
         if args.object_weight:
             parts["object"] = object_loss(object_head(vis.pooler_output), present_t[idx], centres_t[idx])
             loss = loss + args.object_weight * parts["object"]
+        if cell_head is not None:
+            parts["own_cell"] = own_cell_loss(cell_head(vis.last_hidden_state[:, 1:]))
+            loss = loss + args.own_cell_weight * parts["own_cell"]
         if rel:
             rows = torch.tensor([r for r, _ in rel])
             parts["relation"] = relation_loss(img[rows], desc[rows], desc[2 * B + n_neg:], scale)

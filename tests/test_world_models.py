@@ -135,6 +135,9 @@ def test_warmup_cosine_lr_hand_computed():
 
 def test_scene_description_and_minimal_edits():
     n_edits = {e: 0 for e in wm.EDIT_TYPES}
+    n_listed = n_sorted = 0
+    from pairforge.world import PLURALS
+    singular = {v: k for k, v in PLURALS.items()}
     for seed in range(200):
         scene = sample_scene(seed)
         true = wm.scene_description(scene)
@@ -145,6 +148,15 @@ def test_scene_description_and_minimal_edits():
             if wrong is None:
                 continue
             n_edits[e] += 1
+            listing = wrong.split(" on a ")[0].replace(" and ", ", ").split(", ")
+            keys = [(p.split()[1], singular.get(p.split()[2], p.split()[2])) for p in listing]  # (colour, kind)
+            n_listed += 1
+            n_sorted += keys == sorted(keys)
+            if e == "count" and ". the " in wrong:  # never "two red circles ... the red circle is"
+                named = wrong.split(". the ")[1].rstrip(".").split(" is ")
+                named = {named[0], " ".join(named[1].split()[-2:])}
+                plural = {f"{c} {k}" for (c, k), p in zip(keys, listing) if p.split()[0] not in ("a", "an")}
+                assert not named & plural, wrong
             assert wrong != true
             a, b = true.split(), wrong.split()
             if e == "position":  # exactly the relation word changes
@@ -154,6 +166,46 @@ def test_scene_description_and_minimal_edits():
             if e == "color":
                 assert len(a) == len(b)
     assert all(n > 50 for n in n_edits.values()), n_edits
+    assert n_sorted == n_listed  # fair: every listing, edited or not, by colour then kind
+
+
+def test_scene_description_fair_format_says_nothing_about_position():
+    """In the fair format the text alone cannot tell a true description from its position
+    edit: mirroring a scene left-right keeps the listing and only flips the relation word. In the
+    session-4 format (groups left to right) a horizontal relation sentence always follows the
+    listing order (the giveaway), and count edits may pluralise an object the relation names."""
+    from pairforge.world.scenes import Obj, Scene
+
+    red = Obj("circle", "red", "small", 0, 40, 20, 60)
+    blue = Obj("square", "blue", "small", 80, 40, 100, 60)
+    green = Obj("star", "green", "small", 40, 0, 60, 20)
+
+    def mirror(o):
+        return Obj(o.kind, o.color, o.size, 112 - o.x1, o.y0, 112 - o.x0, o.y1)
+
+    for seed in (0, 1):
+        scene = Scene(112, 112, "white", (red, blue, green), seed=seed)
+        flipped = Scene(112, 112, "white", tuple(mirror(o) for o in scene.objects), seed=seed)
+        a, b = wm.scene_description(scene), wm.scene_description(flipped)
+        assert a.split(". ")[0] == b.split(". ")[0] == "a blue square, a green star and a red circle on a white background"
+        assert wm.edited_description(scene, "position", random.Random(0)) == b  # the edit is the mirror image's text
+        left = wm.scene_description(scene, "session-4")
+        assert left.startswith("a red circle, a green star and a blue square")
+    agree = {"fair": [], "session-4": []}
+    for seed in range(400):
+        scene = sample_scene(seed)
+        for text_format, out in agree.items():
+            _, rel, _ = wm._description_parts(scene, text_format)
+            if rel is not None and rel[1] in ("left", "right"):  # does the sentence follow the listing order?
+                out.append((rel[0] < rel[2]) == (rel[1] == "left"))
+    assert all(agree["session-4"]) and len(agree["session-4"]) > 30
+    assert 0.3 < np.mean(agree["fair"]) < 0.7
+    two = Scene(112, 112, "white", (red, blue), seed=0)  # session-4 count edits may pluralise "the red circle"
+    assert any(wm.edited_description(two, "count", random.Random(i), "session-4").startswith("two red circles")
+               for i in range(20))
+    assert all(wm.edited_description(two, "count", random.Random(i)) is None for i in range(20))
+    with pytest.raises(PairforgeError, match="description format 'sideways'"):
+        wm.scene_description(sample_scene(0), "sideways")
     one = sample_scene(2)  # one object: no relation to flip
     assert len(one.objects) == 1 and wm.edited_description(one, "position", random.Random(0)) is None
     with pytest.raises(PairforgeError):
@@ -249,10 +301,11 @@ def test_clip_relation_code_hand_computed():
     r = list(COLORS).index("red") * len(KINDS) + list(KINDS).index("circle")
     b = list(COLORS).index("blue") * len(KINDS) + list(KINDS).index("square")
     with script_module("train_tiny_clip") as m:
-        for seed, text in ((0, "the red circle is to the left of the blue square."),
-                           (1, "the blue square is to the right of the red circle.")):
+        listing = "a blue square and a red circle on a white background. "
+        for seed, text in ((0, listing + "the blue square is to the right of the red circle."),
+                           (1, listing + "the red circle is to the left of the blue square.")):
             scene = Scene(112, 112, "white", (red, blue), seed=seed)
-            assert wm.scene_description(scene).endswith(text)
+            assert wm.scene_description(scene) == text
             code = m.relation_code(scene)
             want = [0.0] * (2 * n)
             want[b], want[r] = 1.0, -1.0  # x block: code · centres = x_blue − x_red > 0 (true)

@@ -382,6 +382,14 @@ def clip_config(vocab_size: int, *, hidden: int = 128, layers: int = 3, heads: i
 #: The minimal edits that turn a true scene description into a wrong one.
 EDIT_TYPES = ("color", "kind", "count", "position")
 _FLIP = {"left": "right", "right": "left", "above": "below", "below": "above"}
+#: The formats of a CLIP description and its edits. ``fair``: the (colour, kind) groups listed
+#: by colour, then kind, which says nothing about where the objects are, and count edits never
+#: touch a group the relation sentence names. ``session-4`` (the shipped tiny CLIP's training
+#: text, kept to reproduce it): groups listed left to right, so whether a horizontal relation
+#: sentence follows the listing order tells a true description from its position edit without
+#: the image, and a count edit can turn "a red circle" into "two red circles" while the relation
+#: sentence still says "the red circle", which the text alone also gives away.
+DESCRIPTION_FORMATS = ("fair", "session-4")
 
 
 def _scene(scene: Any):
@@ -390,13 +398,20 @@ def _scene(scene: Any):
     return scene if isinstance(scene, Scene) else Scene.from_dict(scene)
 
 
-def _description_parts(scene) -> tuple[list[list], tuple[int, str, int] | None, str]:
-    """Groups ``[color, kind, count, first_object_index]`` (objects read left to right), the
+def _description_parts(scene, text_format: str = "fair"
+                       ) -> tuple[list[list], tuple[int, str, int] | None, str]:
+    """Groups ``[color, kind, count, first_object_index]`` in ``text_format``'s order
+    (:data:`DESCRIPTION_FORMATS`), the
     relation ``(group_a, rel, group_b)`` between the first two single-object groups with a
-    clear relation (in either order, by the scene seed's parity) (the world's :func:`~pairforge.world.tasks.relation`), and the background."""
+    clear relation (in either order, by the scene seed's parity) (the world's
+    :func:`~pairforge.world.tasks.relation`), and the background."""
     from pairforge.world.tasks import relation
 
-    objs = sorted(range(len(scene.objects)), key=lambda i: (scene.objects[i].center, i))
+    if text_format not in DESCRIPTION_FORMATS:
+        raise PairforgeError(f"description format '{text_format}': choose one of {DESCRIPTION_FORMATS}")
+    objs = sorted(range(len(scene.objects)),
+                  key=(lambda i: (scene.objects[i].center, i)) if text_format == "session-4"
+                  else (lambda i: (scene.objects[i].color, scene.objects[i].kind, i)))
     groups: list[list] = []
     where: dict[tuple[str, str], int] = {}
     for i in objs:
@@ -436,27 +451,30 @@ def _render_description(groups: Sequence[Sequence], rel: tuple[int, str, int] | 
     return text
 
 
-def scene_description(scene: Any) -> str:
+def scene_description(scene: Any, text_format: str = "fair") -> str:
     """A deterministic, complete description of a scene (``Scene`` or its ``scene`` column
-    dict) for the CLIP: every (colour, kind) group with its count, objects read left to
-    right, the background, and one clear relation between two single objects when there is
-    one: "a red circle, two blue squares and a star on ..." → e.g. "a red circle and two blue
-    squares on a gray background. the red circle is to the left of the ..."."""
-    return _render_description(*_description_parts(_scene(scene)))
+    dict) for the CLIP: every (colour, kind) group with its count, in ``text_format``'s order
+    (:data:`DESCRIPTION_FORMATS`), the background, and one clear relation between two single objects when
+    there is one: e.g. "two blue squares and a red circle on a gray background. the red circle
+    is to the left of the ..."."""
+    return _render_description(*_description_parts(_scene(scene), text_format))
 
 
-def edited_description(scene: Any, edit: str, rng: random.Random) -> str | None:
+def edited_description(scene: Any, edit: str, rng: random.Random, text_format: str = "fair"
+                       ) -> str | None:
     """The scene's description with one minimal edit that makes it false (:data:`EDIT_TYPES`):
     ``color`` / ``kind``: one group's colour or kind swapped for one no group has;
     ``count``: one group's count changed by one (never to zero nor past the world's
-    :data:`~pairforge.world.scenes.MAX_OBJECTS`; the relation sentence is kept);
+    :data:`~pairforge.world.scenes.MAX_OBJECTS`; in the ``fair`` format never a group the
+    relation sentence names);
     ``position``: the relation flipped (left ↔ right, above ↔ below). None when the scene allows no such edit (no
-    relation for ``position``; every alternative taken)."""
+    relation for ``position``; every alternative taken). In the ``fair`` format the edited groups
+    are listed in its order again, so the order does not give the edit away."""
     from pairforge.world import KINDS, colors_for
     from pairforge.world.scenes import MAX_OBJECTS
 
     sc = _scene(scene)
-    groups, rel, background = _description_parts(sc)
+    groups, rel, background = _description_parts(sc, text_format)
     if not groups:
         return None
     groups = [list(g) for g in groups]
@@ -476,14 +494,21 @@ def edited_description(scene: Any, edit: str, rng: random.Random) -> str | None:
         groups[g][field] = v
     elif edit == "count":
         room = sum(g[2] for g in groups) < MAX_OBJECTS
+        # "two red circles ... the red circle is" would give itself away
+        named = set() if rel is None or text_format == "session-4" else {rel[0], rel[2]}
         options = [(g, d) for g, grp in enumerate(groups) for d in (-1, 1)
-                   if (d == 1 and room) or (d == -1 and grp[2] > 1)]
+                   if g not in named and ((d == 1 and room) or (d == -1 and grp[2] > 1))]
         if not options:
             return None
         g, d = rng.choice(options)
         groups[g][2] += d
     else:
         raise PairforgeError(f"edit '{edit}': choose one of {EDIT_TYPES}")
+    if text_format == "fair":  # keep the order sorted, or an unsorted listing gives the edit away
+        order = sorted(range(len(groups)), key=lambda g: (groups[g][0], groups[g][1]))
+        where = {g: k for k, g in enumerate(order)}
+        groups = [groups[g] for g in order]
+        rel = None if rel is None else (where[rel[0]], rel[1], where[rel[2]])
     return _render_description(groups, rel, background)
 
 
