@@ -16,8 +16,12 @@ attention-supervision loss (:func:`attention_loss`, training only): in one langu
 head 0 at each position that predicts a decisive token attends to the patches of the object
 the question names and head 1 to those of a spatial question's reference object, the two
 look-ups a relation needs; ``--own-cell-weight`` asks each patch token for its own grid cell
-(:func:`own_cell_loss`), so that what such a look-up reads says where the object is.
-``--init`` continues from a checkpoint. ``--always`` puts the listed task categories (e.g.
+(:func:`own_cell_loss`), so that what such a look-up reads says where the object is;
+``--fetch-weight`` asks the residual stream after the supervised layer, at the same positions,
+for where the two objects are (:func:`fetch_loss`), so the look-up heads' value path keeps
+position (a trained model's drops it). ``--phase2-steps`` adds a second phase with its own
+learning-rate schedule in which those two losses apply (from scratch they hold every skill
+back). ``--init`` continues from a checkpoint. ``--always`` puts the listed task categories (e.g.
 spatial,existence) into every conversation that has them.
 
 Model: a randomly initialised ``LlavaForConditionalGeneration`` (CLIP vision tower +
@@ -119,7 +123,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "attends to the image patches of the question's object, head 1 to those of its "
                         "reference object (spatial questions); 0 = off")
     p.add_argument("--attend-layer", type=int, default=2,
-                   help="the language-model layer (0-based) whose heads 0 and 1 --attend-weight supervises")
+                   help="the language-model layer (0-based) whose heads 0 and 1 --attend-weight supervises "
+                        "and whose output --fetch-weight reads")
+    p.add_argument("--fetch-weight", type=float, default=0.0,
+                   help="weight of a loss asking the residual stream after LM layer --attend-layer, at the "
+                        "positions that predict a decisive answer token, for where the question's object "
+                        "(and a spatial question's reference object) is: the grid column and row of its "
+                        "patches' centre, through a linear head that is not saved (fetch_loss), so what "
+                        "the look-ups fetch carries position; 0 = off")
+    p.add_argument("--phase2-steps", type=int, default=0,
+                   help="after --steps, this many more steps with a fresh warmup and cosine schedule "
+                        "(--phase2-lr, --phase2-warmup) in which --attend-weight and --fetch-weight "
+                        "apply; those losses are then off in the first --steps (0: no second phase; "
+                        "they apply throughout)")
+    p.add_argument("--phase2-lr", type=float, default=5e-4)
+    p.add_argument("--phase2-warmup", type=int, default=20)
     p.add_argument("--probe-every", type=int, default=100,
                    help="every N steps, log per task how often the decisive answer token is "
                         "the argmax on the validation split (teacher-forced, one forward)")
@@ -132,7 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.out is None and args.check is None:
         p.error("--out is required (the checkpoint folder to write), unless --check CHECKPOINT")
-    if args.attend_weight and not 0 <= args.attend_layer < args.text_layers:
+    if (args.attend_weight or args.fetch_weight) and not 0 <= args.attend_layer < args.text_layers:
         p.error(f"--attend-layer {args.attend_layer}: the language model has layers 0-{args.text_layers - 1}")
     if args.vision_tower is not None and str(args.vision_tower).lower() == "none":
         args.vision_tower = None
@@ -239,6 +257,23 @@ def attention_loss(attn: torch.Tensor, image_positions: torch.Tensor, targets) -
     return -torch.log(mass.clamp(min=1e-6)).mean()
 
 
+def fetch_loss(pred: torch.Tensor, head: torch.Tensor, patches: torch.Tensor, grid: int) -> torch.Tensor:
+    """Mean squared error of the predicted position of each supervised object: ``pred`` (N, 4)
+    is a linear read of the residual stream at each entry of :func:`attention_targets` (column
+    and row of the question's object, then of the reference object), ``head`` (N,) picks the
+    pair (0: object, 1: reference), and the target is the centre of the object's ``patches``
+    (N, grid²) on the row-major grid, scaled to [−1, 1]. Zero when nothing is supervised."""
+    if len(head) == 0:
+        return pred.sum() * 0.0
+    p = torch.arange(grid * grid)
+    cells = torch.stack([p % grid, p // grid], 1).to(pred.dtype)          # (P, 2): column, row
+    weights = patches.to(pred.dtype)
+    centre = (weights @ cells) / weights.sum(1, keepdim=True)             # (N, 2)
+    half = (grid - 1) / 2
+    chosen = pred.view(-1, 2, 2)[torch.arange(len(head)), head]           # (N, 2)
+    return torch.nn.functional.mse_loss(chosen, (centre - half) / half)
+
+
 def training_conversation(index: int, args, max_objects: int):
     """Training conversation ``index``: a fresh world scene with 1..``max_objects`` objects and
     ``--turns`` of its questions (distinct task categories, :func:`make_examples`), all drawn
@@ -266,6 +301,12 @@ def max_objects_at(step: int, args) -> int:
     return min(MAX_OBJECTS, 1 + int(MAX_OBJECTS * step / (args.curriculum * args.steps)))
 
 
+def supervised(step: int, args) -> bool:
+    """Whether the attention-supervision and fetch losses apply at ``step``: in the second
+    phase when there is one (``--phase2-steps``), else throughout."""
+    return bool(args.attend_weight or args.fetch_weight) and (not args.phase2_steps or step >= args.steps)
+
+
 def training_batch(step: int, args, processor):
     """The batch of ``step``: conversations ``step·B … step·B + B − 1`` encoded, their images
     and their per-patch targets (:func:`patch_target_tensors`)."""
@@ -280,13 +321,13 @@ def training_batch(step: int, args, processor):
         images.append(image)
         if args.dense_weight:
             patches.append(patch_targets(scene))
-        if args.attend_weight:
+        if supervised(step, args):
             conversations.append((rows, b, m, scene))
     batch = collate(range(len(ids)), ids, labels, torch.from_numpy(np.stack(images)),
                     processor.image_processor, processor.tokenizer.pad_token_id, spans)
     if args.dense_weight:
         batch["patch"] = patch_target_tensors(patches, centre=args.dense_centre)
-    if args.attend_weight:
+    if supervised(step, args):
         batch["attend"] = attention_targets(conversations)
     return batch
 
@@ -310,15 +351,20 @@ def collate(idx, ids, labels, images, image_processor, pad_id: int, spans=None):
             "span": span}
 
 
-def weighted_loss(model, batch, span_weight: float, attentions: list | None = None) -> torch.Tensor:
+def weighted_loss(model, batch, span_weight: float, attentions: list | None = None,
+                  hidden: list | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over answer tokens, decisive tokens weighted
-    ``span_weight`` (1: the model's own loss). With a list as ``attentions``, the forward also
-    returns every LM layer's attention weights, appended to it."""
+    ``span_weight`` (1: the model's own loss). With a list as ``attentions`` (``hidden``), the
+    forward also returns every LM layer's attention weights (the LM's hidden states, embeddings
+    first), appended to it."""
     span = batch.pop("span")
     labels = batch.pop("labels") if span_weight != 1.0 else None
-    out = model(**batch, **({"output_attentions": True} if attentions is not None else {}))
+    out = model(**batch, **({"output_attentions": True} if attentions is not None else {}),
+                **({"output_hidden_states": True} if hidden is not None else {}))
     if attentions is not None:
         attentions.extend(out.attentions)
+    if hidden is not None:
+        hidden.extend(out.hidden_states)
     if labels is None:
         return out.loss
     logits = out.logits[:, :-1]
@@ -483,7 +529,7 @@ examples after the filter rows). The test split's scenes come from other seeds.
 (projector × {proj_scale}) with {warmup} warmup steps then cosine decay to {min_lr_ratio}×,
 gradient clipping {clip}. Loss: next-token cross-entropy on the answers' tokens (and each
 closing `</s>`), the decisive tokens (the value the grader reads: colour, kind, number,
-relation, yes/no) weighted {span_weight}×{dense_note}; {vision_note}.
+relation, yes/no) weighted {span_weight}×{dense_note}; {vision_note}.{phase2_note}
 Measured here (2 shared CPU cores, torch {torch}, {threads} thread): validation data
 {data_s:.0f} s, training {train_s:.0f} s, total **{total_min:.1f} min**. Final training loss
 {final_loss:.3f}; validation loss {val_loss:.3f}.
@@ -542,7 +588,15 @@ def write_card(out: Path, model, args, log: dict, n_words: int) -> None:
                       f"{args.attend_layer}, head 0 at each position that predicts a decisive token puts its "
                       f"attention on the image patches of the object the question names, head 1 on those of "
                       f"the reference object of a spatial question: −log of the attention mass on them)"
-                      if args.attend_weight else ""),
+                      if args.attend_weight else "")
+                   + (f", plus {args.fetch_weight} × a fetch loss (a linear head, not shipped, reads the "
+                      f"residual stream after layer {args.attend_layer} at those positions and predicts where "
+                      f"each of the two objects is: its patches' centre; squared error)"
+                      if args.fetch_weight else ""),
+        phase2_note=(f" Then a second phase of {args.phase2_steps} steps: learning rate {args.phase2_lr} with "
+                     f"{args.phase2_warmup} warmup steps then cosine decay to {args.min_lr_ratio}×, and only "
+                     f"in this phase the attention-supervision and fetch losses."
+                     if args.phase2_steps else ""),
         vision_note=(
             f"all weights continued from the checkpoint {args.init}, vision learning-rate factor "
             f"{args.vision_lr_scale}" if args.init else
@@ -602,7 +656,7 @@ def train(args, stop_after: int | None = None) -> dict:
             init_vision_tower(model, args.vision_tower)
     model.train()
     groups = param_groups(model, args)
-    dense_head, cell_head, capture = None, None, None
+    dense_head, cell_head, fetch_head, capture = None, None, None, None
     if args.dense_weight or args.own_cell_weight:
         capture = VisionCapture(model)
     if args.dense_weight:
@@ -611,32 +665,46 @@ def train(args, stop_after: int | None = None) -> dict:
     if args.own_cell_weight:
         cell_head = torch.nn.Linear(args.vision_hidden, 2 * (IMAGE_SIZE // PATCH_SIZE))  # not saved
         groups.append({"params": list(cell_head.parameters()), "weight_decay": 0.0, "lr_scale": 1.0})
+    if args.fetch_weight:
+        fetch_head = torch.nn.Linear(model.config.text_config.hidden_size, 4)  # not saved
+        groups.append({"params": list(fetch_head.parameters()), "weight_decay": 0.0, "lr_scale": 1.0})
     trainable = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
 
     val_batches = [collate(range(s, min(s + 64, len(v_ids))), v_ids, v_labels, v_images,
                            processor.image_processor, tok.pad_token_id, v_spans)
                    for s in range(0, len(v_ids), 64)]
-    losses, dense_losses, cell_losses, attend_losses, probes, n_tokens, n_unk = [], [], [], [], [], 0, 0
+    losses, dense_losses, cell_losses, attend_losses, fetch_losses, probes, n_tokens, n_unk = [], [], [], [], [], [], 0, 0
     t1 = time.time()
-    bar = tqdm(range(args.steps if stop_after is None else min(stop_after, args.steps)), desc="train", unit="step")
+    total = args.steps + args.phase2_steps
+    bar = tqdm(range(total if stop_after is None else min(stop_after, total)), desc="train", unit="step")
     for step in bar:
         batch = training_batch(step, args, processor)
         n_tokens += int(batch["attention_mask"].sum())
         n_unk += int((batch["input_ids"] == tok.unk_token_id).sum())
-        lr = warmup_cosine_lr(step, args.steps, lr=args.lr, warmup=args.warmup, min_ratio=args.min_lr_ratio)
+        lr = (warmup_cosine_lr(step, args.steps, lr=args.lr, warmup=args.warmup, min_ratio=args.min_lr_ratio)
+              if step < args.steps else
+              warmup_cosine_lr(step - args.steps, args.phase2_steps, lr=args.phase2_lr, warmup=args.phase2_warmup,
+                               min_ratio=args.min_lr_ratio))
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         patch = batch.pop("patch") if args.dense_weight else None
-        attend = batch.pop("attend") if args.attend_weight else None
-        attentions = [] if attend is not None else None
+        attend = batch.pop("attend", None)
+        attentions = [] if attend is not None and args.attend_weight else None
+        hidden = [] if attend is not None and args.fetch_weight else None
         image_positions = (batch["input_ids"] == model.config.image_token_index).nonzero()[:, 1].view(
-            len(batch["input_ids"]), -1) if attend is not None else None
-        loss = weighted_loss(model, batch, args.span_weight, attentions)
-        if attend is not None:
+            len(batch["input_ids"]), -1) if attentions is not None else None
+        loss = weighted_loss(model, batch, args.span_weight, attentions, hidden)
+        if attentions is not None:
             att = attention_loss(attentions[args.attend_layer], image_positions, attend)
             attend_losses.append(float(att))
             loss = loss + args.attend_weight * att
+        if hidden is not None:
+            rows, pos, head, patches = attend
+            fetch = fetch_loss(fetch_head(hidden[args.attend_layer + 1][rows, pos]), head, patches,
+                               IMAGE_SIZE // PATCH_SIZE)
+            fetch_losses.append(float(fetch))
+            loss = loss + args.fetch_weight * fetch
         if patch is not None:
             dense = patch_loss(dense_head(capture.hidden[:, 1:]), *patch)
             dense_losses.append(float(dense))
@@ -650,20 +718,21 @@ def train(args, stop_after: int | None = None) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
-        if args.probe_every and ((step + 1) % args.probe_every == 0 or step + 1 == args.steps):
+        if args.probe_every and ((step + 1) % args.probe_every == 0 or step + 1 == total):
             probes.append({"step": step + 1, "seconds": round(time.time() - t1, 1),
                            **decisive_probe(model, val_batches, v_tasks)})
             tqdm.write("probe " + json.dumps({k: round(v, 3) if isinstance(v, float) else v
                                               for k, v in probes[-1].items()}))
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.log_every == 0 or step + 1 == total:
             bar.set_postfix(loss=f"{np.mean(losses[-args.log_every:]):.3f}", lr=f"{lr:.2e}",
                             objects=max_objects_at(step, args),
                             **({"cell": f"{np.mean(cell_losses[-args.log_every:]):.3f}"} if cell_losses else {}),
-                            **({"attend": f"{np.mean(attend_losses[-args.log_every:]):.3f}"} if attend_losses else {}))
+                            **({"attend": f"{np.mean(attend_losses[-args.log_every:]):.3f}"} if attend_losses else {}),
+                            **({"fetch": f"{np.mean(fetch_losses[-args.log_every:]):.3f}"} if fetch_losses else {}))
     if n_unk:
         print(f"warning: {n_unk} <unk> tokens in the training conversations; the vocabulary misses some words")
     return {"model": model, "processor": processor, "val_batches": val_batches, "losses": losses,
-            "losses_dense": dense_losses, "losses_own_cell": cell_losses, "losses_attend": attend_losses, "probes": probes, "n_tokens": n_tokens,
+            "losses_dense": dense_losses, "losses_own_cell": cell_losses, "losses_attend": attend_losses, "losses_fetch": fetch_losses, "probes": probes, "n_tokens": n_tokens,
             "n_validation_examples": len(v_ids), "t0": t0, "data_seconds": t_data,
             "train_seconds": time.time() - t1}
 
@@ -682,19 +751,19 @@ def main(argv=None) -> None:
     log = {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "n_params": n_params, "n_train_conversations": args.steps * args.batch_size,
+        "n_params": n_params, "n_train_conversations": (args.steps + args.phase2_steps) * args.batch_size,
         "n_train_tokens": run["n_tokens"], "n_validation_examples": run["n_validation_examples"],
         "losses": losses, "losses_dense": run["losses_dense"], "losses_own_cell": run["losses_own_cell"],
-        "losses_attend": run["losses_attend"],
+        "losses_attend": run["losses_attend"], "losses_fetch": run["losses_fetch"],
         "probes": run["probes"],
-        "validation": [{"step": args.steps, "loss": val}],
+        "validation": [{"step": args.steps + args.phase2_steps, "loss": val}],
         "data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1),
         "total_seconds": round(time.time() - run["t0"], 1), "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
     (args.out / "train_log.json").write_text(json.dumps(log) + "\n")
     write_card(args.out, model, args, log, n_words=len(vocabulary()))
-    print(f"done: {n_params / 1e6:.2f}M params, {args.steps} steps × {args.batch_size} conversations "
+    print(f"done: {n_params / 1e6:.2f}M params, {args.steps + args.phase2_steps} steps × {args.batch_size} conversations "
           f"× {args.turns} turns; final train loss {np.mean(losses[-50:]):.4f}, validation loss "
           f"{val:.4f}; data {t_data:.0f}s, train {t_train:.0f}s, total {time.time() - run['t0']:.0f}s → {args.out}")
 

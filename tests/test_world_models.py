@@ -373,6 +373,34 @@ def test_vlm_attention_targets_and_loss_hand_computed():
         assert len(none[0]) == 0 and float(m.attention_loss(attn, image_positions, none)) == 0.0
 
 
+def test_vlm_fetch_loss_hand_computed():
+    from conftest import script_module
+
+    with script_module("train_tiny_vlm") as m:
+        # a 2×2 grid; entry 0 (object) covers patches 0 and 1: centre column 0.5, row 0 → (0, −1)
+        # scaled; entry 1 (reference) covers patch 3: column 1, row 1 → (1, 1)
+        patches = torch.tensor([[True, True, False, False], [False, False, False, True]])
+        head = torch.tensor([0, 1])
+        pred = torch.tensor([[0.0, 0.0, 9.0, 9.0],     # object pair (0, 0): errors 0, 1
+                             [9.0, 9.0, 1.0, 0.0]])    # reference pair (1, 0): errors 0, 1
+        assert float(m.fetch_loss(pred, head, patches, 2)) == pytest.approx((0 + 1 + 0 + 1) / 4)
+        assert float(m.fetch_loss(pred[:0], head[:0], patches[:0], 2)) == 0.0
+
+
+def test_vlm_second_phase_switches_the_supervision_on_and_restarts_the_schedule():
+    from conftest import script_module
+
+    with script_module("train_tiny_vlm") as m:
+        both = ["--out", "x", "--steps", "10", "--attend-weight", "1", "--fetch-weight", "1"]
+        once = m.parse_args(both)                                  # no second phase: on throughout
+        assert all(m.supervised(s, once) for s in (0, 9))
+        two = m.parse_args(both + ["--phase2-steps", "5"])         # on in the second phase only
+        assert [m.supervised(s, two) for s in (0, 9, 10, 14)] == [False, False, True, True]
+        assert not any(m.supervised(s, m.parse_args(["--out", "x", "--phase2-steps", "5"])) for s in (0, 12))
+        with pytest.raises(SystemExit):                            # the layer the fetch loss reads must exist
+            m.parse_args(["--out", "x", "--fetch-weight", "1", "--attend-layer", "9"])
+
+
 def test_checkpoint_round_trip_random_weights(tmp_path, processor, test_rows):
     """A random tiny VLM saved in bfloat16 loads in float32 through the Auto classes, with
     eager attention from config.json, and runs."""
