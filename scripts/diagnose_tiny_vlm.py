@@ -14,6 +14,12 @@ skill (e.g. spatial relations) is or is not learned.
    tokens of ``--n-images`` world images and scored (R²) on the rest. Near 0: the tokens' values
    do not say where they are, so no look-up can read an object's position from them, and a
    relation between two objects cannot be computed from what attention returns.
+3. **Position through each head's value path.** For every object of those images: the image
+   tokens entering each language-model layer, and what each head's value-output path (its
+   slice of ``v_proj`` then of ``o_proj``) makes of them, averaged over the object's patches
+   (a perfect look-up), and the ridge R² of the object's column and row (its patches' centre)
+   from that, on standardised features. A head whose R² is far below the tokens' own can look
+   an object up but returns *what* it is, not *where*.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from pairforge.world import Scene, render_scene, sample_scene, sft_dataset  # no
 from pairforge.world.models import (  # noqa: E402
     TINY_VLM_PATH,
     load_tiny_vlm,
+    object_patch_masks,
     pixel_values_from_uint8,
     uint8_chw,
 )
@@ -83,21 +90,56 @@ def ridge_r2(x: np.ndarray, y: np.ndarray, lam: float = 1.0, share: float = 0.7)
     return float(1 - ((pred - true) ** 2).sum() / ((true - true.mean()) ** 2).sum())
 
 
+def standardised_r2(x: np.ndarray, y: np.ndarray) -> float:
+    """:func:`ridge_r2` on features scaled to unit variance (a value path's output is small)."""
+    return ridge_r2((x - x.mean(0)) / (x.std(0) + 1e-8), y)
+
+
 @torch.no_grad()
-def position_r2(model, processor, n_images: int, seed: int) -> dict[str, float]:
-    """R² of each image token's own column and row from the projected image tokens."""
-    feats = []
+def position_r2(model, processor, n_images: int, seed: int) -> tuple[dict[str, float], dict]:
+    """R² of each image token's own column and row from the projected image tokens, and per LM
+    layer the R² of each object's position (its patches' centre) from the image tokens entering
+    the layer and from each head's value-output path, pooled over the object's patches."""
+    lm = model.model.language_model
+    n_heads = model.config.text_config.num_attention_heads
+    feats, pooled, centres = [], {}, []
     for i in tqdm(range(n_images), desc="position probe", unit="img"):
-        pixels = pixel_values_from_uint8(torch.tensor(uint8_chw(render_scene(sample_scene(seed * 100_003 + i))))[None],
-                                         processor.image_processor)
+        scene = sample_scene(seed * 100_003 + i)
+        image = render_scene(scene)
+        pixels = pixel_values_from_uint8(torch.tensor(uint8_chw(image))[None], processor.image_processor)
         out = model.get_image_features(pixel_values=pixels)
         projected = out.pooler_output if hasattr(out, "pooler_output") else out  # transformers ≥ 5: an output object
         feats.append(torch.as_tensor(projected[0]).reshape(-1, model.config.text_config.hidden_size))
+        prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}],
+                                               add_generation_prompt=True)
+        enc = processor(text=prompt, images=[image], return_tensors="pt")
+        hidden = model(**enc, output_hidden_states=True).hidden_states
+        image_pos = (enc["input_ids"][0] == model.config.image_token_index).nonzero()[:, 0]
+        masks = torch.tensor(object_patch_masks(scene), dtype=torch.float32)
+        weights = masks / masks.sum(1, keepdim=True)                       # (objects, P)
+        grid = round(len(image_pos) ** 0.5)
+        cells = torch.stack([torch.arange(grid * grid) % grid, torch.arange(grid * grid) // grid], 1).float()
+        centres.append((weights @ cells).numpy())
+        for k, layer in enumerate(lm.layers):
+            x = hidden[k][0, image_pos]                                     # (P, D) entering layer k
+            v = layer.self_attn.v_proj(layer.input_layernorm(x))
+            d = v.shape[1] // n_heads
+            pooled.setdefault((k, "tokens"), []).append((weights @ x).numpy())
+            for h in range(n_heads):
+                path = v[:, h * d:(h + 1) * d] @ layer.self_attn.o_proj.weight[:, h * d:(h + 1) * d].T
+                pooled.setdefault((k, h), []).append((weights @ path).numpy())
     x = torch.cat(feats).numpy()
     grid = round(len(feats[0]) ** 0.5)
     cell = np.tile(np.arange(len(feats[0])), n_images)
-    return {"column": round(ridge_r2(x, (cell % grid).astype(float)), 3),
-            "row": round(ridge_r2(x, (cell // grid).astype(float)), 3)}
+    own = {"column": round(ridge_r2(x, (cell % grid).astype(float)), 3),
+           "row": round(ridge_r2(x, (cell // grid).astype(float)), 3)}
+    y = np.concatenate(centres)
+    value_path: dict[str, list] = {}
+    for (k, h), parts in pooled.items():
+        z = np.concatenate(parts)
+        value_path.setdefault(f"layer {k}", {})[str(h)] = [round(standardised_r2(z, y[:, 0]), 3),
+                                                          round(standardised_r2(z, y[:, 1]), 3)]
+    return own, value_path
 
 
 def main(argv=None) -> None:
@@ -108,7 +150,7 @@ def main(argv=None) -> None:
     rows = [r for r in split if r["filter_reason"] is None and r["target"]["object_index"] is not None
             and r["target"]["object_index"] >= 0]
     mass = lookup_mass(model, processor, rows)
-    r2 = position_r2(model, processor, args.n_images, args.data_seed)
+    r2, value_path = position_r2(model, processor, args.n_images, args.data_seed)
     print(f"## {args.vlm}\n\nAttention mass on the named object's patches, best head per layer "
           f"(head index in brackets), at the positions that predict a decisive token:\n")
     n_layers = len(next(iter(mass.values())))
@@ -118,8 +160,17 @@ def main(argv=None) -> None:
         print(f"| {key} | " + " | ".join(f"{max(h):.2f} ({int(np.argmax(h))})" for h in m) + " |")
     print(f"\nImage tokens' own grid cell from their values (ridge R² on held-out tokens of "
           f"{args.n_images} images): column {r2['column']:.3f}, row {r2['row']:.3f}")
+    heads = [h for h in next(iter(value_path.values())) if h != "tokens"]
+    print("\nAn object's column / row (R², standardised ridge) from the image tokens entering each layer, "
+          "pooled over the object's patches, and from each head's value-output path of them "
+          "(what a perfect look-up would return):\n")
+    print("| layer | tokens | " + " | ".join(f"head {h}" for h in heads) + " |")
+    print("|---|" + "---:|" * (len(heads) + 1))
+    for layer, r in value_path.items():
+        print(f"| {layer.split()[1]} | " + " | ".join(f"{r[h][0]:.2f} / {r[h][1]:.2f}" for h in ["tokens", *heads]) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"vlm": str(args.vlm), "lookup_mass": mass, "position_r2": r2}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"vlm": str(args.vlm), "lookup_mass": mass, "position_r2": r2,
+                                         "value_path_r2": value_path}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

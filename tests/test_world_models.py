@@ -314,6 +314,35 @@ def test_clip_relation_code_hand_computed():
         assert m.relation_code(one) == [0.0] * (2 * n)
 
 
+def test_probe_clip_text_binding_codes_and_runs(tmp_path):
+    """The text-binding probe's examples: the code is +1 at the second object's slot and −1 at
+    the first's on the relation's axis (signs by direction), the twin differs only in the
+    relation word; a few steps run and report shares in [0, 1]."""
+    from conftest import script_module
+
+    from pairforge.world import COLORS, KINDS
+
+    n = len(COLORS) * len(KINDS)
+    slot = {(c, k): i * len(KINDS) + j for i, c in enumerate(COLORS) for j, k in enumerate(KINDS)}
+    with script_module("probe_clip_text_binding") as m:
+        for seed in range(20):
+            true, flipped, code = m.relation_example(random.Random(seed), listing=seed % 2 == 1)
+            sentence = true.split(". ")[-1].rstrip(".").split()   # the <c> <k> is <rel...> the <c> <k>
+            a, b = (sentence[1], sentence[2]), (sentence[-2], sentence[-1])
+            rel = " ".join(sentence[4:-3])
+            off, sign = {"to the left of": (0, 1), "to the right of": (0, -1), "above": (n, 1), "below": (n, -1)}[rel]
+            want = torch.zeros(2 * n)
+            want[off + slot[b]], want[off + slot[a]] = sign, -sign
+            assert torch.equal(code, want), true
+            assert len(true.split()) == len(flipped.split()) and true != flipped
+            assert (". " in true) == (seed % 2 == 1)                    # the listing, when asked for
+        evals = m.main(["--mode", "curriculum", "--steps", "4", "--sentence-steps", "2", "--n-test", "8",
+                        "--eval-every", "2", "--json", str(tmp_path / "p.json")])
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert all(0 <= e["true_read_right"] <= 1 and -1 <= e["cos_true_flipped"] <= 1 for e in evals)
+    assert json.loads((tmp_path / "p.json").read_text())["evals"] == evals
+
+
 def test_vlm_training_conversations_always_ask_the_listed_tasks():
     from conftest import script_module
 
@@ -500,8 +529,8 @@ def test_shipped_clip_loads_and_prefers_true_descriptions(clip, test_rows, monke
 
 def test_diagnose_tiny_vlm_reports_lookups_and_position(tmp_path, capsys):
     """The diagnostic runs on the shipped VLM and reports, per task, each layer's attention mass
-    on the named object's patches (a share: 0..1) and the position probe's R²; ridge_r2 is 1
-    on an exactly linear target and about 0 or below on noise."""
+    on the named object's patches (a share: 0..1), the position probe's R², and per layer and head
+    the value path's R²; ridge_r2 is 1 on an exactly linear target and about 0 or below on noise."""
     from conftest import script_module
 
     with script_module("diagnose_tiny_vlm") as m:
@@ -518,4 +547,8 @@ def test_diagnose_tiny_vlm_reports_lookups_and_position(tmp_path, capsys):
     for layers in out["lookup_mass"].values():
         assert len(layers) == 4 and all(len(h) == 4 and all(0 <= v <= 1 for v in h) for h in layers)
     assert set(out["position_r2"]) == {"column", "row"}
-    assert "| task / object |" in capsys.readouterr().out
+    assert list(out["value_path_r2"]) == [f"layer {k}" for k in range(4)]
+    assert all(set(r) == {"tokens", "0", "1", "2", "3"} and all(len(v) == 2 for v in r.values())
+               for r in out["value_path_r2"].values())
+    printed = capsys.readouterr().out
+    assert "| task / object |" in printed and "| layer | tokens | head 0 |" in printed
