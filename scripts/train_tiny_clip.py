@@ -350,8 +350,11 @@ def write_card(out: Path, args, log: dict, n_words: int) -> None:
         centre_text=" and the grid cell of that object's centre" if args.dense_centre else "",
         relation_text=(f" + {args.relation_weight} × a relation loss (−log σ of the scaled cosine margin "
                        f"of the true description over the same description with its relation flipped)"
-                       if args.relation_weight else ""), dense_steps=args.dense_steps,
-        edit_weights=args.edit_weights, text_format=args.text_format, torch=log["torch"], threads=log["threads"], data_s=log["data_seconds"],
+                       if args.relation_weight else "")
+                      + (f" + {args.own_cell_weight} × a dense loss asking each patch token for its own grid "
+                         f"column and row (linear head not shipped; in both stages)" if args.own_cell_weight else ""),
+        dense_steps=args.dense_steps, edit_weights=args.edit_weights, text_format=args.text_format,
+        torch=log["torch"], threads=log["threads"], data_s=log["data_seconds"],
         train_s=log["train_seconds"], total_min=log["total_seconds"] / 60, i2t=last("losses_i2t"),
         t2i=last("losses_t2i"), dense=last("losses_dense")))
 

@@ -314,6 +314,22 @@ def test_clip_relation_code_hand_computed():
         assert m.relation_code(one) == [0.0] * (2 * n)
 
 
+def test_clip_training_options_fair_format_and_own_cell(tmp_path):
+    """A few CLIP training steps in the fair format with the own-cell loss: the loss is logged in
+    both stages' log, and the card names the format and the loss."""
+    from conftest import script_module
+
+    out = tmp_path / "clip"
+    with script_module("train_tiny_clip") as m:
+        m.main(["--out", str(out), "--n-train", "120", "--dense-steps", "2", "--steps", "2", "--warmup", "1",
+                "--batch-size", "8", "--own-cell-weight", "1", "--text-format", "fair"])
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["args"]["text_format"] == "fair" and len(log["losses_own_cell"]) == 2
+    assert all(math.isfinite(v) and v > 0 for v in log["losses_own_cell"])
+    card = (out / "README.md").read_text()
+    assert "in the `fair`\nformat" in card and "its own grid column and row" in card
+
+
 def test_probe_clip_text_binding_codes_and_runs(tmp_path):
     """The text-binding probe's examples: the code is +1 at the second object's slot and −1 at
     the first's on the relation's axis (signs by direction), the twin differs only in the

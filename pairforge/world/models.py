@@ -401,10 +401,9 @@ def _scene(scene: Any):
 def _description_parts(scene, text_format: str = "fair"
                        ) -> tuple[list[list], tuple[int, str, int] | None, str]:
     """Groups ``[color, kind, count, first_object_index]`` in ``text_format``'s order
-    (:data:`DESCRIPTION_FORMATS`), the
-    relation ``(group_a, rel, group_b)`` between the first two single-object groups with a
-    clear relation (in either order, by the scene seed's parity) (the world's
-    :func:`~pairforge.world.tasks.relation`), and the background."""
+    (:data:`DESCRIPTION_FORMATS`), the relation ``(group_a, rel, group_b)`` between the first
+    two single-object groups with a clear relation (in either order, by the scene seed's
+    parity; the world's :func:`~pairforge.world.tasks.relation`), and the background."""
     from pairforge.world.tasks import relation
 
     if text_format not in DESCRIPTION_FORMATS:
@@ -454,8 +453,8 @@ def _render_description(groups: Sequence[Sequence], rel: tuple[int, str, int] | 
 def scene_description(scene: Any, text_format: str = "fair") -> str:
     """A deterministic, complete description of a scene (``Scene`` or its ``scene`` column
     dict) for the CLIP: every (colour, kind) group with its count, in ``text_format``'s order
-    (:data:`DESCRIPTION_FORMATS`), the background, and one clear relation between two single objects when
-    there is one: e.g. "two blue squares and a red circle on a gray background. the red circle
+    (:data:`DESCRIPTION_FORMATS`), the background, and one clear relation between two single
+    objects when there is one: e.g. "two blue squares and a red circle on a gray background. the red circle
     is to the left of the ..."."""
     return _render_description(*_description_parts(_scene(scene), text_format))
 
