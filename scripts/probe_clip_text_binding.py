@@ -7,8 +7,8 @@ contrastive loss can only score that edit if the text embedding of "the red circ
 of the blue square." depends on the relation word *jointly with* which two objects it names: a
 bag of words cannot say which object is on which side. This probe trains the tiny CLIP's text
 tower (``clip_config``'s text part, random init or ``--init``'s) and projection, with a linear
-head, to output the relation code of ``scripts/train_tiny_clip.py``'s ``relation_code`` (+1 at
-the second object's slot and −1 at the first one's on the relation's axis, signs by direction)
+head, to output the relation code of ``scripts/train_tiny_clip.py``'s ``relation_code`` (``pair_code``: +1
+at the second object's slot and −1 at the first one's on the relation's axis, signs by direction)
 from the sentence alone, and reports on held-out sentences how often the code is read the right
 way round, for the sentence and for its flipped twin, and their embeddings' cosine (1.0: the
 relation word is ignored).
@@ -23,13 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pairforge.world import COLORS, KINDS, RELATIONS, vocabulary
-from pairforge.world.models import build_clip_processor, clip_config
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_tiny_clip import pair_code  # noqa: E402
+
+from pairforge.world import COLORS, KINDS, RELATIONS, vocabulary  # noqa: E402
+from pairforge.world.models import build_clip_processor, clip_config  # noqa: E402
 
 _FLIP = {"left": "right", "right": "left", "above": "below", "below": "above"}
 MODES = ("sentence", "listing", "curriculum")
@@ -60,11 +64,7 @@ def relation_example(rng: random.Random, listing: bool) -> tuple[str, str, torch
     while b == a:
         b = (rng.choice(colors), rng.choice(kinds))
     rel = rng.choice(list(RELATIONS))
-    n = len(colors) * len(kinds)
-    code = torch.zeros(2 * n)
-    off, sign = {"left": (0, 1.0), "right": (0, -1.0), "above": (n, 1.0), "below": (n, -1.0)}[rel]
-    code[off + colors.index(b[0]) * len(kinds) + kinds.index(b[1])] += sign
-    code[off + colors.index(a[0]) * len(kinds) + kinds.index(a[1])] -= sign
+    code = torch.tensor(pair_code(a, rel, b))
     head = ""
     if listing:  # the fair format's order: by colour, then kind
         groups = sorted({a, b, *((rng.choice(colors), rng.choice(kinds)) for _ in range(rng.randint(0, 3)))})

@@ -206,22 +206,28 @@ def relation_loss(img, true, flipped, scale) -> torch.Tensor:
 
 def relation_code(scene, text_format: str = "session-4") -> list[float]:
     """The relation its description states, as a (2·S,) vector over the colour+kind slots of
-    :func:`object_targets` (x block, then y block): for "A is to the left of B" (x_A < x_B)
-    +1 at B and −1 at A on the x block, so that code · centres > 0 exactly when the sentence
-    is true; "right of" the opposite sign; "above"/"below" likewise on the y block (y grows
-    downwards). All zeros when the description names no relation."""
+    :func:`object_targets` (:func:`pair_code`). All zeros when the description names no relation."""
     from pairforge.world.models import _description_parts, _scene
 
     groups, rel, _ = _description_parts(_scene(scene), text_format)
+    if rel is None:
+        return [0.0] * (2 * len(COLORS) * len(KINDS))
+    a, r, b = rel
+    return pair_code(tuple(groups[a][:2]), r, tuple(groups[b][:2]))
+
+
+def pair_code(a: tuple[str, str], rel: str, b: tuple[str, str]) -> list[float]:
+    """"The (colour, kind) ``a`` is ``rel`` the ``b``" as a (2·S,) vector over the colour+kind
+    slots of :func:`object_targets` (x block, then y block): for "A is to the left of B"
+    (x_A < x_B) +1 at B and −1 at A on the x block, so that code · centres > 0 exactly when the
+    sentence is true; "right of" the opposite sign; "above"/"below" likewise on the y block (y
+    grows downwards)."""
     colors, kinds = list(COLORS), list(KINDS)
     n = len(colors) * len(kinds)
     code = [0.0] * (2 * n)
-    if rel is not None:
-        a, r, b = rel
-        slot = lambda g: colors.index(groups[g][0]) * len(kinds) + kinds.index(groups[g][1])  # noqa: E731
-        off, sign = {"left": (0, 1.0), "right": (0, -1.0), "above": (n, 1.0), "below": (n, -1.0)}[r]
-        code[off + slot(b)] += sign
-        code[off + slot(a)] -= sign
+    off, sign = {"left": (0, 1.0), "right": (0, -1.0), "above": (n, 1.0), "below": (n, -1.0)}[rel]
+    code[off + colors.index(b[0]) * len(kinds) + kinds.index(b[1])] += sign
+    code[off + colors.index(a[0]) * len(kinds) + kinds.index(a[1])] -= sign
     return code
 
 
