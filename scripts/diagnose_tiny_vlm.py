@@ -106,15 +106,12 @@ def position_r2(model, processor, n_images: int, seed: int) -> tuple[dict[str, f
     for i in tqdm(range(n_images), desc="position probe", unit="img"):
         scene = sample_scene(seed * 100_003 + i)
         image = render_scene(scene)
-        pixels = pixel_values_from_uint8(torch.tensor(uint8_chw(image))[None], processor.image_processor)
-        out = model.get_image_features(pixel_values=pixels)
-        projected = out.pooler_output if hasattr(out, "pooler_output") else out  # transformers ≥ 5: an output object
-        feats.append(torch.as_tensor(projected[0]).reshape(-1, model.config.text_config.hidden_size))
         prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}],
                                                add_generation_prompt=True)
         enc = processor(text=prompt, images=[image], return_tensors="pt")
         hidden = model(**enc, output_hidden_states=True).hidden_states
         image_pos = (enc["input_ids"][0] == model.config.image_token_index).nonzero()[:, 0]
+        feats.append(hidden[0][0, image_pos])                               # the projector's output
         masks = torch.tensor(object_patch_masks(scene), dtype=torch.float32)
         weights = masks / masks.sum(1, keepdim=True)                       # (objects, P)
         grid = round(len(image_pos) ** 0.5)
